@@ -1,0 +1,46 @@
+"""Typed errors that a user can cause.
+
+Every error qgraph raises on purpose derives from :class:`QGraphError`. The CLI
+prints such an error as one line (what went wrong, and what to do) and exits
+with a non-zero code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class QGraphError(Exception):
+    """Base class of the errors a user can cause; the message says what to do."""
+
+    exit_code = 2
+
+
+class ModelLoadError(QGraphError):
+    """An ONNX file (or its external data) could not be read safely."""
+
+
+class ModelSourceError(QGraphError):
+    """A model id or folder could not be resolved to a Hugging Face model."""
+
+
+class MissingDependencyError(QGraphError):
+    """An optional dependency (an install extra) is needed but not installed."""
+
+
+class ExportError(QGraphError):
+    """Exporting a model to ONNX failed."""
+
+
+class PassOrderError(QGraphError):
+    """A pipeline's passes are in an order whose requirements are not met."""
+
+
+class PassError(QGraphError):
+    """A pass raised; the message names it and the passes that ran before."""
+
+
+class GraphCheckError(QGraphError):
+    """A graph failed verification (structure, checker or shape inference)."""
+
+
+class UnknownPassError(QGraphError):
+    """A pass name that no registered or loaded pass has."""
