@@ -44,3 +44,11 @@ class GraphCheckError(QGraphError):
 
 class UnknownPassError(QGraphError):
     """A pass name that no registered or loaded pass has."""
+
+
+class RewriteError(QGraphError):
+    """A rewrite found its pattern but cannot apply it safely to this graph."""
+
+
+class StaticShapeError(QGraphError):
+    """A graph's shapes could not be made fully static (a dimension stays symbolic)."""

@@ -259,6 +259,15 @@ class Graph:
                     return np.asarray(list(attrs[key]), dtype=dtype)
         return None
 
+    def is_constant(self, tensor: Tensor | None) -> bool:
+        """True for an initializer or a Constant node's output (reads no values)."""
+        if tensor is None:
+            return False
+        if isinstance(tensor, gs.Constant):
+            return True
+        prod = tensor.inputs[0] if tensor.inputs else None
+        return prod is not None and prod.op == "Constant" and prod.domain in ("", "ai.onnx", None)
+
     def scalar(self, tensor: Tensor | None) -> float | None:
         """The single value of a constant with one element, else None."""
         v = self.const_value(tensor)
@@ -308,6 +317,7 @@ class Graph:
         prefix: str,
         domain: str = "",
         after: Node | None = None,
+        before: Node | None = None,
     ) -> Node:
         """Add a node named ``<prefix>/<n>``; ``outputs`` may be a count of new tensors.
 
@@ -315,6 +325,8 @@ class Graph:
         graph in topological order when ``after`` is the last node the new one
         depends on (e.g. the last node of a matched pattern); without it the
         node is appended and the cleanup stage must sort the graph.
+        ``before`` places it right in front of that node instead (e.g. the
+        first node that will read it).
         """
         name = self.fresh_name(prefix)
         if isinstance(outputs, int):
@@ -322,11 +334,12 @@ class Graph:
         else:
             outs = list(outputs)
         node = gs.Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outs, domain=domain or None)
-        if after is None:
+        anchor = after if after is not None else before
+        if anchor is None:
             self._gs.nodes.append(node)
         else:
-            idx = next(i for i, n in enumerate(self._gs.nodes) if n is after)
-            self._gs.nodes.insert(idx + 1, node)
+            idx = next(i for i, n in enumerate(self._gs.nodes) if n is anchor)
+            self._gs.nodes.insert(idx + 1 if after is not None else idx, node)
         return node
 
     def remove_nodes(self, nodes: Iterable[Node]) -> None:

@@ -1,0 +1,419 @@
+"""Retain the KV cache: a growing, concatenated cache becomes a fixed-size one.
+
+Before: each layer's ``present = Concat(past, new, axis=-2)`` grows the cache by
+``seq_len`` slots per step, and the attention mask comes from an
+``attention_mask`` input (boolean GatherND, causal Range/compare/Where).
+
+After (the retained-state contract in DESIGN.md):
+
+* ``past_key.{i}`` / ``past_value.{i}`` are [batch, n_head, ctx_len, head_dim];
+  the step's keys and values are written into them at ``position_ids`` with
+  ``ScatterND`` (which every target lowers), and the updated caches are the
+  outputs ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
+* the mask is built from ``position_ids``: slot k is visible to query q iff
+  ``k <= position_ids[q]``, as an additive float mask (0 / -10000, fp16-safe)
+  added to the attention scores just before each Softmax; the old mask
+  machinery and the ``attention_mask`` input are gone;
+* ``logits`` is computed for the last valid position of each row only.
+
+Padding (position -1) never changes a slot a valid position can see: a padding
+token writes the same slot and the same values as its row's last valid token
+(so duplicate scatter indices carry identical data), and a row with no valid
+token writes into the last slot, which no query can see until a real token at
+that position overwrites it in the same step.
+
+The cache is found by structure, not by name: a graph input that reaches (through
+Identity or one-input Concat) a two-input Concat along the sequence axis whose
+result is a graph output. Keys and values are told apart by where they go: keys
+feed the MatMul whose scores reach a Softmax; values feed the MatMul that reads
+that Softmax's probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qgraph.errors import RewriteError
+from qgraph.graph import Graph, Node, Tensor
+from qgraph.pass_manager import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+#: Added to the scores of slots a query must not see; finite in fp16.
+MASK_VALUE = -10000.0
+# Ops between a cache and its attention MatMul that only move or scale data.
+_LAYOUT_OPS = {"Transpose", "Reshape", "Mul", "Div", "Cast", "Identity", "Unsqueeze", "Squeeze", "Expand"}
+# Ops between the probabilities' Softmax and the value MatMul.
+_PROB_OPS = {"Where", "Cast", "Identity", "Dropout"}
+
+
+@dataclass
+class _Cache:
+    past: Tensor  # the graph input
+    concat: Node  # the Concat that grows it
+    new: Tensor  # this step's keys or values
+    present: Tensor  # the Concat's output
+    outputs: list[Tensor]  # graph outputs carrying it (the Concat output or Identity copies)
+    role: str = ""
+    matmul: Node | None = None
+    softmax: Node | None = None
+
+
+def _is_passthrough(node: Node) -> bool:
+    return node.op == "Identity" or (node.op == "Concat" and len(node.inputs) == 1)
+
+
+def _find_caches(graph: Graph) -> list[_Cache]:
+    outputs = {id(t) for t in graph.outputs}
+    caches = []
+    for inp in graph.inputs:
+        rank = len(inp.shape) if inp.shape is not None else None
+        chain = [inp]
+        for t in chain:  # grows while walking through pass-through nodes
+            for node in t.outputs:
+                if _is_passthrough(node):
+                    chain.append(node.outputs[0])
+                elif node.op == "Concat" and len(node.inputs) == 2 and node.inputs[0] is t:
+                    axis = int(node.attrs.get("axis", 0))
+                    if rank is not None and axis % rank != rank - 2:
+                        continue
+                    present = node.outputs[0]
+                    carried = [present] if id(present) in outputs else []
+                    carried += [c.outputs[0] for c in present.outputs if c.op == "Identity" and id(c.outputs[0]) in outputs]
+                    if carried:
+                        caches.append(_Cache(inp, node, node.inputs[1], present, carried))
+    return caches
+
+
+def _first_matmul(t: Tensor) -> Node | None:
+    """The first MatMul reached from ``t`` through layout ops, reading it as input B."""
+    frontier, seen = [t], set()
+    while frontier:
+        x = frontier.pop(0)
+        for node in x.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op == "MatMul" and node.inputs[1] is x:
+                return node
+            if node.op in _LAYOUT_OPS and node.inputs[0] is x:
+                frontier.append(node.outputs[0])
+    return None
+
+
+def _softmax_after(graph: Graph, matmul: Node) -> Node | None:
+    """The Softmax reached from the scores MatMul through mask and scale ops."""
+    cur = matmul.outputs[0]
+    for _ in range(16):
+        if len(cur.outputs) != 1:
+            return None
+        node = cur.outputs[0]
+        if node.op == "Softmax":
+            return node
+        if node.op not in ("Add", "Sub", "Where", "Mul", "Div", "Cast"):
+            return None
+        cur = node.outputs[0]
+    return None
+
+
+def _softmax_before(matmul: Node) -> Node | None:
+    """The Softmax whose probabilities the value MatMul reads (input A)."""
+    t = matmul.inputs[0]
+    for _ in range(8):
+        node = t.inputs[0] if t.inputs else None
+        if node is None:
+            return None
+        if node.op == "Softmax":
+            return node
+        if node.op not in _PROB_OPS:
+            return None
+        # Where(IsNaN(p), 0, p): follow the data input that is not constant.
+        data = [x for x in node.inputs[1:] if x.inputs and x.inputs[0].op != "Constant"] if node.op == "Where" else node.inputs[:1]
+        if len(data) != 1:
+            return None
+        t = data[0]
+    return None
+
+
+def _live_nodes(graph: Graph) -> set[int]:
+    live: set[int] = set()
+    stack = [t for t in graph.outputs]
+    seen: set[int] = set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for node in t.inputs:
+            if id(node) not in live:
+                live.add(id(node))
+                stack.extend(node.inputs)
+    return live
+
+
+class RetainKvCache(Pass):
+    """Turn the growing KV cache into the retained-state contract (module docstring)."""
+
+    name = "retain-kv-cache"
+    produces = ("kv_retained",)
+
+    def __init__(self, ctx_len: int = 128) -> None:
+        if ctx_len < 1:
+            raise ValueError("ctx_len must be at least 1")
+        self.ctx_len = ctx_len
+        self.declined: list[str] = []
+
+    # -- helpers that emit version-correct ops ---------------------------------
+    def _node(self, graph: Graph, op: str, inputs: list[Tensor], attrs: dict[str, Any] | None = None, *, before: Node) -> Tensor:
+        return graph.add_node(op, inputs, 1, attrs, prefix=self.name, before=before).outputs[0]
+
+    def _const(self, graph: Graph, value: Any, dtype: Any) -> Tensor:
+        return graph.constant(self.name, np.asarray(value, dtype=dtype))
+
+    def _unsqueeze(self, graph: Graph, x: Tensor, axes: list[int], before: Node) -> Tensor:
+        if (graph.opset() or 0) >= 13:
+            return self._node(graph, "Unsqueeze", [x, self._const(graph, axes, np.int64)], before=before)
+        return self._node(graph, "Unsqueeze", [x], {"axes": axes}, before=before)
+
+    def _reduce_max(self, graph: Graph, x: Tensor, axis: int, before: Node) -> Tensor:
+        if (graph.opset() or 0) >= 18:
+            return self._node(graph, "ReduceMax", [x, self._const(graph, [axis], np.int64)], {"keepdims": 1}, before=before)
+        return self._node(graph, "ReduceMax", [x], {"axes": [axis], "keepdims": 1}, before=before)
+
+    def _dim(self, graph: Graph, shape: Tensor, i: int, before: Node) -> Tensor:
+        """Element i of a shape tensor, as a 1-element int64 tensor."""
+        return self._node(graph, "Gather", [shape, self._const(graph, [i], np.int64)], {"axis": 0}, before=before)
+
+    # -- the pass ----------------------------------------------------------------
+    def run(self, graph: Graph) -> PassResult:
+        self.declined = []
+        self._names = graph.tensors()
+        caches = _find_caches(graph)
+        if not caches:
+            self.declined.append("no graph input is concatenated into a graph output (no growing KV cache)")
+            return PassResult(graph, False)
+        layers = self._pair(graph, caches)
+        inputs = {t.name: t for t in graph.inputs}
+        pos = inputs.get("position_ids")
+        if pos is None:
+            raise RewriteError("the graph has no 'position_ids' input; the retained-state contract derives positions and the mask from it")
+        ids = inputs.get("input_ids")
+        dtype = layers[0][0].past.dtype or np.float32
+        first = graph.nodes[0]
+        shared = self._shared(graph, pos, layers[0][0].past, dtype, first)
+
+        for i, (key, value) in enumerate(layers):
+            for cache, role in ((key, "key"), (value, "value")):
+                self._retain(graph, cache, shared)
+                self._rename_cache(graph, cache, f"past_{role}.{i}")
+        removed = sum(self._rewrite_mask(graph, key.matmul, key.softmax, shared["mask"]) for key, _ in layers)  # type: ignore[arg-type]
+        logits = self._last_position_logits(graph, layers, shared)
+        self._check_cache_length_unused(graph, layers)
+
+        # The contract's IO order: ids, positions, then the caches by layer.
+        new_inputs = ([ids] if ids is not None else []) + [pos]
+        new_inputs += [c.past for pair in layers for c in pair]
+        dropped = [t for t in graph.inputs if not any(t is n for n in new_inputs)]
+        live = _live_nodes(graph)
+        for t in dropped:
+            users = [n.name for n in t.outputs if id(n) in live]
+            if users:
+                raise RewriteError(f"input '{t.name}' is still used by {users[:5]} after the rewrite; this graph's attention is not one retain-kv-cache understands")
+        graph.gs.inputs = new_inputs
+        graph.gs.outputs = [logits] + [c.retained for pair in layers for c in pair]  # type: ignore[attr-defined]
+        stats = {"layers": len(layers), "caches": 2 * len(layers), "mask_ops_removed": removed, "ctx_len": self.ctx_len}
+        return PassResult(graph, True, stats)
+
+    def _pair(self, graph: Graph, caches: list[_Cache]) -> list[tuple[_Cache, _Cache]]:
+        by_softmax: dict[int, dict[str, _Cache]] = {}
+        order: dict[int, int] = {id(n): i for i, n in enumerate(graph.nodes)}
+        for c in caches:
+            mm = _first_matmul(c.present)
+            if mm is None:
+                raise RewriteError(f"cache '{c.past.name}' reaches no attention MatMul")
+            sm = _softmax_after(graph, mm)
+            if sm is not None:
+                c.role, c.softmax = "key", sm
+            else:
+                sm = _softmax_before(mm)
+                if sm is None:
+                    raise RewriteError(f"cache '{c.past.name}' feeds MatMul '{mm.name}', which is neither a scores nor a values MatMul")
+                c.role, c.softmax = "value", sm
+            c.matmul = mm
+            slot = by_softmax.setdefault(id(sm), {})
+            if c.role in slot:
+                raise RewriteError(f"two {c.role} caches ('{slot[c.role].past.name}', '{c.past.name}') feed one attention")
+            slot[c.role] = c
+        layers = []
+        for slot in by_softmax.values():
+            if set(slot) != {"key", "value"}:
+                raise RewriteError(f"attention with only a {next(iter(slot))} cache ('{next(iter(slot.values())).past.name}')")
+            layers.append((slot["key"], slot["value"]))
+        layers.sort(key=lambda kv: order[id(kv[0].matmul)])
+        return layers
+
+    def _shared(self, graph: Graph, pos: Tensor, past: Tensor, dtype: Any, first: Node) -> dict[str, Tensor]:
+        """Nodes every layer shares: the mask, the scatter indices, the last position."""
+        ctx = self.ctx_len
+        n = dict(before=first)
+        # mask[b, 0, q, k] = 0 if k <= pos[b, q] else MASK_VALUE
+        slots = self._const(graph, np.arange(ctx).reshape(1, 1, 1, ctx), np.int64)
+        pos4 = self._unsqueeze(graph, pos, [1, 3], **n)
+        visible = self._node(graph, "LessOrEqual", [slots, pos4], **n)
+        mask = self._node(graph, "Where", [visible, self._const(graph, 0.0, dtype), self._const(graph, MASK_VALUE, dtype)], **n)
+        # Scatter targets: padding copies its row's last valid token; an all-padding row writes the last slot.
+        zero = self._const(graph, 0, np.int64)
+        valid = self._node(graph, "GreaterOrEqual", [pos, zero], **n)
+        maxpos = self._reduce_max(graph, pos, 1, **n)
+        last = self._node(graph, "ArgMax", [pos], {"axis": 1, "keepdims": 1}, **n)
+        target = self._node(graph, "Where", [valid, pos, maxpos], **n)
+        target = self._node(graph, "Where", [self._node(graph, "Less", [target, zero], **n), self._const(graph, ctx - 1, np.int64), target], **n)
+        pos_shape = self._node(graph, "Shape", [pos], **n)
+        batch, seq = self._dim(graph, pos_shape, 0, **n), self._dim(graph, pos_shape, 1, **n)
+        one = self._const(graph, 1, np.int64)
+        seq_range = self._node(graph, "Range", [zero, self._node(graph, "Squeeze", [seq, self._const(graph, [0], np.int64)], **n), one], **n)
+        src = self._node(graph, "Where", [valid, self._unsqueeze(graph, seq_range, [0], **n), last], **n)
+        # indices[b, h, s] = (b, h, target[b, s])
+        heads = past.shape[1] if past.shape is not None and isinstance(past.shape[1], int) else None
+        if heads is None:
+            raise RewriteError(f"the number of heads of '{past.name}' (dim 1) is not a number; pin it before retain-kv-cache")
+        batch_range = self._node(graph, "Range", [zero, self._node(graph, "Squeeze", [batch, self._const(graph, [0], np.int64)], **n), one], **n)
+        b_idx = self._node(graph, "Reshape", [batch_range, self._const(graph, [-1, 1, 1, 1], np.int64)], **n)
+        h_idx = self._const(graph, np.arange(heads).reshape(1, heads, 1, 1), np.int64)
+        t_idx = self._unsqueeze(graph, target, [1, 3], **n)
+        full = self._node(graph, "Concat", [batch, self._const(graph, [heads], np.int64), seq, self._const(graph, [1], np.int64)], {"axis": 0}, **n)
+        parts = [self._node(graph, "Expand", [x, full], **n) for x in (b_idx, h_idx, t_idx)]
+        indices = self._node(graph, "Concat", parts, {"axis": -1}, **n)
+        is_last = self._node(graph, "Equal", [pos, maxpos], **n)
+        return {"mask": mask, "indices": indices, "src": self._unsqueeze(graph, src, [1, 3], **n), "is_last": is_last}
+
+    def _retain(self, graph: Graph, c: _Cache, shared: dict[str, Tensor]) -> None:
+        # retained = ScatterND(past, indices, new[with padding rows copied from the last valid token])
+        at = c.concat
+        src = self._node(graph, "Expand", [shared["src"], self._node(graph, "Shape", [c.new], before=at)], before=at)
+        values = self._node(graph, "GatherElements", [c.new, src], {"axis": 2}, before=at)
+        retained = self._node(graph, "ScatterND", [c.past, shared["indices"], values], before=at)
+        graph.replace_uses(c.present, retained)
+        for out in c.outputs:
+            graph.replace_uses(out, retained)
+        c.retained = retained  # type: ignore[attr-defined]
+
+    def _rename_cache(self, graph: Graph, c: _Cache, name: str) -> None:
+        past, retained = c.past, c.retained  # type: ignore[attr-defined]
+        shape = list(past.shape) if past.shape is not None else ["batch", None, None, None]
+        shape[2] = self.ctx_len
+        _claim_name(graph, self._names, past, name)
+        _claim_name(graph, self._names, retained, f"{name}_RetainedState")
+        past.shape = shape
+        retained.dtype, retained.shape = past.dtype, list(shape)
+
+    def _rewrite_mask(self, graph: Graph, matmul: Node, softmax: Node, mask: Tensor) -> int:
+        """Drop the old mask ops between the scores and the Softmax; add ours."""
+        removed = 0
+        cur = matmul.outputs[0]
+        while True:
+            node = cur.outputs[0]
+            if node is softmax:
+                break
+            other = [x for x in node.inputs if x is not cur]
+            constant = all(graph.is_constant(x) for x in other)
+            if (node.op == "Where" and any(x is cur for x in node.inputs[1:])) or (node.op in ("Add", "Sub") and not constant):
+                # The old mask (a select, or an additive bias): bypass it.
+                graph.replace_uses(node.outputs[0], cur)
+                graph.remove_nodes([node])
+                removed += 1
+            elif node.op in ("Mul", "Div", "Cast", "Add", "Sub"):
+                cur = node.outputs[0]  # scaling stays
+            else:
+                raise RewriteError(f"unexpected {node.op} '{node.name}' between attention scores and Softmax '{softmax.name}'")
+        masked = self._node(graph, "Add", [cur, mask], before=softmax)
+        softmax.inputs[0] = masked
+        return removed
+
+    def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[_Cache, _Cache]]) -> None:
+        """Nothing live may still read the old cache (e.g. its length, which is ctx_len now)."""
+        live = _live_nodes(graph)
+        for pair in layers:
+            for c in pair:
+                chain = [c.past]
+                for t in chain:
+                    for node in t.outputs:
+                        if _is_passthrough(node):
+                            chain.append(node.outputs[0])
+                        elif id(node) in live and node.op != "ScatterND" and not _reads_other_dims(graph, node):
+                            raise RewriteError(
+                                f"'{node.name}' ({node.op}) still reads the growing cache '{c.past.name}' after the rewrite; "
+                                "retain-kv-cache cannot tell what it computes"
+                            )
+
+    def _last_position_logits(self, graph: Graph, layers: list[tuple[_Cache, _Cache]], shared: dict[str, Tensor]) -> Tensor:
+        cache_outputs = {id(c.retained) for pair in layers for c in pair}  # type: ignore[attr-defined]
+        rest = [t for t in graph.outputs if id(t) not in cache_outputs]
+        if len(rest) != 1:
+            raise RewriteError(f"expected one logits output besides the caches, found {[t.name for t in rest]}")
+        logits = rest[0]
+        producer = logits.inputs[0] if logits.inputs else None
+        # logits[b, 0] = onehot(last valid position) @ hidden[b]: exact, and the
+        # vocabulary projection then runs for one position only.
+        dtype = layers[0][0].past.dtype or np.float32
+        if producer is not None and producer.op == "MatMul" and graph.is_constant(producer.inputs[1]):
+            sel = self._selector(graph, shared, dtype, producer)
+            producer.inputs[0] = self._node(graph, "MatMul", [sel, producer.inputs[0]], before=producer)
+            out = logits
+        else:
+            anchor = graph.nodes[-1]
+            sel = self._selector(graph, shared, dtype, anchor)
+            out = graph.add_node("MatMul", [sel, logits], 1, prefix=self.name, after=anchor).outputs[0]
+            out.dtype = logits.dtype
+            _claim_name(graph, self._names, logits, graph.fresh_name(self.name))
+        _claim_name(graph, self._names, out, "logits")
+        vocab = logits.shape[-1] if logits.shape else None
+        batch = layers[0][0].past.shape[0] if layers[0][0].past.shape else "batch"
+        out.shape = [batch, 1, vocab]
+        return out
+
+    def _selector(self, graph: Graph, shared: dict[str, Tensor], dtype: Any, before: Node) -> Tensor:
+        onehot = self._node(graph, "Cast", [shared["is_last"]], {"to": _onnx_dtype(dtype)}, before=before)
+        return self._unsqueeze(graph, onehot, [1], before)
+
+
+def _reads_other_dims(graph: Graph, node: Node) -> bool:
+    """True if ``node`` is a Shape whose live uses never read the sequence dim (2)."""
+    if node.op != "Shape":
+        return False
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    dims = list(range(4))[start : None if end is None else int(end)]
+    if 2 not in dims:
+        return True
+    for user in node.outputs[0].outputs:  # a full Shape: every use must pick a dim that is not 2
+        idx = graph.const_value(user.inputs[1]) if user.op == "Gather" and len(user.inputs) > 1 else None
+        if idx is None or any(dims[int(i)] == 2 for i in np.ravel(idx)):
+            return False
+    return True
+
+
+def _onnx_dtype(dtype: Any) -> int:
+    from onnx import helper
+
+    return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+
+def _claim_name(graph: Graph, names: dict[str, Tensor], tensor: Tensor, name: str) -> None:
+    """Give ``tensor`` the name ``name``, renaming any other tensor that has it.
+
+    ``names`` is the pass's name map; tensors it creates have fresh names, so
+    only the original tensors can collide.
+    """
+    if tensor.name == name:
+        return
+    other = names.get(name)
+    if other is not None and other is not tensor:
+        other.name = graph.fresh_name(name)
+        names[other.name] = other
+    names.pop(tensor.name, None)
+    tensor.name = name
+    names[name] = tensor

@@ -1,0 +1,95 @@
+"""Shared checks for pass tests: golden before/after, numerics, no-op, idempotence.
+
+A pass test writes its input graph as ``tests/golden/<pass>/<case>.before.onnxtxt``
+(ONNX text, hand-written or generated once) and calls :func:`check_case`, which
+runs the pass, compares the result with ``<case>.after.onnxtxt`` (rewritten by
+``pytest --update-golden``), checks the graph, compares outputs with onnxruntime
+on random inputs, and runs the pass a second time to prove it is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from qgraph.golden import canonical_text
+from qgraph.graph import Graph
+from qgraph.pass_manager import Pass, PassResult
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def session(graph: Graph) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(graph.to_proto_inline().SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(sess: ort.InferenceSession, seed: int = 0, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input; symbolic dims take ``dims`` (default 3)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else (dims or {}).get(str(d), 3) for d in i.shape]
+        if "float16" in i.type:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float16)
+        elif "float" in i.type or "double" in i.type:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float64 if "double" in i.type else np.float32)
+        elif "bool" in i.type:
+            feeds[i.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[i.name] = rng.integers(0, 5, shape).astype(np.int64 if "int64" in i.type else np.int32)
+    return feeds
+
+
+def assert_same_outputs(a: Graph, b: Graph, *, atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0, dims: dict[str, int] | None = None) -> None:
+    """Run both graphs on the same random inputs and compare every output."""
+    sa, sb = session(a), session(b)
+    feeds = random_feeds(sa, seed, dims)
+    names = [o.name for o in sa.get_outputs()]
+    ra = sa.run(names, feeds)
+    rb = sb.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}})
+    for name, x, y in zip(names, ra, rb):
+        np.testing.assert_allclose(y, x, atol=atol, rtol=rtol, err_msg=f"output {name} differs")
+
+
+def run_pass(p: Pass, graph: Graph) -> PassResult:
+    """Run a pass, then the cleanup stage (as the pipeline would)."""
+    result = p.run(graph)
+    result.graph.cleanup()
+    return result
+
+
+def check_case(
+    make_pass: Callable[[], Pass],
+    case: str,
+    golden: Any,
+    *,
+    expect_modified: bool,
+    expect_stats: dict[str, Any] | None = None,
+    atol: float = 1e-5,
+) -> Graph:
+    """The standard pass test for ``tests/golden/<pass>/<case>``; returns the result."""
+    p = make_pass()
+    before_path = GOLDEN_DIR / p.name / f"{case}.before.onnxtxt"
+    before = Graph.parse(before_path.read_text())
+    graph = Graph.parse(before_path.read_text())
+    result = run_pass(p, graph)
+    assert result.modified is expect_modified, f"{p.name} on {case}: modified={result.modified}, stats={result.stats}"
+    if expect_stats is not None:
+        for k, v in expect_stats.items():
+            assert result.stats.get(k) == v, f"{p.name} on {case}: stats {result.stats}, expected {k}={v}"
+    out = result.graph
+    out.check()
+    golden.check(out, f"{p.name}/{case}.after.onnxtxt")
+    if not expect_modified:
+        assert canonical_text(out) == canonical_text(before), "a pass that reports no change must not change the graph"
+    assert_same_outputs(before, out, atol=atol)
+    again = run_pass(make_pass(), out)
+    assert again.modified is False, f"{p.name} is not idempotent on {case}: second run stats {again.stats}"
+    return out
