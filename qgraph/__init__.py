@@ -8,4 +8,21 @@ from qgraph.pass_manager import Pass, PassManager, PassRecord, PassResult, Repor
 
 __version__ = "0.1.0"
 
-__all__ = ["Graph", "Pass", "PassManager", "PassRecord", "PassResult", "QGraphError", "Report", "__version__"]
+
+def __getattr__(name: str) -> object:
+    # Heavier pieces load on first use, so `import qgraph` stays light.
+    if name == "AutoModelForCausalLM":
+        from qgraph.api import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+    if name == "optimize":
+        from qgraph.pipeline import optimize
+
+        return optimize
+    if name == "Runtime":
+        from qgraph.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module 'qgraph' has no attribute {name!r}")
+
+__all__ = ["Graph", "Pass", "PassManager", "PassRecord", "PassResult", "QGraphError", "Report", "AutoModelForCausalLM", "Runtime", "optimize", "__version__"]

@@ -39,6 +39,120 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pass_list(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from qgraph.graph import Graph
+    from qgraph.inspect import human_bytes
+    from qgraph.pipeline import optimize
+
+    if (args.batch_size is None) != (args.seq_len is None):
+        from qgraph.errors import QGraphError
+
+        raise QGraphError("give both --batch-size and --seq-len to pin shapes, or neither")
+    graph = Graph.load(args.input)
+    _progress(f"loaded {args.input} ({graph.node_count()} nodes, weights {human_bytes(graph.weights_nbytes())})")
+    report = optimize(
+        graph, _pass_list(args.passes), ctx_len=args.ctx_len, batch_size=args.batch_size, seq_len=args.seq_len, check=args.check
+    )
+    out = graph.save(args.output)
+    print(report.to_json() if args.json else report.table())
+    print(f"wrote {out} ({graph.node_count()} nodes)", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    if args.target == "qnn":
+        opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None}
+    elif args.target == "qaic":
+        opts = {"aic_hw_version": args.aic_hw_version, "num_cores": args.num_cores, "mxfp6_matmul": args.mxfp6_matmul or None,
+                "kv_dtype": args.kv_dtype}  # fmt: skip
+    elif args.target == "cpu":
+        opts = {"threads": args.threads}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from qgraph.compile import compile_model
+
+    out = compile_model(args.input, args.target, args.output, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
+                        batch_size=args.batch_size, options=_target_options(args), dry_run=args.dry_run, progress=_progress)  # fmt: skip
+    if args.target == "qaic":
+        print((out / "qaic_compile.sh").read_text().split("\n", 2)[-1].strip())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qgraph.api import AutoModelForCausalLM
+    from qgraph.errors import QGraphError
+
+    if args.prompt and args.input_ids:
+        raise QGraphError("give either text prompts or --input-ids, not both")
+    if not args.prompt and not args.input_ids:
+        raise QGraphError('give a prompt (qgraph generate "Hi there!!") or --input-ids 1,2,3')
+    input_ids = None
+    if args.input_ids:
+        try:
+            input_ids = [[int(x) for x in row.split(",") if x.strip()] for row in args.input_ids]
+        except ValueError:
+            raise QGraphError("--input-ids takes comma-separated integers, e.g. --input-ids 15496,612") from None
+    model = AutoModelForCausalLM.from_pretrained(args.model, progress=_progress)
+    model.compile(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                  artifacts=args.artifacts, **_target_options(args))  # fmt: skip
+    tokenizer = None
+    if args.prompt:
+        from qgraph.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(model.source)
+    streamer = None
+    n_rows = len(args.prompt or input_ids or [])
+    if tokenizer is not None and n_rows == 1 and not args.json:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+        seen: list[int] = []
+        printed = [0]
+
+        def streamer(row: int, tok: int) -> None:
+            seen.append(tok)
+            text = tokenizer.decode(seen, skip_special_tokens=True)
+            sys.stdout.write(text[printed[0] :])
+            sys.stdout.flush()
+            printed[0] = len(text)
+
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
+                         streamer=streamer, **sampling)  # fmt: skip
+    if args.json:
+        print(json.dumps({"tokens": out.tokens, "text": out.text, "stats": out.stats.to_dict(), "target": args.target,
+                          "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}))  # fmt: skip
+        return 0
+    if streamer is not None:
+        print()
+    else:
+        for i, row in enumerate(out.text or out.tokens):
+            prefix = (args.prompt[i] if args.prompt else "")
+            print(f"[{i}] {prefix}{row}")
+    print()
+    print(out.stats.table())
+    return 0
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target options")
+    g.add_argument("--threads", type=int, default=None, help="cpu: intra-op threads (default: ONNX Runtime's)")
+    g.add_argument("--soc-model", type=int, default=None, help="qnn: HTP SoC model (default works on x86: 60)")
+    g.add_argument("--fp16", action="store_true", help="qnn: run in fp16")
+    g.add_argument("--allow-cpu-fallback", action="store_true", help="qnn: let nodes QNN rejects run on the CPU")
+    g.add_argument("--aic-hw-version", default=None, help="qaic: -aic-hw-version (default 2.0)")
+    g.add_argument("--num-cores", type=int, default=None, help="qaic: -aic-num-cores (default 16)")
+    g.add_argument("--mxfp6-matmul", action="store_true", help="qaic: -mxfp6-matmul")
+    g.add_argument("--kv-dtype", choices=("float16", "float32"), default=None, help="qaic: KV cache precision on the device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qgraph", description="A graph-rewriting compiler for ONNX causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -51,6 +165,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("optimize", help="rewrite an ONNX graph with the pass pipeline")
+    p.add_argument("input", type=Path, help="ONNX file (a raw export, or any GPT-2-like graph)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX file")
+    p.add_argument("--ctx-len", type=int, default=None, help="KV cache length (default 128, or the model's maximum if smaller)")
+    p.add_argument("--batch-size", type=int, default=None, help="pin the batch size (with --seq-len)")
+    p.add_argument("--seq-len", type=int, default=None, help="pin the sequence length (with --batch-size)")
+    p.add_argument("--passes", default=None, help="comma-separated pass names (default: the default pipeline)")
+    p.add_argument("--check", action="store_true", help="verify the graph after every pass")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("compile", help="compile an optimized graph (or a raw export) for a device")
+    p.add_argument("input", type=Path, help="ONNX file: a raw export or an optimized (retained-state) graph")
+    p.add_argument("--target", choices=("cpu", "qnn", "qaic"), required=True)
+    p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory")
+    p.add_argument("--prefill-seq-len", type=int, default=32, help="prefill specialization length P (default 32)")
+    p.add_argument("--ctx-len", type=int, default=None, help="KV cache length (default 128, or the model's maximum)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dry-run", action="store_true", help="qaic: write the compiler's inputs and print its command")
+    _add_target_options(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", help="export, optimize, compile and run a model; print text and latency")
+    p.add_argument("prompt", nargs="*", help="text prompts")
+    p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
+    p.add_argument("--input-ids", action="append", default=None, help="a prompt as token ids, e.g. 1,2,3 (repeatable)")
+    p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--prefill-seq-len", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--artifacts", type=Path, default=None, help="keep the artifact directory here (default: the cache)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_target_options(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
     p.add_argument("file", type=Path)

@@ -1,0 +1,232 @@
+"""``qgraph compile``: one pinned graph per specialization, built for a target.
+
+A compile takes an optimized graph (or a raw export, which it optimizes first),
+pins one graph per specialization (prefill: seq_len = P; decode: seq_len = 1),
+applies the target's legalization passes, hands each graph to the target's
+compiler, and writes an artifact directory:
+
+* ``manifest.json``: qgraph version, target and options, specializations with
+  their files and shapes, the IO contract, the pass reports, content hashes;
+* the compiled graph of each specialization;
+* ``weights.data``: the weights, stored once and shared by the specializations.
+
+The directory is built under a temporary name beside ``out_dir`` and renamed
+when complete, so a failed or killed compile leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.errors import QGraphError
+from qgraph.graph import Graph
+from qgraph.pipeline import optimize
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.data"
+FORMAT_VERSION = 1
+TARGETS = ("cpu", "qnn", "qaic")
+
+Progress = Callable[[str], None]
+
+
+class CompileError(QGraphError):
+    """A compile could not be done with these inputs or options."""
+
+
+@dataclass
+class Specialization:
+    name: str
+    batch_size: int
+    seq_len: int
+    ctx_len: int
+    file: str = ""
+    extra_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` holds (see the module docstring)."""
+
+    qgraph_version: str
+    target: str
+    target_options: dict[str, Any]
+    batch_size: int
+    ctx_len: int
+    prefill_seq_len: int
+    specializations: list[Specialization]
+    io: dict[str, Any]
+    model: dict[str, Any]
+    pass_reports: dict[str, Any]
+    hashes: dict[str, str] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def spec(self, name: str) -> Specialization:
+        for s in self.specializations:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path) -> Manifest:
+        path = Path(artifact_dir) / MANIFEST
+        if not path.is_file():
+            raise CompileError(f"{artifact_dir} is not a qgraph artifact directory (no {MANIFEST}); run qgraph compile first")
+        try:
+            data = json.loads(path.read_text())
+            data["specializations"] = [Specialization(**s) for s in data["specializations"]]
+            manifest = cls(**data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CompileError(f"{path} is not a valid manifest ({e}); recompile the artifact") from None
+        if manifest.format != FORMAT_VERSION:
+            raise CompileError(f"{path} has format {manifest.format}, this qgraph reads {FORMAT_VERSION}; recompile the artifact")
+        return manifest
+
+
+def is_retained(graph: Graph) -> bool:
+    """True if the graph already follows the retained-state contract."""
+    return any(t.name.endswith("_RetainedState") for t in graph.outputs)
+
+
+def io_contract(graph: Graph) -> dict[str, Any]:
+    def desc(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None, "shape": list(t.shape or [])}
+
+    return {"inputs": [desc(t) for t in graph.inputs], "outputs": [desc(t) for t in graph.outputs]}
+
+
+def model_info(graph: Graph) -> dict[str, Any]:
+    """Layers, heads, head size, vocabulary and dtype, read off a retained-state graph."""
+    kv = [t for t in graph.inputs if t.name.startswith("past_key.")]
+    if not kv or kv[0].shape is None:
+        raise CompileError("the graph has no past_key.{i} inputs; it does not follow the retained-state contract")
+    shape = list(kv[0].shape)
+    logits = next((t for t in graph.outputs if t.name == "logits"), None)
+    return {
+        "n_layer": len(kv),
+        "n_head": shape[1],
+        "head_dim": shape[3],
+        "ctx_len": shape[2],
+        "vocab_size": logits.shape[-1] if logits is not None and logits.shape else None,
+        "dtype": str(np.dtype(kv[0].dtype or np.float32)),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    log.info("%s", msg)
+    if progress is not None:
+        progress(msg)
+
+
+def compile_model(
+    source: str | Path | Graph,
+    target: str,
+    out_dir: str | Path,
+    *,
+    prefill_seq_len: int = 32,
+    ctx_len: int | None = None,
+    batch_size: int = 1,
+    options: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Compile ``source`` for ``target`` into ``out_dir``; returns the directory."""
+    from qgraph.targets import get_target
+
+    impl = get_target(target)
+    options = impl.check_options(dict(options or {}))
+    if batch_size < 1:
+        raise CompileError(f"batch size must be at least 1, got {batch_size}")
+    if prefill_seq_len < 1:
+        raise CompileError(f"prefill length must be at least 1, got {prefill_seq_len}")
+    start = time.perf_counter()
+    graph = source if isinstance(source, Graph) else Graph.load(source)
+    reports: dict[str, Any] = {}
+    if not is_retained(graph):
+        _say(progress, f"optimizing ({graph.node_count()} nodes)")
+        report = optimize(graph, ctx_len=ctx_len)
+        reports["optimize"] = report.to_dict()
+    info = model_info(graph)
+    graph_ctx = info["ctx_len"]
+    if ctx_len is not None and ctx_len != graph_ctx:
+        raise CompileError(f"the graph's cache holds {graph_ctx} tokens but ctx_len {ctx_len} was asked; re-optimize with --ctx-len {ctx_len}")
+    ctx_len = int(graph_ctx)
+    if prefill_seq_len > ctx_len:
+        raise CompileError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use --prefill-seq-len <= {ctx_len}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        base = tmp / "optimized.onnx"
+        graph.save(base, external=True)
+        specs = [Specialization("prefill", batch_size, prefill_seq_len, ctx_len), Specialization("decode", batch_size, 1, ctx_len)]
+        for spec in specs:
+            _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {ctx_len})")
+            g = Graph.load(base)
+            report = optimize(g, ["pin-static-shapes", "cleanup", *impl.legalize_passes(options), "cleanup"],
+                              ctx_len=ctx_len, batch_size=spec.batch_size, seq_len=spec.seq_len)  # fmt: skip
+            reports[spec.name] = report.to_dict()
+            _say(progress, f"compiling {spec.name} for {target}")
+            impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
+        impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress)
+        if not impl.keeps_base:
+            base.unlink()
+            base.with_name(base.name + ".data").unlink(missing_ok=True)
+        from qgraph import __version__
+
+        manifest = Manifest(
+            qgraph_version=__version__,
+            target=target,
+            target_options=options,
+            batch_size=batch_size,
+            ctx_len=ctx_len,
+            prefill_seq_len=prefill_seq_len,
+            specializations=specs,
+            io=io_contract(graph),
+            model=info,
+            pass_reports=reports,
+        )
+        manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Move a finished directory into place; an old one is swapped out, then removed."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(new, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dst)

@@ -1,0 +1,290 @@
+"""The retained-state runtime: sessions per specialization, KV kept between steps.
+
+``Runtime(artifact_dir)`` opens one ONNX Runtime session per specialization of a
+compiled artifact. The KV buffers are allocated once; where the target allows
+(``inplace_kv``), each ``past`` input and its ``_RetainedState`` output are
+bound to the same buffer, so a step updates the cache in place with no copies.
+Otherwise the outputs are bound to a second set of buffers and the two sets
+swap roles after every step (still no per-step allocation).
+
+``generate`` prefills prompts in chunks of the prefill length (padding through
+``position_ids`` = -1), then decodes one token per row per step, greedy or
+sampled, and returns the tokens and latency statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.compile import Manifest
+from qgraph.contract import RETAINED_SUFFIX, pad_chunk
+from qgraph.errors import QGraphError
+
+log = logging.getLogger(__name__)
+
+#: Called with (row, token id) for every generated token, as soon as it exists.
+Streamer = Callable[[int, int], None]
+
+
+class GenerationError(QGraphError):
+    """generate() was called with arguments it cannot honour."""
+
+
+@dataclass
+class Stats:
+    """Latency statistics of one generate() call (the seed's figures)."""
+
+    ttft_s: float  # start -> first token of every row
+    prefill_s: float  # time in prefill steps
+    decode_s: float
+    decode_tokens: int
+    generated_tokens: int
+    prompt_tokens: int
+    e2e_s: float
+    decode_tokens_per_s: float
+    total_tokens_per_s: float
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            ("time to first token (ttft_s)", f"{self.ttft_s:.4f} s"),
+            ("prefill (prefill_s)", f"{self.prefill_s:.4f} s for {self.prompt_tokens} prompt tokens"),
+            ("decode (decode_tokens_per_s)", f"{self.decode_tokens_per_s:.1f} tokens/s ({self.decode_tokens} tokens in {self.decode_s:.4f} s)"),
+            ("total (total_tokens_per_s)", f"{self.total_tokens_per_s:.1f} tokens/s ({self.generated_tokens} generated)"),
+            ("end to end (e2e_s)", f"{self.e2e_s:.4f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated tokens per prompt
+    stats: Stats
+    finish_reasons: list[str] = field(default_factory=list)  # "eos", "length", "ctx_len"
+
+
+@dataclass
+class Sampling:
+    """Greedy when temperature is 0 (the default); otherwise sampled with top-k / top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k:
+        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < sampling.top_p  # the smallest set whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class Runtime:
+    """Run a compiled artifact directory (see the module docstring)."""
+
+    def __init__(self, artifact_dir: str | Path, *, threads: int | None = None, inplace: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        from qgraph.targets import get_target
+
+        self.dir = Path(artifact_dir)
+        self.manifest = Manifest.load(self.dir)
+        self.target = get_target(self.manifest.target)
+        m = self.manifest
+        self.batch_size, self.ctx_len, self.prefill_len = m.batch_size, m.ctx_len, m.prefill_seq_len
+        self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.target_options, threads=threads)
+                         for s in m.specializations}  # fmt: skip
+        sess = self.sessions["decode"]
+        self.cache_names = [i.name for i in sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))]
+        kv = next(i for i in sess.get_inputs() if i.name == self.cache_names[0])
+        self.cache_shape = tuple(int(d) for d in kv.shape)
+        self.cache_dtype = np.float16 if "float16" in kv.type else np.float32
+        self.vocab_size = int(next(o for o in sess.get_outputs() if o.name == "logits").shape[-1])
+        self.inplace = self.target.inplace_kv if inplace is None else inplace
+        self._ort = ort
+        self._a = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_shape, self.cache_dtype)) for n in self.cache_names}
+        self._b = self._a if self.inplace else {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_shape, self.cache_dtype))
+                                                 for n in self.cache_names}  # fmt: skip
+        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((self.batch_size, 1, self.vocab_size), np.float32))
+        self._bindings: dict[tuple[str, bool], Any] = {}
+
+    # -- one step ---------------------------------------------------------------
+    def _binding(self, spec: str, flipped: bool) -> Any:
+        key = (spec, flipped)
+        if key not in self._bindings:
+            sess = self.sessions[spec]
+            b = sess.io_binding()
+            src, dst = (self._b, self._a) if flipped else (self._a, self._b)
+            for n in self.cache_names:
+                b.bind_ortvalue_input(n, src[n])
+                b.bind_ortvalue_output(n + RETAINED_SUFFIX, dst[n])
+            b.bind_ortvalue_output("logits", self._logits)
+            self._bindings[key] = b
+        return self._bindings[key]
+
+    def reset(self) -> None:
+        """Zero the caches (a new batch of prompts)."""
+        for bufs in (self._a, self._b):
+            for v in bufs.values():
+                v.update_inplace(np.zeros(self.cache_shape, self.cache_dtype))
+        self._flipped = False
+
+    def step(self, spec: str, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run one specialization; returns logits [batch, 1, vocab] (a view, valid until the next step)."""
+        flipped = getattr(self, "_flipped", False)
+        b = self._binding(spec, flipped)
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.sessions[spec].run_with_iobinding(b)
+        if not self.inplace:
+            self._flipped = not flipped
+        return self._logits.numpy()
+
+    def cache(self) -> dict[str, np.ndarray]:
+        """A copy of the current caches (for tests and debugging)."""
+        cur = self._b if getattr(self, "_flipped", False) else self._a
+        return {n: v.numpy().copy() for n, v in cur.items()}
+
+    # -- generation -----------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        sampling: Sampling | None = None,
+        streamer: Streamer | None = None,
+    ) -> GenerationOutput:
+        """Generate for any number of prompts, ``batch_size`` at a time."""
+        sampling = sampling or Sampling()
+        sampling.check()
+        if max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts:
+            raise GenerationError("no prompts given")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise GenerationError(f"prompt {i} is empty; give at least one token")
+            if len(p) >= self.ctx_len:
+                raise GenerationError(f"prompt {i} has {len(p)} tokens; it must be shorter than ctx_len {self.ctx_len} to leave room to generate")
+            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {i} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        rng = np.random.default_rng(sampling.seed)
+        tokens: list[list[int]] = []
+        reasons: list[str] = []
+        totals = dict(prefill=0.0, decode=0.0, decode_tokens=0, ttft=0.0)
+        start = time.perf_counter()
+        for g in range(0, len(prompts), self.batch_size):
+            group = [list(map(int, p)) for p in prompts[g : g + self.batch_size]]
+            out, why = self._generate_group(group, max_new_tokens, eos, sampling, rng, streamer, g, totals, start)
+            tokens += out
+            reasons += why
+        e2e = time.perf_counter() - start
+        generated = sum(len(t) for t in tokens)
+        stats = Stats(
+            ttft_s=totals["ttft"],
+            prefill_s=totals["prefill"],
+            decode_s=totals["decode"],
+            decode_tokens=int(totals["decode_tokens"]),
+            generated_tokens=generated,
+            prompt_tokens=sum(len(p) for p in prompts),
+            e2e_s=e2e,
+            decode_tokens_per_s=totals["decode_tokens"] / totals["decode"] if totals["decode"] > 0 else 0.0,
+            total_tokens_per_s=generated / e2e if e2e > 0 else 0.0,
+            batch_size=self.batch_size,
+        )
+        if "ctx_len" in reasons:
+            log.warning("generation stopped at ctx_len %d for %d prompt(s); compile with a larger --ctx-len for longer outputs",
+                        self.ctx_len, reasons.count("ctx_len"))  # fmt: skip
+        return GenerationOutput(tokens, stats, reasons)
+
+    def _generate_group(self, group: list[list[int]], max_new: int, eos: set[int], sampling: Sampling, rng: np.random.Generator,
+                        streamer: Streamer | None, offset: int, totals: dict[str, float], start: float) -> tuple[list[list[int]], list[str]]:  # fmt: skip
+        B, P = self.batch_size, self.prefill_len
+        rows = group + [[] for _ in range(B - len(group))]  # unused rows are all padding
+        self.reset()
+        t0 = time.perf_counter()
+        done = [0] * B
+        nxt: list[int | None] = [None] * B
+        while any(done[b] < len(rows[b]) for b in range(B)):
+            chunk = [rows[b][done[b] : done[b] + P] for b in range(B)]
+            ids, pos = pad_chunk(chunk, done, P)
+            logits = self.step("prefill", ids, pos)
+            for b in range(B):
+                if chunk[b]:
+                    done[b] += len(chunk[b])
+                    if done[b] == len(rows[b]):
+                        nxt[b] = choose(logits[b, 0], sampling, rng)
+        prefill = time.perf_counter() - t0
+        totals["prefill"] += prefill
+        if offset == 0:
+            totals["ttft"] = time.perf_counter() - start
+        out: list[list[int]] = [[] for _ in group]
+        reason = [""] * len(group)
+        active = [True] * len(group)
+
+        def accept(b: int, tok: int) -> None:
+            out[b].append(tok)
+            if streamer is not None:
+                streamer(offset + b, tok)
+            if tok in eos:
+                active[b], reason[b] = False, "eos"
+            elif len(out[b]) >= max_new:
+                active[b], reason[b] = False, "length"
+            elif len(group[b]) + len(out[b]) >= self.ctx_len:
+                active[b], reason[b] = False, "ctx_len"
+
+        for b in range(len(group)):
+            accept(b, nxt[b])  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        steps = 0
+        while any(active):
+            ids = np.zeros((B, 1), np.int64)
+            pos = np.full((B, 1), -1, np.int64)
+            for b in range(len(group)):
+                if active[b]:
+                    ids[b, 0] = out[b][-1]
+                    pos[b, 0] = len(group[b]) + len(out[b]) - 1
+            logits = self.step("decode", ids, pos)
+            steps += 1
+            for b in range(len(group)):
+                if active[b]:
+                    accept(b, choose(logits[b, 0], sampling, rng))
+                    totals["decode_tokens"] += 1
+        totals["decode"] += time.perf_counter() - t1
+        return out, reason

@@ -1,0 +1,69 @@
+"""One weights file shared by several graphs.
+
+Each specialization of a compile is saved with its own external weights; the
+weights are the same tensors, so they are moved into one file, keyed by their
+content, and every graph is pointed at it. Tensors are copied one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from qgraph.graph import _copy_range, resolve_external_path
+
+_ALIGN = 64
+
+
+def share_weights(folder: Path, models: list[Path], name: str) -> dict[str, int]:
+    """Rewrite ``models`` (all in ``folder``) to read their weights from ``folder/name``.
+
+    Returns {"tensors": unique tensors written, "bytes": their size}.
+    """
+    protos = {m: onnx.load(str(m), load_external_data=False) for m in models}
+    old_files: set[Path] = set()
+    seen: dict[str, tuple[int, int]] = {}
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as out:
+        for proto in protos.values():
+            for t in proto.graph.initializer:
+                if t.data_location != TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in t.external_data}
+                src = resolve_external_path(folder, info["location"], t.name)
+                old_files.add(src)
+                offset, length = int(info.get("offset", 0)), int(info["length"])
+                digest = _digest(src, offset, length)
+                if digest not in seen:
+                    out.write(b"\0" * ((-out.tell()) % _ALIGN))
+                    seen[digest] = (out.tell(), length)
+                    _copy_range(src, offset, length, out)
+                new_offset, _ = seen[digest]
+                del t.external_data[:]
+                for k, v in (("location", name), ("offset", str(new_offset)), ("length", str(length))):
+                    t.external_data.add(key=k, value=v)
+    for m, proto in protos.items():
+        onnx.save(proto, str(m))
+    os.replace(tmp, folder / name)
+    for f in old_files:
+        if f.name != name:
+            f.unlink(missing_ok=True)
+    return {"tensors": len(seen), "bytes": sum(length for _, length in seen.values())}
+
+
+def _digest(path: Path, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            chunk = f.read(min(1 << 24, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return f"{h.hexdigest()}:{length}"
