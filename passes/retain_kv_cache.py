@@ -212,9 +212,9 @@ class RetainKvCache(Pass):
                 self._rename_cache(graph, cache, f"past_{role}.{i}")
         removed = sum(self._rewrite_mask(graph, key.matmul, key.softmax, shared["mask"]) for key, _ in layers)  # type: ignore[arg-type]
         logits = self._last_position_logits(graph, layers, shared)
-        self._check_cache_length_unused(graph, layers)
-
         # The contract's IO order: ids, positions, then the caches by layer.
+        graph.gs.outputs = [logits] + [c.retained for pair in layers for c in pair]  # type: ignore[attr-defined]
+        self._check_cache_length_unused(graph, layers)
         new_inputs = ([ids] if ids is not None else []) + [pos]
         new_inputs += [c.past for pair in layers for c in pair]
         dropped = [t for t in graph.inputs if not any(t is n for n in new_inputs)]
@@ -223,8 +223,10 @@ class RetainKvCache(Pass):
             users = [n.name for n in t.outputs if id(n) in live]
             if users:
                 raise RewriteError(f"input '{t.name}' is still used by {users[:5]} after the rewrite; this graph's attention is not one retain-kv-cache understands")
+        # The replaced machinery (old mask, cache concats) reads inputs that are
+        # gone now; drop it here so the graph stays valid between passes.
+        graph.remove_nodes([n for n in graph.nodes if id(n) not in live])
         graph.gs.inputs = new_inputs
-        graph.gs.outputs = [logits] + [c.retained for pair in layers for c in pair]  # type: ignore[attr-defined]
         stats = {"layers": len(layers), "caches": 2 * len(layers), "mask_ops_removed": removed, "ctx_len": self.ctx_len}
         return PassResult(graph, True, stats)
 

@@ -52,3 +52,14 @@ class RewriteError(QGraphError):
 
 class StaticShapeError(QGraphError):
     """A graph's shapes could not be made fully static (a dimension stays symbolic)."""
+
+
+class PlacementError(QGraphError):
+    """A target's backend would leave nodes to the CPU and CPU fallback was not allowed.
+
+    ``nodes`` lists them as (name, op type) pairs.
+    """
+
+    def __init__(self, message: str, nodes: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.nodes: list[tuple[str, str]] = list(nodes or [])

@@ -246,7 +246,7 @@ class Graph:
             vals = tensor._values
             return np.asarray(vals.load() if isinstance(vals, LazyValues) else vals)
         prod = tensor.inputs[0] if tensor.inputs else None
-        if prod is not None and prod.op == "Constant" and prod.domain in ("", "ai.onnx"):
+        if prod is not None and prod.op == "Constant" and prod.domain in (None, "", "ai.onnx"):
             attrs = prod.attrs
             if "value" in attrs:
                 v = attrs["value"]
@@ -483,7 +483,7 @@ class Graph:
         problems = self.structure_problems()
         if problems:
             raise GraphCheckError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-        model = self.to_proto()
+        model = self._proto_for_checks()
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
@@ -493,6 +493,21 @@ class Graph:
                 onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
             except Exception as e:
                 raise GraphCheckError(f"shape inference: {str(e).strip().splitlines()[0]}") from None
+
+    def _proto_for_checks(self) -> onnx.ModelProto:
+        """The model with external weights turned into typed inputs.
+
+        The checker would look for external files relative to the current
+        directory, and no check needs the weights' values.
+        """
+        model = self.to_proto()
+        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        if external:
+            keep = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(keep)
+            model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+        return model
 
     def structure_problems(self) -> list[str]:
         """Problems with order, names and edges, without running the checker."""

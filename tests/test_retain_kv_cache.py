@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from passcheck import GOLDEN_DIR, run_pass, session
 
 from passes.retain_kv_cache import RetainKvCache
 from qgraph.errors import RewriteError
 from qgraph.graph import Graph
-from passcheck import GOLDEN_DIR, run_pass, session
 
 CASES = GOLDEN_DIR / "retain-kv-cache"
 CTX = 8

@@ -1,0 +1,226 @@
+"""Fuse a decomposed GELU into one ``Gelu`` node (opset 20).
+
+    # tanh form (GPT-2's gelu_new): y = 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3)))
+    # erf form (exact GELU):        y = 0.5*x*(1 + erf(x/sqrt(2)))
+
+The match starts at the Tanh or Erf. The cube is ``Pow(x, 3)`` or ``x*x*x``; the
+tanh argument is ``k*(x + c*x^3)`` or the folded ``k*x + (k*c)*x^3``; the erf
+argument is ``x/sqrt(2)`` or ``x*(1/sqrt(2))``. The outer product may take 0.5
+first, last or with the 1 + t (``(0.5*x)*(1+t)``, ``(x*(1+t))*0.5``,
+``x*((1+t)*0.5)``, ``x*(0.5*t + 0.5)``); every Add and Mul in either operand
+order. Constants are compared with a relative tolerance of 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+
+from passes.fuse_layer_norm import OpsetFusionPass, close, const_operand, last_in_order, leak, scalar, sole_consumer
+from qgraph.fusion import Match
+from qgraph.graph import Graph, Node, Tensor
+
+GELU_OPSET = 20
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608
+CUBIC = 0.044715
+SQRT_2 = math.sqrt(2.0)
+
+Roles = list[tuple[str, Node]]
+
+
+def _cube_of(graph: Graph, t: Tensor) -> tuple[Tensor, Roles] | str:
+    """``t = x^3`` as ``Pow(x, 3)``, ``Mul(Mul(x, x), x)`` or ``Mul(x, Mul(x, x))``: (x, nodes)."""
+    p = graph.producer(t)
+    if p is not None and p.op == "Pow":
+        e = scalar(graph, p.inputs[1])
+        if e is None:
+            return "Pow exponent is not a constant scalar"
+        if e != 3:
+            return f"Pow exponent is {e:g}, expected 3"
+        return p.inputs[0], [("x^3", p)]
+    if p is not None and p.op == "Mul":
+        for sq_t, x in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            sq = graph.producer(sq_t)
+            if sq is not None and sq.op == "Mul" and sq.inputs[0] is x and sq.inputs[1] is x:
+                return x, [("x^2", sq), ("x^3", p)]
+        return "the cubic term is a Mul that is not x*x*x"
+    return f"the cubic term comes from {p.op if p else 'no node'}, expected Pow(x, 3) or x*x*x"
+
+
+def _scaled(graph: Graph, t: Tensor) -> tuple[float, Tensor, Node] | None:
+    """``t = c*u`` with a constant scalar c: (c, u, the Mul)."""
+    p = graph.producer(t)
+    if p is None or p.op != "Mul":
+        return None
+    found = const_operand(graph, p)
+    return (found[0], found[1], p) if found else None
+
+
+def _tanh_argument(graph: Graph, tanh: Node) -> tuple[Tensor, Roles] | str:
+    """x from ``tanh(k*(x + c*x^3))`` or ``tanh(k*x + (k*c)*x^3)``, with the nodes."""
+    arg = tanh.inputs[0]
+    p = graph.producer(arg)
+    scaled = _scaled(graph, arg)
+    if scaled is not None:
+        # k*(x + c*x^3)
+        k, inner, mul_k = scaled
+        if not close(k, SQRT_2_OVER_PI):
+            return f"tanh coefficient {k:g} is not sqrt(2/pi) ({SQRT_2_OVER_PI:.7f})"
+        add = graph.producer(inner)
+        if add is None or add.op != "Add":
+            return f"the tanh argument is k*{add.op if add else 'input'}, expected k*(x + 0.044715*x^3)"
+        reason = "the Add inside tanh is not x + 0.044715*x^3"
+        for x, term in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+            cterm = _scaled(graph, term)
+            if cterm is None:
+                continue
+            c, cube_t, mul_c = cterm
+            cube = _cube_of(graph, cube_t)
+            if isinstance(cube, str):
+                reason = cube
+                continue
+            if cube[0] is not x:
+                reason = "the cubed tensor is not the tensor it is added to"
+                continue
+            if not close(c, CUBIC):
+                return f"cubic coefficient {c:g} is not {CUBIC}"
+            return x, [*cube[1], ("0.044715*x^3", mul_c), ("x + 0.044715*x^3", add), ("the tanh argument", mul_k)]
+        return reason
+    if p is not None and p.op == "Add":
+        # k*x + (k*c)*x^3
+        terms = [_scaled(graph, t) for t in p.inputs]
+        if terms[0] is None or terms[1] is None:
+            return "the Add inside tanh is not k*x + k*0.044715*x^3"
+        reason = "the Add inside tanh is not k*x + k*0.044715*x^3"
+        for lin, cub in ((terms[0], terms[1]), (terms[1], terms[0])):
+            cube = _cube_of(graph, cub[1])
+            if isinstance(cube, str):
+                reason = cube
+                continue
+            x = cube[0]
+            if lin[1] is not x:
+                reason = "the cubed tensor is not the tensor in the linear term"
+                continue
+            if not close(lin[0], SQRT_2_OVER_PI):
+                return f"tanh coefficient {lin[0]:g} is not sqrt(2/pi) ({SQRT_2_OVER_PI:.7f})"
+            if not close(cub[0], SQRT_2_OVER_PI * CUBIC):
+                return f"cubic coefficient {cub[0]:g} is not sqrt(2/pi)*0.044715 ({SQRT_2_OVER_PI * CUBIC:.7f})"
+            return x, [*cube[1], ("k*x", lin[2]), ("k*0.044715*x^3", cub[2]), ("the tanh argument", p)]
+        return reason
+    what = "a Mul without a constant scalar factor" if p is not None and p.op == "Mul" else p.op if p else "a graph input"
+    return f"the Tanh input is {what}, expected sqrt(2/pi)*(x + 0.044715*x^3)"
+
+
+def _erf_argument(graph: Graph, erf: Node) -> tuple[Tensor, Roles] | str:
+    """x from ``erf(x/sqrt(2))`` or ``erf(x*(1/sqrt(2)))``, with the node."""
+    p = graph.producer(erf.inputs[0])
+    if p is not None and p.op == "Div":
+        c = scalar(graph, p.inputs[1])
+        if c is None:
+            return "the erf argument is x divided by a non-constant, expected x/sqrt(2)"
+        if not close(c, SQRT_2):
+            return f"the erf argument is x/{c:g}, expected x/sqrt(2) (x/{SQRT_2:.7f})"
+        return p.inputs[0], [("the erf argument", p)]
+    scaled = _scaled(graph, erf.inputs[0])
+    if scaled is not None:
+        c, x, mul = scaled
+        if not close(c, 1 / SQRT_2):
+            return f"the erf argument is x*{c:g}, expected x*(1/sqrt(2)) (x*{1 / SQRT_2:.7f})"
+        return x, [("the erf argument", mul)]
+    return f"the Erf input comes from {p.op if p else 'no node'}, expected x/sqrt(2)"
+
+
+def _half_check(value: float) -> str | None:
+    return None if close(value, 0.5) else f"the outer factor {value:g} is not 0.5"
+
+
+def _outer(graph: Graph, act: Node, x: Tensor, fn: str) -> tuple[Tensor, Roles] | str:
+    """The output y of ``0.5*x*(1 + t)`` around ``t = act(...)``, in its four spellings."""
+    t = act.outputs[0]
+    first = sole_consumer(graph, t)
+    if first is None:
+        return f"the {fn} output has {len(t.outputs)} consumers{' and is a graph output' if graph.is_graph_output(t) else ''}, expected one"
+    one = const_operand(graph, first) if first.op in ("Add", "Mul") else None
+    if one is None:
+        return f"the {fn} output feeds {first.op}, expected Add(1, {fn}) or Mul(0.5, {fn})"
+    value, _ = one
+    if first.op == "Mul":
+        # x * (0.5*t + 0.5)
+        if (problem := _half_check(value)) is not None:
+            return problem
+        add = sole_consumer(graph, first.outputs[0])
+        half = const_operand(graph, add) if add is not None and add.op == "Add" else None
+        if add is None or half is None:
+            return f"0.5*{fn} is not followed by + 0.5"
+        if (problem := _half_check(half[0])) is not None:
+            return problem
+        last = sole_consumer(graph, add.outputs[0])
+        if last is None or last.op != "Mul" or not any(t is x for t in last.inputs):
+            return f"0.5 + 0.5*{fn} is not multiplied by x"
+        return last.outputs[0], [(f"0.5*{fn}", first), (f"0.5 + 0.5*{fn}", add), ("y", last)]
+    if not close(value, 1.0):
+        return f"the {fn} is added to {value:g}, expected 1"
+    roles: Roles = [(f"1 + {fn}", first)]
+    nxt = sole_consumer(graph, first.outputs[0])
+    if nxt is None or nxt.op != "Mul":
+        return f"1 + {fn} feeds {nxt.op if nxt else 'several nodes'}, expected Mul"
+    other = nxt.inputs[1] if nxt.inputs[0] is first.outputs[0] else nxt.inputs[0]
+    half = const_operand(graph, nxt)
+    if other is x:
+        # (x * (1 + t)) * 0.5
+        last = sole_consumer(graph, nxt.outputs[0])
+        found = const_operand(graph, last) if last is not None and last.op == "Mul" else None
+        if last is None or found is None:
+            return f"x*(1 + {fn}) is not multiplied by 0.5"
+        if (problem := _half_check(found[0])) is not None:
+            return problem
+        return last.outputs[0], [*roles, (f"x*(1 + {fn})", nxt), ("y", last)]
+    if half is not None:
+        # x * ((1 + t) * 0.5)
+        if (problem := _half_check(half[0])) is not None:
+            return problem
+        last = sole_consumer(graph, nxt.outputs[0])
+        if last is None or last.op != "Mul" or not any(t is x for t in last.inputs):
+            return f"0.5*(1 + {fn}) is not multiplied by x"
+        return last.outputs[0], [*roles, (f"0.5*(1 + {fn})", nxt), ("y", last)]
+    # (0.5 * x) * (1 + t)
+    scaled = _scaled(graph, other)
+    if scaled is None or scaled[1] is not x:
+        return f"1 + {fn} is multiplied by neither x nor 0.5*x"
+    if (problem := _half_check(scaled[0])) is not None:
+        return problem
+    return nxt.outputs[0], [*roles, ("0.5*x", scaled[2]), ("y", nxt)]
+
+
+class FuseGelu(OpsetFusionPass):
+    """Decomposed GELU (tanh or erf form) -> ``Gelu(approximate="tanh" | "none")``."""
+
+    name = "fuse-gelu"
+    anchors = ("Tanh", "Erf")
+    stat = "gelu"
+    min_opset = GELU_OPSET
+    fused_op = "Gelu"
+
+    def match(self, graph: Graph, anchor: Node) -> Match | str:
+        fn = anchor.op.lower()
+        inner = _tanh_argument(graph, anchor) if anchor.op == "Tanh" else _erf_argument(graph, anchor)
+        if isinstance(inner, str):
+            return inner
+        x, roles = inner
+        outer = _outer(graph, anchor, x, fn)
+        if isinstance(outer, str):
+            return outer
+        y, tail = outer
+        roles = [*roles, (f"the {fn}", anchor), *tail]
+        if (problem := leak(graph, roles, y)) is not None:
+            return problem
+        if self._opset_problem:
+            return self._opset_problem
+        kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
+        return Match([n for _, n in roles], {"x": x, "y": y}, kind=kind)
+
+    def rewrite(self, graph: Graph, m: Match) -> None:
+        approximate = "tanh" if m.kind == "gelu_tanh" else "none"
+        last = last_in_order(graph, m.nodes)
+        graph.add_node("Gelu", [m.values["x"]], [m.values["y"]], {"approximate": approximate}, prefix=self.name, after=last)
+        graph.remove_nodes(m.nodes)
+

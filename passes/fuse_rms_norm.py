@@ -1,0 +1,121 @@
+"""Fuse a decomposed RMSNorm into one ``RMSNormalization`` node (opset 23).
+
+    # y = gamma * x / sqrt(mean(x^2) + eps)
+
+The match starts at the Sqrt, like fuse-layer-norm's, and accepts ``Pow(x, 2)``
+or ``Mul(x, x)``; ``Div(x, s)``, ``Mul(x, Reciprocal(s))`` or ``Mul(x, Div(1, s))``
+(TorchScript's rsqrt); either operand order; float Casts inside the pattern,
+as LLaMA's RMSNorm does (``x.to(float32)`` ... ``.to(input_dtype) * weight``);
+ReduceMean axes as attribute or input. gamma is optional (ones of the
+normalized size when the input's last dimension is known).
+
+The fused node always computes in float32 or wider: a float16/bfloat16 input
+(or one whose dtype cannot be told) is Cast to float32 in front and the result
+Cast back to the pattern's output dtype, so a target that ignores
+``stash_type`` cannot overflow in x^2. A centered input, ``x - mean(x)``, is a
+LayerNorm and is left to fuse-layer-norm.
+"""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from passes.fuse_layer_norm import (
+    FLOAT_TYPES,
+    OpsetFusionPass,
+    common_root,
+    dtype_name,
+    last_axis_problem,
+    last_dim,
+    last_in_order,
+    leak,
+    match_affine,
+    match_rsqrt_core,
+    onnx_dtype,
+    rank_of,
+    scale_input,
+    scale_vector,
+    skip_up,
+    tensor_dtype,
+)
+from qgraph.fusion import Match
+from qgraph.graph import Graph, Node
+
+RMS_NORM_OPSET = 23
+
+
+class FuseRmsNorm(OpsetFusionPass):
+    """Decomposed RMSNorm -> ``RMSNormalization(axis=-1, epsilon, stash_type=1)``."""
+
+    name = "fuse-rms-norm"
+    anchors = ("Sqrt",)
+    stat = "rms_norm"
+    min_opset = RMS_NORM_OPSET
+    fused_op = "RMSNormalization"
+
+    def match(self, graph: Graph, anchor: Node) -> Match | str:
+        # y = gamma * x / sqrt(mean(x^2) + eps)
+        core = match_rsqrt_core(graph, anchor)
+        if isinstance(core, str):
+            return core
+        roles = list(core.roles)
+        found = common_root(graph, core.squared, core.numerator, [core.square_node, core.norm_node])
+        if found is None:
+            return "the tensor divided by sqrt(mean(x^2) + eps) is not the tensor that is squared"
+        root, casts_in = found
+        roles += [("a Cast of the input", c) for c in casts_in]
+        centered, _ = skip_up(graph, root)
+        sub = graph.producer(centered)
+        if sub is not None and sub.op == "Sub":
+            mean = graph.producer(skip_up(graph, sub.inputs[1])[0])
+            if mean is not None and mean.op == "ReduceMean":
+                return "the input is x - mean(x): this is a LayerNorm, left to fuse-layer-norm"
+        rank = rank_of(root)
+        if (problem := last_axis_problem(core.axes, rank)) is not None:
+            return problem
+
+        aff = match_affine(graph, core.out, with_beta=False)
+        roles += aff.roles
+        if (problem := leak(graph, roles, aff.out)) is not None:
+            return problem
+        vectors = scale_vector(aff, rank, last_dim(root))
+        if isinstance(vectors, str):
+            return vectors
+        has_casts = any(n.op == "Cast" for _, n in roles)
+        in_dtype = tensor_dtype(graph, root) if has_casts else core.eps_dtype
+        if aff.gamma_value is not None:
+            out_dtype = onnx_dtype(aff.gamma_value.dtype)
+        elif aff.out_cast is not None:
+            out_dtype = aff.out_cast
+        else:
+            out_dtype = tensor_dtype(graph, aff.out) if has_casts else in_dtype
+        # An input dtype that cannot be told is cast to float32 (maybe a no-op Cast).
+        if out_dtype is None:
+            return "the output dtype of the RMS norm is unknown (the pattern casts, and no gamma gives it)"
+        if out_dtype not in FLOAT_TYPES:
+            return f"the RMS norm outputs {dtype_name(out_dtype)}, not a float type"
+        if self._opset_problem:
+            return self._opset_problem
+        values = {"root": root, "out": aff.out, "eps": core.eps, "in_dtype": in_dtype, "out_dtype": out_dtype, "aff": aff, "vectors": vectors}
+        return Match([n for _, n in roles], values)
+
+    def rewrite(self, graph: Graph, m: Match) -> None:
+        v = m.values
+        gamma, _, size = v["vectors"]
+        in_dtype: int | None = v["in_dtype"]
+        out_dtype: int = v["out_dtype"]
+        # Compute in float32 at least: x^2 overflows float16 above 256.
+        compute = in_dtype if in_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE) else TensorProto.FLOAT
+        prev = last_in_order(graph, m.nodes)
+        x = v["root"]
+        if in_dtype != compute:
+            prev = graph.add_node("Cast", [x], 1, {"to": compute}, prefix=self.name, after=prev)
+            x = prev.outputs[0]
+        scale = scale_input(graph, self.name, v["aff"].gamma, v["aff"].gamma_value, gamma, size, compute, 1.0)
+        attrs = {"axis": -1, "epsilon": float(v["eps"]), "stash_type": 1}
+        if out_dtype == compute:
+            graph.add_node("RMSNormalization", [x, scale], [v["out"]], attrs, prefix=self.name, after=prev)
+        else:
+            norm = graph.add_node("RMSNormalization", [x, scale], 1, attrs, prefix=self.name, after=prev)
+            graph.add_node("Cast", norm.outputs, [v["out"]], {"to": out_dtype}, prefix=self.name, after=norm)
+        graph.remove_nodes(m.nodes)
