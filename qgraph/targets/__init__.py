@@ -177,7 +177,7 @@ class QaicTarget(Target):
 
         g = Graph.load(base)
         g.save(out_dir / "model.onnx", external=True)
-        (out_dir / "specializations.json").write_text(specializations_json(specs))
+        (out_dir / "specializations.json").write_text(specializations_json(specs, g))
         (out_dir / "custom_io.yaml").write_text(custom_io_yaml(g, options["kv_dtype"]))
         cmd = command(out_dir, options)
         (out_dir / "qaic_compile.sh").write_text("#!/bin/sh\n# Run from this directory.\n" + " \\\n  ".join(cmd) + "\n")

@@ -20,9 +20,18 @@ if TYPE_CHECKING:
 BINARY_DIR = "qpc"
 
 
-def specializations_json(specs: list[Specialization]) -> str:
-    """One entry per specialization, keyed by the graph's symbolic dim names."""
-    entries = [{"batch": str(s.batch_size), "seq_len": str(s.seq_len), "ctx_len": str(s.ctx_len)} for s in specs]
+def specializations_json(specs: list[Specialization], graph: Graph) -> str:
+    """One entry per specialization, keyed by the graph's symbolic dim names.
+
+    The batch and sequence dims are named as ``input_ids``'s; ctx_len is
+    already a number in the graph (retain-kv-cache fixed it), so it is no key.
+    """
+    ids = next((t for t in graph.inputs if t.name == "input_ids"), None)
+    shape = list(ids.shape or []) if ids is not None else []
+    if len(shape) != 2 or not all(isinstance(d, str) for d in shape):
+        raise ValueError(f"input_ids must have two symbolic dims for qaic specializations, found {shape}")
+    batch, seq = shape
+    entries = [{batch: str(s.batch_size), seq: str(s.seq_len)} for s in specs]
     return json.dumps({"specializations": entries}, indent=4) + "\n"
 
 

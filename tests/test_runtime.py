@@ -1,0 +1,140 @@
+"""Compile for cpu and run: tokens equal Hugging Face's greedy generate, in-place KV,
+chunked prefill, padded batches, stopping rules, sampling, streaming and errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from builders import random_gpt2
+
+from qgraph.compile import CompileError, Manifest, compile_model
+from qgraph.runtime import GenerationError, Runtime, Sampling
+
+torch = pytest.importorskip("torch")
+
+PREFILL = 8
+CTX = 48
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    from qgraph.export import export_model
+
+    config, model = random_gpt2(n_layer=2, n_head=3, n_embd=24, vocab_size=211, n_positions=64, seed=5)
+    path = export_model(model, tmp_path_factory.mktemp("export") / "raw.onnx", exporter="torchscript").path
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def artifact(hf: tuple[Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_model(hf[1], "cpu", tmp_path_factory.mktemp("art") / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2)
+
+
+def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=model.config.eos_token_id)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[5, 17, 42], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [100, 3, 9, 9, 1]]  # one longer than P
+
+
+def test_artifact_layout(artifact: Path) -> None:
+    m = Manifest.load(artifact)
+    assert (m.target, m.batch_size, m.ctx_len, m.prefill_seq_len) == ("cpu", 2, CTX, PREFILL)
+    assert [(s.name, s.seq_len) for s in m.specializations] == [("prefill", PREFILL), ("decode", 1)]
+    names = sorted(p.name for p in artifact.iterdir())
+    assert names == ["decode.onnx", "manifest.json", "prefill.onnx", "weights.data"]  # weights stored once
+    assert set(m.hashes) == {"decode.onnx", "prefill.onnx", "weights.data"}
+    assert m.io["inputs"][0]["name"] == "input_ids" and m.io["outputs"][0]["name"] == "logits"
+    assert "optimize" in m.pass_reports and "prefill" in m.pass_reports
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
+    out = Runtime(artifact).generate([PROMPTS[0]], max_new_tokens=12)
+    assert out.tokens[0] == _hf_greedy(hf[0], PROMPTS[0], 12)
+
+
+def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
+    out = Runtime(artifact).generate(PROMPTS, max_new_tokens=10)
+    for prompt, got in zip(PROMPTS, out.tokens):
+        assert got == _hf_greedy(hf[0], prompt, 10)
+    s = out.stats
+    assert s.generated_tokens == sum(len(t) for t in out.tokens) and s.prompt_tokens == sum(map(len, PROMPTS))
+    assert s.ttft_s > 0 and s.prefill_s > 0 and s.decode_tokens_per_s > 0 and s.total_tokens_per_s > 0 and s.e2e_s >= s.ttft_s
+    table = s.table()
+    for key in ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_tokens_per_s", "e2e_s"):
+        assert key in table and key in s.to_dict()
+
+
+def test_in_place_kv_equals_copying(artifact: Path) -> None:
+    a, b = Runtime(artifact, inplace=True), Runtime(artifact, inplace=False)
+    assert a.inplace and not b.inplace
+    a.reset()
+    b.reset()
+    ids = np.array([[3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0, 0, 0]])
+    pos = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(a.step("prefill", ids, pos), b.step("prefill", ids, pos))
+    for k in range(8):
+        ids1, pos1 = np.array([[20 + k], [30 + k]]), np.array([[8 + k], [3 + k]])
+        np.testing.assert_array_equal(a.step("decode", ids1, pos1), b.step("decode", ids1, pos1))
+    ca, cb = a.cache(), b.cache()
+    for n in ca:
+        np.testing.assert_array_equal(ca[n], cb[n])
+
+
+def test_stops_at_eos_and_at_ctx_len(hf: tuple[Any, Path], artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rt = Runtime(artifact)
+    first = rt.generate([PROMPTS[0]], max_new_tokens=5).tokens[0]
+    out = rt.generate([PROMPTS[0]], max_new_tokens=5, eos_token_id=first[2])
+    assert out.tokens[0] == first[: first.index(first[2]) + 1] and out.finish_reasons == ["eos"]
+    with caplog.at_level(logging.WARNING):
+        long = rt.generate([list(range(1, CTX - 3))], max_new_tokens=50)
+    assert len(long.tokens[0]) == 4 and long.finish_reasons == ["ctx_len"]
+    assert "ctx_len" in caplog.text
+
+
+def test_sampling_is_seeded_and_streaming_sees_every_token(artifact: Path) -> None:
+    rt = Runtime(artifact)
+    seen: list[tuple[int, int]] = []
+    s = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    a = rt.generate(PROMPTS[:2], max_new_tokens=6, sampling=s, streamer=lambda r, t: seen.append((r, t)))
+    b = rt.generate(PROMPTS[:2], max_new_tokens=6, sampling=Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=7))
+    assert a.tokens == b.tokens
+    assert sorted(seen) == sorted((r, t) for r, row in enumerate(a.tokens) for t in row)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(prompts=[[1, 2]], max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(prompts=[[]], max_new_tokens=3), "prompt 0 is empty"),
+        (dict(prompts=[list(range(CTX))], max_new_tokens=3), "shorter than ctx_len"),
+        (dict(prompts=[[1, 999]], max_new_tokens=3), "outside the vocabulary"),
+        (dict(prompts=[], max_new_tokens=3), "no prompts"),
+    ],
+)
+def test_bad_generate_arguments(artifact: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(GenerationError, match=match):
+        Runtime(artifact).generate(**kwargs)
+
+
+def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:
+    with pytest.raises(CompileError, match="larger than ctx_len"):
+        compile_model(hf[1], "cpu", tmp_path / "a", prefill_seq_len=64, ctx_len=32)
+    from qgraph.targets import TargetError
+
+    with pytest.raises(TargetError, match="unknown target 'gpu'"):
+        compile_model(hf[1], "gpu", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+
+
+def test_manifest_is_json(artifact: Path) -> None:
+    json.loads((artifact / "manifest.json").read_text())
