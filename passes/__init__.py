@@ -8,11 +8,12 @@ from passes.fold_constants import FoldConstants
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
+from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
 from passes.retain_kv_cache import RetainKvCache
 from qgraph.pass_manager import Pass
 
 #: Every built-in pass, by command-line name.
-ALL_PASSES: dict[str, type[Pass]] = {p.name: p for p in (Cleanup, FoldConstants, FuseLayerNorm, FuseRmsNorm, FuseGelu, PinStaticShapes, ClipFp16, RetainKvCache)}
+ALL_PASSES: dict[str, type[Pass]] = {p.name: p for p in (Cleanup, FoldConstants, FuseLayerNorm, FuseRmsNorm, FuseGelu, PinStaticShapes, ClipFp16, RetainKvCache, LegalizeQnn)}
 
-__all__ = ["ALL_PASSES", "Cleanup", "ClipFp16", "FoldConstants", "FuseGelu", "FuseLayerNorm", "FuseRmsNorm", "PinStaticShapes", "RetainKvCache"]
+__all__ = ["ALL_PASSES", "Cleanup", "ClipFp16", "FoldConstants", "FuseGelu", "FuseLayerNorm", "FuseRmsNorm", "LegalizeQnn", "PinStaticShapes", "RetainKvCache"]

@@ -218,6 +218,11 @@ class RetainKvCache(Pass):
         new_inputs = ([ids] if ids is not None else []) + [pos]
         new_inputs += [c.past for pair in layers for c in pair]
         dropped = [t for t in graph.inputs if not any(t is n for n in new_inputs)]
+        for t in dropped:
+            # Exporters read the batch size off any input; position_ids has it too.
+            for node in list(t.outputs):
+                if (_dims_read(graph, node, len(t.shape or [])) or {-1}) <= {0} and len(t.shape or []) >= 1:
+                    node.inputs[0] = pos
         live = _live_nodes(graph)
         for t in dropped:
             users = [n.name for n in t.outputs if id(n) in live]
@@ -346,7 +351,7 @@ class RetainKvCache(Pass):
                     for node in t.outputs:
                         if _is_passthrough(node):
                             chain.append(node.outputs[0])
-                        elif id(node) in live and node.op != "ScatterND" and not _reads_other_dims(graph, node):
+                        elif id(node) in live and node.op != "ScatterND" and 2 in (_dims_read(graph, node, 4) or {2}):
                             raise RewriteError(
                                 f"'{node.name}' ({node.op}) still reads the growing cache '{c.past.name}' after the rewrite; "
                                 "retain-kv-cache cannot tell what it computes"
@@ -383,19 +388,21 @@ class RetainKvCache(Pass):
         return self._unsqueeze(graph, onehot, [1], before)
 
 
-def _reads_other_dims(graph: Graph, node: Node) -> bool:
-    """True if ``node`` is a Shape whose live uses never read the sequence dim (2)."""
+def _dims_read(graph: Graph, node: Node, rank: int) -> set[int] | None:
+    """The dims of its input a Shape node's live uses can see; None if not a Shape or unknown."""
     if node.op != "Shape":
-        return False
+        return None
     start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-    dims = list(range(4))[start : None if end is None else int(end)]
-    if 2 not in dims:
-        return True
-    for user in node.outputs[0].outputs:  # a full Shape: every use must pick a dim that is not 2
+    dims = list(range(rank))[start : None if end is None else int(end)]
+    if start != 0 or end is not None:
+        return set(dims)
+    seen: set[int] = set()
+    for user in node.outputs[0].outputs:  # a full Shape: every use must pick constant dims
         idx = graph.const_value(user.inputs[1]) if user.op == "Gather" and len(user.inputs) > 1 else None
-        if idx is None or any(dims[int(i)] == 2 for i in np.ravel(idx)):
-            return False
-    return True
+        if idx is None:
+            return None
+        seen |= {dims[int(i)] for i in np.ravel(idx)}
+    return seen
 
 
 def _onnx_dtype(dtype: Any) -> int:

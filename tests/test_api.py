@@ -1,0 +1,77 @@
+"""The high-level API: export/compile/generate, and the QGRAPH_HOME cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from builders import random_gpt2
+
+import qgraph.api as api
+from qgraph import AutoModelForCausalLM
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("QGRAPH_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+def test_seed_style_flow_and_cache(tmp_path: Path, home: Path) -> None:
+    folder = tmp_path / "model"
+    _, hf = random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=48, seed=2)
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    art = model.compile(target="cpu", prefill_seq_len=8, ctx_len=32, batch_size=1)
+    assert art.parent == home / "artifacts" and (art / "manifest.json").is_file()
+    out = model.generate(input_ids=[[3, 4, 5, 6]], max_new_tokens=6)
+    assert out.tokens[0] == _hf_greedy(hf, [3, 4, 5, 6], 6)
+    assert out.stats.decode_tokens_per_s > 0 and out.text is None
+
+    # Same model, same options: the artifact is reused.
+    again = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert again.compile(target="cpu", prefill_seq_len=8, ctx_len=32, batch_size=1) == art
+    # Other options: another artifact.
+    assert again.compile(target="cpu", prefill_seq_len=4, ctx_len=32, batch_size=1) != art
+
+    # A changed weight never reuses the stale export or artifact.
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight.add_(0.5)
+    hf.save_pretrained(folder)
+    changed = AutoModelForCausalLM.from_pretrained(str(folder))
+    art2 = changed.compile(target="cpu", prefill_seq_len=8, ctx_len=32, batch_size=1)
+    assert art2 != art and changed.onnx_path != model.onnx_path
+    assert changed.generate(input_ids=[[3, 4, 5, 6]], max_new_tokens=6).tokens[0] == _hf_greedy(hf, [3, 4, 5, 6], 6)
+
+
+def test_a_changed_pass_changes_the_key(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "model"
+    random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=48)
+    a = AutoModelForCausalLM.from_pretrained(str(folder)).compile(target="cpu", prefill_seq_len=8, ctx_len=32)
+    monkeypatch.setattr(api, "code_digest", lambda: "a-different-pass")
+    b = AutoModelForCausalLM.from_pretrained(str(folder)).compile(target="cpu", prefill_seq_len=8, ctx_len=32)
+    assert a != b
+
+
+def test_artifacts_dir_and_errors(tmp_path: Path, home: Path) -> None:
+    from qgraph.errors import QGraphError
+
+    folder = tmp_path / "model"
+    random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=48)
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with pytest.raises(QGraphError, match="larger than the model's maximum length 48"):
+        model.compile(ctx_len=64)
+    with pytest.raises(QGraphError, match="larger than ctx_len"):
+        model.compile(ctx_len=16, prefill_seq_len=32)
+    out = model.compile(prefill_seq_len=8, ctx_len=32, artifacts=tmp_path / "mine")
+    assert out == tmp_path / "mine" and (out / "manifest.json").is_file()
+    with pytest.raises(QGraphError, match="either prompts"):
+        model.generate()
