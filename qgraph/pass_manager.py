@@ -73,6 +73,8 @@ class Report:
     """What a pipeline run did, pass by pass."""
 
     records: list[PassRecord] = field(default_factory=list)
+    #: Things a user should know that are not errors (e.g. custom-domain ops left untouched).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -89,7 +91,7 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passes": [asdict(r) for r in self.records], "seconds": self.seconds}
+        return {"passes": [asdict(r) for r in self.records], "seconds": self.seconds, "notes": list(self.notes)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -108,6 +110,7 @@ class Report:
             lines.append("  ".join(cells).rstrip())
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  -----")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:
