@@ -339,6 +339,14 @@ class RetainKvCache(Pass):
                 raise RewriteError(f"unexpected {node.op} '{node.name}' between attention scores and Softmax '{softmax.name}'")
         masked = self._node(graph, "Add", [cur, mask], before=softmax)
         softmax.inputs[0] = masked
+        # SDPA exports guard fully masked rows: Where(IsNaN(p), 0, p). The new
+        # mask is finite, so no row is ever all -inf and the guard can go.
+        probs = softmax.outputs[0]
+        for node in list(probs.outputs):
+            guard = node.outputs[0].outputs[0] if node.op == "IsNaN" and len(node.outputs[0].outputs) == 1 else None
+            if guard is not None and guard.op == "Where" and guard.inputs[0] is node.outputs[0] and guard.inputs[2] is probs:
+                graph.replace_uses(guard.outputs[0], probs)
+                removed += 1
         return removed
 
     def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[_Cache, _Cache]]) -> None:

@@ -141,6 +141,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qgraph.bench import run_bench, save_plot, write_json
+
+    report = run_bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
+                       workdir=args.workdir, progress=_progress)  # fmt: skip
+    write_json(report, args.output)
+    if args.plot:
+        save_plot(report, args.plot)
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+    _progress(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
 def _add_target_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target options")
     g.add_argument("--threads", type=int, default=None, help="cpu: intra-op threads (default: ONNX Runtime's)")
@@ -205,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_target_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, and the memory bound")
+    p.add_argument("--model", default="random:gpt2", help="hub id, folder, tiny-gpt2, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=None, help="keep the export and artifact here (reused if present)")
+    p.add_argument("--output", type=Path, default=Path("bench.json"), help="JSON results file (default bench.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON object instead of the table")
+    p.add_argument("--plot", type=Path, default=None, help="save a bar chart (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
     p.add_argument("file", type=Path)

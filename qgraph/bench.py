@@ -1,0 +1,281 @@
+"""``qgraph bench``: decode speed against Hugging Face, plain ONNX Runtime and the memory bound.
+
+On the same weights and in one run it measures:
+
+* Hugging Face PyTorch eager (a prefill, then one forward per token with its cache);
+* ONNX Runtime on the plain (raw) export, the presents fed back as numpy arrays;
+* qgraph's compiled ``cpu`` artifact (the retained-state runtime);
+* the memory-bandwidth bound: the best rate of a [1, K] x [K, N] fp32 product over
+  512 MiB, which turns the model's weight bytes into a floor on the time per token.
+
+Each contender runs ``rounds`` times, interleaved, and the median is reported, so
+a noisy neighbour on a shared machine hurts all of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.errors import QGraphError
+
+log = logging.getLogger(__name__)
+
+#: Shapes for ``random:NAME`` models (random weights, for machines without the hub).
+RANDOM_SHAPES: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+@dataclass
+class Result:
+    name: str
+    ttft_s: float
+    decode_tokens_per_s: float
+    ms_per_token: float
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class BenchReport:
+    model: str
+    prompt_len: int
+    new_tokens: int
+    threads: int
+    weight_bytes: int
+    bandwidth_gb_s: float
+    bound_ms_per_token: float
+    results: list[Result]
+    ratios: dict[str, float]
+    tokens_agree: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [
+            f"model {self.model}: {self.weight_bytes / 1e6:.1f} MB of weights, prompt {self.prompt_len}, "
+            f"{self.new_tokens} new tokens, {self.threads} threads",
+            f"memory bandwidth {self.bandwidth_gb_s:.1f} GB/s -> bound {self.bound_ms_per_token:.2f} ms/token "
+            f"({1000 / self.bound_ms_per_token:.1f} tokens/s)",
+            "",
+            f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
+        ]
+        for r in self.results:
+            lines.append(f"{r.name:<26}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
+                         f"{self.bound_ms_per_token / r.ms_per_token:>9.2f}")  # fmt: skip
+        lines.append("")
+        lines += [f"{k}: {v:.2f}" for k, v in self.ratios.items()]
+        lines.append(f"greedy tokens identical across contenders: {'yes' if self.tokens_agree else 'NO'}")
+        return "\n".join(lines)
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> float:
+    """Best read rate (bytes/s) of a [1, K] x [K, N] fp32 product over ``mib`` MiB, in ONNX Runtime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = int(np.sqrt(mib * 1024 * 1024 / 4))
+    w = np.random.default_rng(0).standard_normal((k, k), dtype=np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bw",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])])  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones((1, k), np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {"x": x, "w": w})
+        best = min(best, time.perf_counter() - t)
+    # numpy too: the bound is the best either engine reaches.
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best
+
+
+def _time_hf(model: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        ttft = time.perf_counter() - t0
+        past, toks = out.past_key_values, [tok]
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            toks.append(tok)
+        return ttft, time.perf_counter() - t1, toks
+
+
+def _time_ort_raw(sess: Any, n_layer: int, n_head: int, head_dim: int, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    names = [o.name for o in sess.get_outputs()]
+    past = {f"past_{kv}.{i}": np.zeros((1, n_head, 0, head_dim), np.float32) for i in range(n_layer) for kv in ("key", "value")}
+    t0 = time.perf_counter()
+    ids = np.array([prompt], np.int64)
+    length = len(prompt)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64), "position_ids": np.arange(length)[None], **past}
+    out = dict(zip(names, sess.run(None, feeds)))
+    tok = int(out["logits"][0, -1].argmax())
+    ttft = time.perf_counter() - t0
+    toks = [tok]
+    t1 = time.perf_counter()
+    for _ in range(n - 1):
+        past = {k: out["present" + k[4:]] for k in past}
+        feeds = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, length + 1), np.int64),
+                 "position_ids": np.array([[length]], np.int64), **past}  # fmt: skip
+        out = dict(zip(names, sess.run(None, feeds)))
+        tok = int(out["logits"][0, -1].argmax())
+        toks.append(tok)
+        length += 1
+    return ttft, time.perf_counter() - t1, toks
+
+
+def _model_folder(model: str, workdir: Path) -> str:
+    """A hub id / folder / tiny-gpt2 as is; ``random:NAME`` saved to a folder with random weights."""
+    if not model.startswith("random:"):
+        return model
+    shape = RANDOM_SHAPES.get(model.split(":", 1)[1])
+    if shape is None:
+        raise QGraphError(f"unknown random model '{model}'; choose random:{'|random:'.join(RANDOM_SHAPES)}")
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = workdir / model.replace(":", "-")
+    GPT2LMHeadModel(GPT2Config(**shape)).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def run_bench(
+    model: str = "random:gpt2",
+    *,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    rounds: int = 3,
+    threads: int = 2,
+    workdir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure every contender (see the module docstring); returns the report."""
+    import onnxruntime as ort
+    import torch
+
+    from qgraph.compile import compile_model
+    from qgraph.export import export_model
+    from qgraph.hf import load_model
+    from qgraph.runtime import Runtime
+
+    say = progress or (lambda m: log.info("%s", m))
+    torch.set_num_threads(threads)
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    folder = _model_folder(model, tmp)
+    hf = load_model(folder)
+    cfg = hf.config
+    n_layer, n_head, head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - hf.transformer.wpe.weight.nbytes
+    ctx = min(int(cfg.n_positions), max(128, prompt_len + new_tokens))
+    raw = tmp / "raw.onnx"
+    if not raw.is_file():
+        say("exporting the plain model")
+        export_model(hf, raw, exporter="dynamo", progress=say)
+    art = tmp / "cpu"
+    say(f"compiling the cpu artifact (prefill {prompt_len}, ctx_len {ctx})")
+    compile_model(raw, "cpu", art, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads}, progress=say)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    raw_sess = ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+    rt = Runtime(art, threads=threads)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
+
+    def hf_run() -> tuple[float, float, list[int]]:
+        return _time_hf(hf, prompt, new_tokens)
+
+    def ort_run() -> tuple[float, float, list[int]]:
+        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, new_tokens)
+
+    def qgraph_run() -> tuple[float, float, list[int]]:
+        out = rt.generate([prompt], max_new_tokens=new_tokens)
+        return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
+
+    contenders: list[tuple[str, Callable[[], tuple[float, float, list[int]]]]] = [
+        ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
+    tokens: dict[str, list[int]] = {}
+    bandwidths = []
+    for _, fn in contenders:  # warm-up
+        fn()
+    for r in range(rounds):
+        say(f"round {r + 1}/{rounds}")
+        bandwidths.append(measure_bandwidth(threads=threads))
+        for name, fn in contenders:
+            ttft, decode, toks = fn()
+            runs[name].append({"ttft_s": ttft, "decode_s": decode})
+            tokens[name] = toks
+    bw = max(bandwidths)
+    bound_ms = weight_bytes / bw * 1e3
+    results = []
+    for name, rs in runs.items():
+        ttft = statistics.median(x["ttft_s"] for x in rs)
+        decode = statistics.median(x["decode_s"] for x in rs)
+        per_tok = decode / (new_tokens - 1)
+        results.append(Result(name, ttft, 1 / per_tok, per_tok * 1e3, rs))
+    by = {r.name: r for r in results}
+    q, o, h = by["qgraph-cpu"], by["onnxruntime-plain-export"], by["huggingface-eager"]
+    ratios = {
+        "qgraph decode / huggingface decode": q.decode_tokens_per_s / h.decode_tokens_per_s,
+        "qgraph decode / onnxruntime decode": q.decode_tokens_per_s / o.decode_tokens_per_s,
+        "qgraph decode / bandwidth bound": q.decode_tokens_per_s / (1000 / bound_ms),
+        "qgraph TTFT / onnxruntime TTFT": q.ttft_s / o.ttft_s,
+    }
+    agree = len({tuple(t) for t in tokens.values()}) == 1
+    return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree)
+
+
+def save_plot(report: BenchReport, path: str | Path) -> None:
+    """A bar chart of decode tokens/s per contender, with the bound as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QGraphError("--plot needs matplotlib: pip install matplotlib") from None
+    names = [r.name for r in report.results]
+    values = [r.decode_tokens_per_s for r in report.results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, values, color=["#999999", "#6699cc", "#cc6633"])
+    ax.axhline(1000 / report.bound_ms_per_token, color="black", linestyle="--", label="memory-bandwidth bound")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{report.model}: prompt {report.prompt_len}, {report.new_tokens} tokens, {report.threads} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(report: BenchReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))
