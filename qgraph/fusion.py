@@ -49,6 +49,7 @@ class FusionPass(Pass):
     anchors: ClassVar[tuple[str, ...]] = ()
     #: Stat key counting rewrites (e.g. "layer_norm"); kind-specific keys come from Match.kind.
     stat: ClassVar[str] = "fused"
+    supports_max_matches: ClassVar[bool] = True
 
     def __init__(self, max_matches: int | None = None) -> None:
         self.max_matches = max_matches

@@ -47,6 +47,14 @@ class Pass:
     produces: ClassVar[tuple[str, ...]] = ()
     #: Facts a pass makes false (e.g. a rewrite that appends nodes undoes "toposorted").
     invalidates: ClassVar[tuple[str, ...]] = ()
+    #: True if :meth:`run` honours ``max_matches`` (rewrite only the first k match
+    #: sites, in a deterministic order; k = 0 leaves the graph's numbers unchanged)
+    #: and lists the node names of each site it rewrote in ``self.sites``. The
+    #: pass-debugging tool bisects such a pass over k to name the site that breaks
+    #: the numbers.
+    supports_max_matches: ClassVar[bool] = False
+    #: With ``supports_max_matches``: rewrite at most this many sites (None: all).
+    max_matches: int | None = None
 
     def run(self, graph: Graph) -> PassResult:
         raise NotImplementedError(f"pass {type(self).__name__} does not implement run()")
