@@ -375,7 +375,7 @@ class RetainKvCache(Pass):
         # logits[b, 0] = onehot(last valid position) @ hidden[b]: exact, and the
         # vocabulary projection then runs for one position only.
         dtype = layers[0][0].past.dtype or np.float32
-        if producer is not None and producer.op == "MatMul" and graph.is_constant(producer.inputs[1]):
+        if producer is not None and producer.op == "MatMul" and _is_static(graph, producer.inputs[1]):
             sel = self._selector(graph, shared, dtype, producer)
             producer.inputs[0] = self._node(graph, "MatMul", [sel, producer.inputs[0]], before=producer)
             out = logits
@@ -394,6 +394,20 @@ class RetainKvCache(Pass):
     def _selector(self, graph: Graph, shared: dict[str, Tensor], dtype: Any, before: Node) -> Tensor:
         onehot = self._node(graph, "Cast", [shared["is_last"]], {"to": _onnx_dtype(dtype)}, before=before)
         return self._unsqueeze(graph, onehot, [1], before)
+
+
+def _is_static(graph: Graph, t: Tensor) -> bool:
+    """True if ``t`` depends on no graph input (a weight, or e.g. a Transpose of one)."""
+    stack, seen = [t], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or graph.is_constant(x):
+            continue
+        seen.add(id(x))
+        if not x.inputs:
+            return False  # a graph input
+        stack.extend(x.inputs[0].inputs)
+    return True
 
 
 def _dims_read(graph: Graph, node: Node, rank: int) -> set[int] | None:
