@@ -106,9 +106,14 @@ class Scalar(float):
 
 
 def scalar(graph: Graph, tensor: Tensor | None) -> Scalar | None:
-    """The single value of a constant with one element, else None."""
+    """The single value of a constant with one element and rank 0 or 1, else None.
+
+    A one-element constant of rank 2 or more is not a scalar: it can broadcast
+    the result to a higher rank (x[2, 4] * [[[0.5]]] is [1, 2, 4]), which a
+    fused node would not.
+    """
     v = const_value(graph, tensor)
-    if v is None or v.size != 1:
+    if v is None or v.size != 1 or v.ndim > 1:
         return None
     value = Scalar(float(v.reshape(())))
     try:
@@ -286,9 +291,11 @@ def keepdims_problem(node: Node, what: str) -> str | None:
 
 
 def leak(graph: Graph, roles: Sequence[tuple[str, Node]], final: Tensor) -> str | None:
-    """Why a matched node's output (other than ``final``) cannot be fused away, or None."""
+    """Why a matched node cannot be fused away (a custom-domain op, or an output other than ``final`` used elsewhere), or None."""
     inside = {id(n) for _, n in roles}
     for role, node in roles:
+        if not _default_domain(node):  # com.example.Sqrt is not ONNX's Sqrt: custom ops are left alone
+            return f"{role} is the custom op {node.domain}.{node.op}"
         for out in node.outputs:
             if out is final:
                 continue
@@ -468,7 +475,7 @@ def match_rsqrt_core(graph: Graph, sqrt: Node) -> RsqrtCore | str:
     eps_v = const_value(graph, eps_t)
     if eps_v is None:
         return f"epsilon is not a constant ({describe_source(graph, eps_t)})"
-    if eps_v.size != 1:
+    if eps_v.size != 1 or eps_v.ndim > 1:  # rank > 1 could broadcast the output to a higher rank
         return f"epsilon is not a constant scalar (shape {list(eps_v.shape)})"
     eps = float(eps_v.reshape(()))
     if not np.isfinite(eps) or eps < 0:

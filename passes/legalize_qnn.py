@@ -96,6 +96,8 @@ class LegalizeQnn(Pass):
             graph.infer_shapes()  # element types and shapes decide what is rewritten
         stats: dict[str, Any] = {"gathernd_to_gather": 0, "gathernd_bool": 0, "attention_bool_mask": 0}
         for node in graph.nodes:
+            if node.domain not in ("", "ai.onnx", None):
+                continue  # a custom op that shares a name with an ONNX op is left alone
             if node.op == "GatherND":
                 reason = self._gathernd_to_gather(graph, node)
                 if reason is None:

@@ -64,6 +64,33 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def check_generate_options(*, max_new_tokens: int | None = None, prefill_seq_len: int | None = None, ctx_len: int | None = None,
+                           batch_size: int | None = None) -> None:  # fmt: skip
+    """Raise :class:`GenerationError` for numbers that cannot work, before anything slow runs."""
+    from qgraph.runtime import GenerationError
+
+    for what, flag, value in (("max_new_tokens", "--max-new-tokens", max_new_tokens), ("the prefill length", "--prefill-seq-len", prefill_seq_len),
+                              ("ctx_len", "--ctx-len", ctx_len), ("the batch size", "--batch-size", batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise GenerationError(f"{what} must be at least 1, got {value}; pass {flag} 1 or more")
+    if prefill_seq_len is not None and ctx_len is not None and prefill_seq_len > ctx_len:
+        raise GenerationError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use a prefill length <= {ctx_len}")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int) -> None:
+    """Raise :class:`GenerationError` for an empty prompt or one that leaves no room in ``ctx_len``."""
+    from qgraph.runtime import GenerationError
+
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty; give some text (or token ids) to continue")
+        if len(p) >= ctx_len:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens, which leaves no room to generate in ctx_len {ctx_len}; "
+                f"shorten it or compile with ctx_len {len(p) + 1} or more"
+            )
+
+
 def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -99,6 +126,7 @@ class AutoModelForCausalLM:
         self.artifact_dir: Path | None = None
         self._runtime: Any = None
         self._config: Any = None
+        self._ctx_len: int | None = None
 
     @classmethod
     def from_pretrained(cls, model: str = "tiny-gpt2", *, trust_remote_code: bool = False, progress: Progress | None = None) -> AutoModelForCausalLM:
@@ -164,7 +192,11 @@ class AutoModelForCausalLM:
         """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory."""
         from qgraph.compile import compile_model
         from qgraph.pipeline import DEFAULT_PIPELINE
+        from qgraph.targets import get_target
 
+        # Everything that can be checked before the (slow) export is.
+        check_generate_options(prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size)
+        get_target(target).check_options(dict(target_options))
         n_pos = int(getattr(self.config, "n_positions", ctx_len) or ctx_len)
         if ctx_len > n_pos:
             raise QGraphError(f"ctx_len {ctx_len} is larger than the model's maximum length {n_pos}; use --ctx-len {n_pos} or less")
@@ -185,6 +217,7 @@ class AutoModelForCausalLM:
                 else:
                     compile_model(onnx_path, target, out, progress=self.progress, **args)  # type: ignore[arg-type]
         self.artifact_dir = out
+        self._ctx_len = ctx_len
         self._runtime = None
         return out
 
@@ -213,6 +246,7 @@ class AutoModelForCausalLM:
 
         if (prompts is None) == (input_ids is None):
             raise GenerationError("give either prompts (with a tokenizer) or input_ids")
+        check_generate_options(max_new_tokens=max_new_tokens)
         if prompts is not None:
             if any(not p for p in prompts):
                 raise GenerationError("a prompt is empty; give some text to continue")
@@ -223,6 +257,9 @@ class AutoModelForCausalLM:
             ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
         else:
             ids = [list(map(int, row)) for row in input_ids]  # type: ignore[union-attr]
+        if not ids:
+            raise GenerationError("no prompts given")
+        check_prompts(ids, self._ctx_len or 128)
         eos = getattr(self.config, "eos_token_id", None)
         out = self.runtime.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=Sampling(**sampling), streamer=streamer)
         text = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens] if tokenizer is not None else None

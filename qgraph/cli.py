@@ -13,8 +13,20 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from qgraph.errors import QGraphError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (what was wrong, and where the help is)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def _progress(msg: str) -> None:
@@ -87,27 +99,39 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from qgraph.api import AutoModelForCausalLM
+    from qgraph.api import AutoModelForCausalLM, check_generate_options, check_prompts
     from qgraph.errors import QGraphError
 
     if args.prompt and args.input_ids:
         raise QGraphError("give either text prompts or --input-ids, not both")
     if not args.prompt and not args.input_ids:
         raise QGraphError('give a prompt (qgraph generate "Hi there!!") or --input-ids 1,2,3')
+    # Bad arguments fail here, before the (slow) export and compile.
+    check_generate_options(max_new_tokens=args.max_new_tokens, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
+                           batch_size=args.batch_size)  # fmt: skip
+    from qgraph.runtime import Sampling
+
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    Sampling(**sampling).check()
     input_ids = None
     if args.input_ids:
         try:
             input_ids = [[int(x) for x in row.split(",") if x.strip()] for row in args.input_ids]
         except ValueError:
             raise QGraphError("--input-ids takes comma-separated integers, e.g. --input-ids 15496,612") from None
+        check_prompts(input_ids, args.ctx_len)
+    elif any(not p for p in args.prompt):
+        check_prompts([[] for _ in args.prompt], args.ctx_len)  # names the empty prompt
     model = AutoModelForCausalLM.from_pretrained(args.model, progress=_progress)
-    model.compile(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                  artifacts=args.artifacts, **_target_options(args))  # fmt: skip
+    model.config  # noqa: B018 (a missing or unsupported model fails here, before any work)
     tokenizer = None
     if args.prompt:
         from qgraph.hf import load_tokenizer
 
         tokenizer = load_tokenizer(model.source)
+        check_prompts([tokenizer(p)["input_ids"] for p in args.prompt], args.ctx_len)
+    model.compile(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                  artifacts=args.artifacts, **_target_options(args))  # fmt: skip
     streamer = None
     n_rows = len(args.prompt or input_ids or [])
     if tokenizer is not None and n_rows == 1 and not args.json:
@@ -123,7 +147,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed[0] = len(text)
 
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
                          streamer=streamer, **sampling)  # fmt: skip
     if args.json:
@@ -167,7 +190,7 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qgraph", description="A graph-rewriting compiler for ONNX causal LMs.")
+    parser = _Parser(prog="qgraph", description="A graph-rewriting compiler for ONNX causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-v", "--verbose", action="store_true", help="log one line per pass")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -251,8 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QGraphError as e:
         if args.debug:
             raise
-        print(f"qgraph {args.command}: error: {e}", file=sys.stderr)
+        print(f"qgraph {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"qgraph {args.command}: error: {e.strerror or _one_line(e)}{where}; check the path and its permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("qgraph: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,10 @@ compiler, and writes an artifact directory:
 * ``weights.data``: the weights, stored once and shared by the specializations.
 
 The directory is built under a temporary name beside ``out_dir`` and renamed
-when complete, so a failed or killed compile leaves nothing half-written.
+when complete, so a failed or killed compile leaves nothing half-written. A
+killed compile can leave its hidden ``.<name>.tmp-<pid>-*`` folder behind; the
+next compile into the same place removes such folders once they are an hour
+old and their process is gone.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.data"
 FORMAT_VERSION = 1
 TARGETS = ("cpu", "qnn", "qaic")
+#: Temporary folders older than this are left from a killed run and are removed.
+STALE_TEMP_S = 3600
 
 Progress = Callable[[str], None]
 
@@ -180,8 +185,12 @@ def compile_model(
         raise CompileError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use --prefill-seq-len <= {ctx_len}")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
         base = tmp / "optimized.onnx"
         graph.save(base, external=True)
         specs = [Specialization("prefill", batch_size, prefill_seq_len, ctx_len), Specialization("decode", batch_size, 1, ctx_len)]
@@ -221,12 +230,65 @@ def compile_model(
     return out
 
 
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Move a finished directory into place; an old one is swapped out, then removed."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(new, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dst)
+def _process_alive(name: str, prefix: str) -> bool:
+    """True if the name says ``<prefix><pid>-...`` and that process still runs (on this machine)."""
+    pid = name[len(prefix) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(folder: Path, prefixes: tuple[str, ...], max_age_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove what a killed run left in ``folder``: entries named ``<prefix>*``, older than
+    ``max_age_s``, whose process (when the name gives one) is gone. Returns them."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
+        if prefix is None or _process_alive(p.name, prefix):
+            continue
+        try:
+            if now - p.lstat().st_mtime < max_age_s:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            continue
+        log.info("removed %s, left by a killed run", p)
+        removed.append(p)
+    return removed
+
+
+def _replace_dir(new: Path, dst: Path, attempts: int = 5) -> None:
+    """Move a finished directory into place; an old one is swapped out, then removed.
+
+    Another process may put its own directory at ``dst`` at the same moment
+    (two compiles into one ``--artifacts`` folder): then the rename is retried,
+    and the last complete directory wins.
+    """
+    for attempt in range(attempts):
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{attempt}")
+        try:
+            if dst.exists():
+                os.replace(dst, old)
+            os.replace(new, dst)
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        finally:
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+        return

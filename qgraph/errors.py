@@ -63,3 +63,7 @@ class PlacementError(QGraphError):
     def __init__(self, message: str, nodes: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.nodes: list[tuple[str, str]] = list(nodes or [])
+
+
+class InvalidModelError(ModelLoadError):
+    """An ONNX model is malformed (no graph, a cycle, a dangling input, absurd shapes, bad data)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -266,8 +267,11 @@ def export_model(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from qgraph.compile import remove_stale_temps
+
+    remove_stale_temps(out.parent, (".qgraph-export-",))  # left by a killed export
     was_training = model.training
-    with tempfile.TemporaryDirectory(prefix=".qgraph-export-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".qgraph-export-{os.getpid()}-", dir=out.parent) as tmp:
         raw = Path(tmp) / out.name
         say(f"exporting with the {exporter} exporter (opset {opset or 'default'})")
         try:

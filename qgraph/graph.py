@@ -28,7 +28,8 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from qgraph.errors import GraphCheckError, ModelLoadError
+from qgraph.errors import GraphCheckError, ModelLoadError, QGraphError
+from qgraph.validate import external_refs, resolve_external_path, validate_model  # noqa: F401 (resolve_external_path: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +71,6 @@ class _FileValues(LazyValues):  # type: ignore[misc]
             return f.read(self.length)
 
 
-def _external_info(tensor: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _tensor_nbytes(tensor: TensorProto) -> int:
-    n = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError):
-        itemsize = 1
-    return n * itemsize
-
-
-def resolve_external_path(base_dir: Path, location: str, tensor_name: str) -> Path:
-    """Return the file an external tensor's ``location`` names, refusing escapes.
-
-    A location must be a relative path that stays inside the model's folder
-    (no absolute paths, no ``..``, no symlink that points outside).
-    """
-    where = f"external data of tensor '{tensor_name}' ('{location}')"
-    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise ModelLoadError(f"{where} is not a relative path; external data must sit in the model's folder")
-    parts = Path(location.replace("\\", "/")).parts
-    if ".." in parts:
-        raise ModelLoadError(f"{where} points outside the model's folder ('..'); move the weights beside the model")
-    base = base_dir.resolve()
-    path = (base / location).resolve()
-    if base != path and base not in path.parents:
-        raise ModelLoadError(f"{where} resolves outside the model's folder; move the weights beside the model")
-    if not path.is_file():
-        raise ModelLoadError(f"{where} is missing: expected the file {path}")
-    return path
-
-
 class Graph:
     """An ONNX model held as an onnx-graphsurgeon graph, weights left on disk."""
 
@@ -124,43 +91,49 @@ class Graph:
     # ------------------------------------------------------------------ load
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Graph:
-        """Load an ONNX file; external weights stay on disk until asked for."""
+        """Load an ONNX file; external weights stay on disk until asked for.
+
+        The model is validated first (:func:`qgraph.validate.validate_model`):
+        a malformed or hostile file raises :class:`ModelLoadError` before any
+        weight is read.
+        """
         p = Path(path)
         if not p.is_file():
             raise ModelLoadError(f"no ONNX file at {p}; check the path")
+        if p.stat().st_size == 0:
+            raise ModelLoadError(f"{p} is empty (0 bytes); it is not an ONNX model (was it written completely?)")
         try:
             model = onnx.load(str(p), load_external_data=False)
         except Exception as e:  # protobuf raises several unrelated types
-            raise ModelLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {e})") from None
-        return cls.from_proto(model, base_dir=p.parent)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {first}); check that it is a complete .onnx file") from None
+        try:
+            return cls.from_proto(model, base_dir=p.parent)
+        except ModelLoadError as e:
+            raise type(e)(f"{p}: {e}") from None
+        except QGraphError:
+            raise
+        except Exception as e:  # a malformed model that the checks above let through
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"{p} is not a usable ONNX model ({type(e).__name__}: {first}); re-export it") from None
 
     @classmethod
-    def from_proto(cls, model: onnx.ModelProto, base_dir: Path | None = None) -> Graph:
-        """Wrap a ModelProto; external initializers are resolved against ``base_dir``."""
-        if not model.HasField("graph"):
-            raise ModelLoadError("the model has no graph; it is not a usable ONNX model")
-        externals: dict[str, tuple[Path, int, int]] = {}
-        for t in model.graph.initializer:
-            if t.data_location == TensorProto.EXTERNAL:
-                info = _external_info(t)
-                if base_dir is None:
-                    raise ModelLoadError(f"tensor '{t.name}' has external data but the model has no folder; load it from a file")
-                path = resolve_external_path(base_dir, info.get("location", ""), t.name)
-                offset = int(info.get("offset", 0))
-                length = int(info.get("length", _tensor_nbytes(t)))
-                if offset < 0 or length < 0 or offset + length > path.stat().st_size:
-                    raise ModelLoadError(
-                        f"external data of tensor '{t.name}' lies past the end of {path.name}; the weights file is truncated"
-                    )
-                externals[t.name] = (path, offset, length)
+    def from_proto(cls, model: onnx.ModelProto, base_dir: Path | None = None, *, validate: bool = True) -> Graph:
+        """Wrap a ModelProto; external initializers are resolved against ``base_dir``.
+
+        ``validate`` (default) checks the model first and raises
+        :class:`ModelLoadError` if it is malformed; qgraph turns it off only
+        for models it made itself.
+        """
+        externals = validate_model(model, base_dir) if validate else external_refs(model, base_dir)
         try:
             g = gs.import_onnx(model)
         except Exception as e:
             raise ModelLoadError(f"the graph could not be imported ({type(e).__name__}: {e})") from None
         for tensor in g.tensors().values():
             if isinstance(tensor, gs.Constant) and tensor.name in externals and isinstance(tensor._values, LazyValues):
-                path, offset, length = externals[tensor.name]
-                tensor._values = _FileValues(tensor._values.tensor, path, offset, length)
+                ref = externals[tensor.name]
+                tensor._values = _FileValues(tensor._values.tensor, ref.path, ref.offset, ref.length)
         meta = {p.key: p.value for p in model.metadata_props}
         return cls(g, base_dir=base_dir, ir_version=model.ir_version or DEFAULT_IR_VERSION, metadata=meta)
 
@@ -217,9 +190,11 @@ class Graph:
     def set_opset(self, version: int) -> None:
         """Raise the default-domain opset (a fused op may need a newer one)."""
         self._gs.opset = version
-        for d in self._gs.import_domains or []:
-            if d.domain in ("", "ai.onnx"):
-                d.version = version
+        # New OperatorSetIdProtos: the old ones are shared with the source
+        # ModelProto and with every copy() of this graph, which must keep theirs.
+        self._gs.import_domains = [
+            helper.make_opsetid(d.domain, version) if d.domain in ("", "ai.onnx") else d for d in self._gs.import_domains or []
+        ]
 
     def tensors(self) -> dict[str, Tensor]:
         """Name -> tensor map; build it once per pass, never inside a loop."""
@@ -545,7 +520,7 @@ class Graph:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:
             raise GraphCheckError(f"shape inference: {str(e).strip().splitlines()[0]}") from None
-        g = Graph.from_proto(inferred, base_dir=self.base_dir)
+        g = Graph.from_proto(inferred, base_dir=self.base_dir, validate=False)
         self._adopt(g)
         return self
 

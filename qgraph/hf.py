@@ -8,8 +8,10 @@ A model is named in one of three ways:
   offline when the model is in the local Hugging Face cache.
 
 torch and transformers are imported inside the functions, so the core package
-imports without them (they are the ``hf`` install extra). Remote code is never
-run unless a caller passes ``trust_remote_code=True`` explicitly.
+imports without them (they are the ``hf`` install extra). Nothing a model
+folder holds is executed: remote code (a config's ``auto_map``) is never run
+unless a caller passes ``trust_remote_code=True`` explicitly, and weights are
+read from safetensors files only, never from pickle-based ``.bin`` files.
 """
 
 from __future__ import annotations
@@ -138,8 +140,16 @@ def load_model(
         raise ModelSourceError(f"'{dtype}' is not a torch dtype; use e.g. 'float32' or 'float16'")
     log.info("loading %s as %s", src, torch_dtype)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(src.ref, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickle (.bin) can run code when it is loaded.
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            src.ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     except (OSError, ValueError) as e:
+        if "safetensors" in str(e):
+            raise ModelSourceError(
+                f"'{src.ref}' has no safetensors weights (model.safetensors); qgraph does not load pickle-based weights "
+                "(pytorch_model.bin), which can run code when loaded: convert them with save_pretrained() in a trusted environment"
+            ) from e
         raise _hub_error(src, "weights", e) from e
     return model.eval()
 

@@ -6,13 +6,15 @@ there. The manager checks the order; nothing here reorders passes.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qgraph.errors import UnknownPassError
+from qgraph.errors import QGraphError, UnknownPassError
 from qgraph.graph import Graph
 from qgraph.pass_manager import Pass, PassManager, Report
+from qgraph.validate import is_custom_domain
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
 )
 #: The default context length (tokens in the cache), capped by the model's maximum.
 DEFAULT_CTX_LEN = 128
+
+
+class OptionError(QGraphError):
+    """An option of the pipeline (ctx_len, batch size, seq_len) is out of range."""
 
 
 @dataclass
@@ -130,12 +136,20 @@ def optimize(
     With ``batch_size`` and ``seq_len`` the shapes are pinned too. In check
     mode the graph is verified after every pass. Returns the pass report.
     """
+    for what, value in (("ctx_len", ctx_len), ("batch size", batch_size), ("seq_len", seq_len)):
+        if value is not None and value < 1:
+            raise OptionError(f"{what} must be at least 1, got {value}")
     opts = Options(ctx_len=ctx_len or default_ctx_len(graph), batch_size=batch_size, seq_len=seq_len)
     if passes is None:
         instances = build_passes(None, opts)
     else:
         instances = [p if isinstance(p, Pass) else build_passes([p], opts)[0] for p in passes]
+    custom = collections.Counter(f"{n.domain}.{n.op}" for n in graph.nodes if is_custom_domain(n.domain))
     result, report = PassManager(instances, check=check).run(graph)
     if result is not graph:
         graph._adopt(result)
+    if custom:
+        # Custom ops are legal ONNX: every pass leaves them alone, and the user should know.
+        ops = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(custom.items()))
+        report.notes.append(f"{sum(custom.values())} node(s) from custom domains left untouched: {ops}")
     return report
