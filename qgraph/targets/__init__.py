@@ -106,6 +106,10 @@ class CpuTarget(Target):
 
         so = self._options(threads or options.get("threads"))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Prefill and decode each own a thread pool; spinning workers of one
+        # steal the cores from the other (measured: prefill after decode 104 ms
+        # with spinning, 60 ms without; decode 30 -> 25 ms/token on gpt2-small).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
