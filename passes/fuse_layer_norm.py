@@ -325,13 +325,9 @@ def common_root(graph: Graph, a: Tensor, b: Tensor, inside: Iterable[Node]) -> t
     return None
 
 
-def order_index(graph: Graph) -> dict[int, int]:
-    return {id(n): i for i, n in enumerate(graph.nodes)}
-
-
 def last_in_order(graph: Graph, nodes: Iterable[Node]) -> Node:
-    pos = order_index(graph)
-    return max(nodes, key=lambda n: pos[id(n)])
+    """The node of ``nodes`` that comes last in the graph (the fused node goes after it)."""
+    return graph.last_of(nodes)
 
 
 def per_feature(value: np.ndarray, rank: int | None, what: str) -> np.ndarray | str:

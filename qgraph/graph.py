@@ -82,11 +82,60 @@ class Graph:
         ir_version: int = DEFAULT_IR_VERSION,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        self._gs = gs_graph
+        self._raw = gs_graph
+        # Edits are applied lazily, in one pass over the node list, so a pass
+        # that adds or removes nodes at many sites stays linear in graph size.
+        self._dead: set[int] = set()
+        self._before: dict[int, list[Node]] = {}
+        self._after: dict[int, list[Node]] = {}
+        self._pos: dict[int, int] = {}
         self.base_dir = base_dir
         self.ir_version = ir_version
         self.metadata: dict[str, str] = dict(metadata or {})
         self._name_counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def _gs(self) -> gs.Graph:
+        if self._dead or self._before or self._after:
+            self._sync()
+        return self._raw
+
+    @_gs.setter
+    def _gs(self, value: gs.Graph) -> None:
+        self._raw = value
+        self._dead, self._before, self._after, self._pos = set(), {}, {}, {}
+
+    def _sync(self) -> None:
+        """Apply pending insertions and removals in one pass over the nodes."""
+        out: list[Node] = []
+        dead, before, after = self._dead, self._before, self._after
+
+        def emit(n: Node) -> None:
+            for b in before.pop(id(n), ()):
+                emit(b)
+            if id(n) not in dead:
+                out.append(n)
+            for a in reversed(after.pop(id(n), ())):
+                emit(a)
+
+        for n in self._raw.nodes:
+            emit(n)
+        self._raw.nodes = out
+        self._dead, self._before, self._after = set(), {}, {}
+
+    def position(self, node: Node) -> int:
+        """A key that orders nodes as the graph does (cheap: cached, kept across edits)."""
+        pos = self._pos.get(id(node))
+        if pos is None:
+            # Edits keep the relative order of the nodes that stay, so the
+            # cache is only rebuilt when it meets a node it has not seen.
+            self._pos = {id(n): i for i, n in enumerate(self._gs.nodes)}
+            pos = self._pos[id(node)]
+        return pos
+
+    def last_of(self, nodes: Iterable[Node]) -> Node:
+        """The node of ``nodes`` that comes last in graph order."""
+        return max(nodes, key=self.position)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -152,7 +201,9 @@ class Graph:
     @property
     def gs(self) -> gs.Graph:
         """The underlying onnx-graphsurgeon graph, for passes that need it."""
-        return self._gs
+        g = self._gs
+        self._pos = {}  # a third-party pass may reorder the nodes
+        return g
 
     @property
     def nodes(self) -> list[Node]:
@@ -160,11 +211,11 @@ class Graph:
 
     @property
     def inputs(self) -> list[Variable]:
-        return list(self._gs.inputs)
+        return list(self._raw.inputs)
 
     @property
     def outputs(self) -> list[Variable]:
-        return list(self._gs.outputs)
+        return list(self._raw.outputs)
 
     @property
     def name(self) -> str:
@@ -207,7 +258,7 @@ class Graph:
         return list(tensor.outputs)
 
     def is_graph_output(self, tensor: Tensor) -> bool:
-        return any(t is tensor for t in self._gs.outputs)
+        return any(t is tensor for t in self._raw.outputs)
 
     def const_value(self, tensor: Tensor | None) -> np.ndarray | None:
         """Values of a constant tensor (initializer or Constant node), else None.
@@ -309,22 +360,20 @@ class Graph:
         else:
             outs = list(outputs)
         node = gs.Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outs, domain=domain or None)
-        anchor = after if after is not None else before
-        if anchor is None:
-            self._gs.nodes.append(node)
+        if after is not None:
+            self._after.setdefault(id(after), []).append(node)
+        elif before is not None:
+            self._before.setdefault(id(before), []).append(node)
         else:
-            idx = next(i for i, n in enumerate(self._gs.nodes) if n is anchor)
-            self._gs.nodes.insert(idx + 1 if after is not None else idx, node)
+            self._raw.nodes.append(node)
         return node
 
     def remove_nodes(self, nodes: Iterable[Node]) -> None:
         """Detach nodes (their outputs lose their producer); cleanup drops the rest."""
-        dead = {id(n) for n in nodes}
-        for n in self._gs.nodes:
-            if id(n) in dead:
-                n.inputs.clear()
-                n.outputs.clear()
-        self._gs.nodes = [n for n in self._gs.nodes if id(n) not in dead]
+        for n in nodes:
+            n.inputs.clear()
+            n.outputs.clear()
+            self._dead.add(id(n))
 
     def replace_uses(self, old: Tensor, new: Tensor) -> int:
         """Make every consumer of ``old`` (and the graph outputs) read ``new``."""
@@ -334,15 +383,16 @@ class Graph:
                 if t is old:
                     node.inputs[i] = new
                     count += 1
-        for i, t in enumerate(self._gs.outputs):
+        for i, t in enumerate(self._raw.outputs):
             if t is old:
-                self._gs.outputs[i] = new
+                self._raw.outputs[i] = new
                 count += 1
         return count
 
     def cleanup(self) -> None:
         """Drop dead nodes and tensors, then sort topologically (the cleanup stage)."""
         self._gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._pos = {}
 
     def copy(self) -> Graph:
         """An independent copy; weights are shared read-only (they are lazy)."""
