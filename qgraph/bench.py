@@ -232,6 +232,8 @@ def run_bench(
         say(f"round {r + 1}/{rounds}")
         bandwidths.append(measure_bandwidth(threads=threads))
         for name, fn in contenders:
+            # Let the previous contender's spinning worker threads go idle first.
+            time.sleep(0.5)
             ttft, decode, toks = fn()
             runs[name].append({"ttft_s": ttft, "decode_s": decode})
             tokens[name] = toks
