@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import heapq
 import logging
 import os
 import tempfile
@@ -391,7 +392,11 @@ class Graph:
 
     def cleanup(self) -> None:
         """Drop dead nodes and tensors, then sort topologically (the cleanup stage)."""
-        self._gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        g = self._gs
+        if g.functions or any(isinstance(v, gs.Graph) for n in g.nodes for v in n.attrs.values()):
+            g.cleanup(remove_unused_graph_inputs=False).toposort()  # subgraphs: onnx-graphsurgeon's own walk
+        else:
+            g.nodes = _toposorted(_live(g))
         self._pos = {}
 
     def copy(self) -> Graph:
@@ -588,6 +593,55 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {self.node_count()} nodes, {len(self._gs.inputs)} inputs, {len(self._gs.outputs)} outputs)"
+
+
+def _live(g: gs.Graph) -> list[Node]:
+    """The nodes some graph output depends on, in their current order; the rest are detached."""
+    live: set[int] = set()
+    seen: set[int] = set()
+    stack = list(g.outputs)
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for node in t.inputs:
+            if id(node) not in live:
+                live.add(id(node))
+                stack.extend(node.inputs)
+    keep = []
+    for n in g.nodes:
+        if id(n) in live:
+            keep.append(n)
+        else:
+            n.inputs.clear()
+            n.outputs.clear()
+    return keep
+
+
+def _toposorted(nodes: list[Node]) -> list[Node]:
+    """Kahn's algorithm; ties keep the current order, so a sorted graph is unchanged."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    deps = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        producers = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index and index[id(p)] != i}
+        deps[i] = len(producers)
+        for j in producers:
+            users[j].append(i)
+    ready = [i for i, d in enumerate(deps) if d == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users[i]:
+            deps[u] -= 1
+            if deps[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise GraphCheckError("the graph has a cycle; no topological order exists")
+    return order
 
 
 def _copy_range(src: Path, offset: int, length: int, dst: Any) -> None:

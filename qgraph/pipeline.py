@@ -91,7 +91,12 @@ def build_passes(names: Sequence[str] | None, opts: Options) -> list[Pass]:
     registry = _registry()
     factories = _factories(opts)
     if names is None:
-        names = [n for n in DEFAULT_PIPELINE if n != "pin-static-shapes" or opts.pinned]
+        names = []
+        for n in DEFAULT_PIPELINE:
+            if n == "pin-static-shapes" and not opts.pinned:
+                continue
+            if not (n == "cleanup" and names and names[-1] == "cleanup"):  # back-to-back cleanups do nothing twice
+                names.append(n)
     out: list[Pass] = []
     for name in names:
         if name in factories:
