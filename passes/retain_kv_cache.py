@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from qgraph.errors import RewriteError
-from qgraph.graph import Graph, Node, Tensor
+from qgraph.graph import Graph, Node, Tensor, live_node_ids
 from qgraph.pass_manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -140,19 +140,7 @@ def _softmax_before(matmul: Node) -> Node | None:
 
 
 def _live_nodes(graph: Graph) -> set[int]:
-    live: set[int] = set()
-    stack = [t for t in graph.outputs]
-    seen: set[int] = set()
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        for node in t.inputs:
-            if id(node) not in live:
-                live.add(id(node))
-                stack.extend(node.inputs)
-    return live
+    return live_node_ids(graph.outputs)
 
 
 class RetainKvCache(Pass):

@@ -595,11 +595,11 @@ class Graph:
         return f"Graph({self.name!r}, {self.node_count()} nodes, {len(self._gs.inputs)} inputs, {len(self._gs.outputs)} outputs)"
 
 
-def _live(g: gs.Graph) -> list[Node]:
-    """The nodes some graph output depends on, in their current order; the rest are detached."""
+def live_node_ids(outputs: Iterable[Tensor]) -> set[int]:
+    """ids of the nodes that ``outputs`` depend on (walking producers backwards)."""
     live: set[int] = set()
     seen: set[int] = set()
-    stack = list(g.outputs)
+    stack = list(outputs)
     while stack:
         t = stack.pop()
         if id(t) in seen:
@@ -609,6 +609,12 @@ def _live(g: gs.Graph) -> list[Node]:
             if id(node) not in live:
                 live.add(id(node))
                 stack.extend(node.inputs)
+    return live
+
+
+def _live(g: gs.Graph) -> list[Node]:
+    """The nodes some graph output depends on, in their current order; the rest are detached."""
+    live = live_node_ids(g.outputs)
     keep = []
     for n in g.nodes:
         if id(n) in live:
