@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from qgraph.errors import QGraphError
-from qgraph.graph import Graph
+from qgraph.graph import Graph, remove_model_files
 from qgraph.pipeline import optimize
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,7 @@ def compile_model(
             impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
         impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress)
         if not impl.keeps_base:
-            base.unlink()
-            base.with_name(base.name + ".data").unlink(missing_ok=True)
+            remove_model_files(base)
         from qgraph import __version__
 
         manifest = Manifest(

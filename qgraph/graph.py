@@ -595,6 +595,12 @@ class Graph:
         return f"Graph({self.name!r}, {self.node_count()} nodes, {len(self._gs.inputs)} inputs, {len(self._gs.outputs)} outputs)"
 
 
+def remove_model_files(path: Path) -> None:
+    """Delete an ONNX file and the external-data file :meth:`Graph.save` writes beside it."""
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+
+
 def live_node_ids(outputs: Iterable[Tensor]) -> set[int]:
     """ids of the nodes that ``outputs`` depend on (walking producers backwards)."""
     live: set[int] = set()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import QGraphError
-from qgraph.graph import Graph
+from qgraph.graph import Graph, remove_model_files
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -91,8 +91,7 @@ class CpuTarget(Target):
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise TargetError(f"ONNX Runtime could not build the {spec.name} graph: {str(e).splitlines()[0]}") from None
-        src.unlink()
-        src.with_name(src.name + ".data").unlink(missing_ok=True)
+        remove_model_files(src)
         spec.file = f"{spec.name}.onnx"
 
     def finish(self, out_dir: Path, base: Path, specs: list[Specialization], options: dict[str, Any], *, dry_run: bool,
@@ -139,8 +138,7 @@ class QnnTarget(Target):
         ctx = out_dir / f"{spec.name}.onnx"
         qnn.compile_context(src, ctx, soc_model=int(options["soc_model"]), fp16=bool(options["fp16"]),
                             allow_cpu_fallback=bool(options["allow_cpu_fallback"]))  # fmt: skip
-        src.unlink()
-        src.with_name(src.name + ".data").unlink(missing_ok=True)
+        remove_model_files(src)
         spec.file = ctx.name
         spec.extra_files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(spec.name) and p.name != ctx.name)
 
@@ -185,8 +183,7 @@ class QaicTarget(Target):
         (out_dir / "custom_io.yaml").write_text(custom_io_yaml(g, options["kv_dtype"]))
         cmd = command(out_dir, options)
         (out_dir / "qaic_compile.sh").write_text("#!/bin/sh\n# Run from this directory.\n" + " \\\n  ".join(cmd) + "\n")
-        base.unlink()
-        base.with_name(base.name + ".data").unlink(missing_ok=True)
+        remove_model_files(base)
         if dry_run:
             if progress:
                 progress("dry run: " + " ".join(cmd))
