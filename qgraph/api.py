@@ -126,6 +126,7 @@ class AutoModelForCausalLM:
         self.artifact_dir: Path | None = None
         self._runtime: Any = None
         self._config: Any = None
+        self._digest: str | None = None
         self._ctx_len: int | None = None
 
     @classmethod
@@ -150,6 +151,12 @@ class AutoModelForCausalLM:
         return self._config
 
     def _model_digest(self) -> str:
+        # Hashing the weights reads them all; export and compile share one digest.
+        if self._digest is None:
+            self._digest = self._compute_digest()
+        return self._digest
+
+    def _compute_digest(self) -> str:
         folder = self.source.path
         if folder is None:  # a hub id: its snapshot folder in the Hugging Face cache
             from huggingface_hub import snapshot_download
