@@ -6,7 +6,13 @@ On the same weights and in one run it measures:
 * ONNX Runtime on the plain (raw) export, the presents fed back as numpy arrays;
 * qgraph's compiled ``cpu`` artifact (the retained-state runtime);
 * the memory-bandwidth bound: the best rate of a [1, K] x [K, N] fp32 product over
-  512 MiB, which turns the model's weight bytes into a floor on the time per token.
+  512 MiB, which turns the model's weight bytes into a floor on the time per token;
+* the kernel ceiling: the compiled decode graph's weight products (every MatMul
+  and Gemm with a 2-D weight, in graph order, same shapes and layout) alone in one
+  ONNX Runtime session with the runtime's settings, and nothing else: no
+  attention, norms or cache. No ONNX Runtime CPU graph of this model can decode
+  faster than its own products run, so this separates what the graph costs from
+  what ONNX Runtime's kernels cost at these shapes.
 
 Each contender runs ``rounds`` times, interleaved, and the median is reported, so
 a noisy neighbour on a shared machine hurts all of them alike.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -60,6 +67,11 @@ class BenchReport:
     results: list[Result]
     ratios: dict[str, float]
     tokens_agree: bool
+    #: ms per token of the decode graph's weight products alone (see the module docstring).
+    kernel_ceiling_ms_per_token: float = 0.0
+    #: how many products the ceiling runs, and their weight bytes.
+    kernel_ceiling_products: int = 0
+    kernel_ceiling_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +82,14 @@ class BenchReport:
             f"{self.new_tokens} new tokens, {self.threads} threads",
             f"memory bandwidth {self.bandwidth_gb_s:.1f} GB/s -> bound {self.bound_ms_per_token:.2f} ms/token "
             f"({1000 / self.bound_ms_per_token:.1f} tokens/s)",
+        ]
+        if self.kernel_ceiling_ms_per_token:
+            lines.append(
+                f"kernel ceiling: the decode graph's {self.kernel_ceiling_products} weight products alone "
+                f"({self.kernel_ceiling_bytes / 1e6:.1f} MB) take {self.kernel_ceiling_ms_per_token:.2f} ms/token in ONNX Runtime "
+                f"({self.bound_ms_per_token / self.kernel_ceiling_ms_per_token:.2f}x bound)"
+            )
+        lines += [
             "",
             f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
         ]
@@ -110,6 +130,59 @@ def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> flo
         x @ w
         best = min(best, time.perf_counter() - t)
     return w.nbytes / best
+
+
+def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
+    """Write the decode graph's weight products alone to ``out_path``; returns (feeds, products, weight bytes).
+
+    Every MatMul/Gemm whose second input is a 2-D float initializer is kept, in
+    graph order, with the same weight shape and ``transB``. Weights are random
+    (speed does not depend on fp32 values), written one at a time to an external
+    data file next to ``out_path``, and pre-packed by ONNX Runtime like the real
+    ones. Each product reads a [1, K] input and is a graph output, so the
+    sequential executor runs them one after another and none is dropped.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(decode_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    out_path = Path(out_path)
+    data_name = out_path.name + ".data"
+    rng = np.random.default_rng(seed)
+    nodes, inputs, outputs, weights, seen_k = [], [], [], [], set()
+    offset = 0
+    with open(out_path.parent / data_name, "wb") as data:
+        for n in model.graph.node:
+            if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+                continue
+            w = inits.get(n.input[1])
+            if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+                continue
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0) if n.op_type == "Gemm" else 0
+            k, n_out = (int(w.dims[1]), int(w.dims[0])) if trans_b else (int(w.dims[0]), int(w.dims[1]))
+            i = len(weights)
+            if k not in seen_k:
+                seen_k.add(k)
+                inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
+            raw = rng.uniform(-0.05, 0.05, size=tuple(w.dims)).astype(np.float32).tobytes()
+            data.write(raw)
+            t = TensorProto(name=f"w{i}", dims=list(w.dims), data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=key, value=value)
+            offset += len(raw)
+            weights.append(t)
+            attrs = {"transB": 1} if trans_b else {}
+            nodes.append(helper.make_node("Gemm" if trans_b else "MatMul", [f"x{k}", f"w{i}"], [f"y{i}"], **attrs))
+            outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n_out]))
+    if not nodes:
+        raise QGraphError(f"{decode_path} has no MatMul/Gemm with a 2-D float weight")
+    m = helper.make_model(helper.make_graph(nodes, "products-only", inputs, outputs, weights),
+                          opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    m.ir_version = 8
+    onnx.save(m, str(out_path))
+    feeds = {f"x{k}": np.ones((1, k), np.float32) for k in seen_k}
+    return feeds, len(nodes), offset
 
 
 def _time_hf(model: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
@@ -179,17 +252,33 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every contender (see the module docstring); returns the report."""
-    import onnxruntime as ort
     import torch
-
-    from qgraph.compile import compile_model
-    from qgraph.export import export_model
-    from qgraph.hf import load_model
-    from qgraph.runtime import Runtime
 
     say = progress or (lambda m: log.info("%s", m))
     torch.set_num_threads(threads)
+    own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
+    try:
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say)
+    finally:
+        if own_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
+               say: Callable[[str], None]) -> BenchReport:  # fmt: skip
+    import onnxruntime as ort
+
+    from qgraph.compile import compile_model
+    from qgraph.export import export_model
+    from qgraph.graph import remove_model_files
+    from qgraph.hf import load_model
+    from qgraph.runtime import Runtime
+
+    if new_tokens < 2:
+        raise QGraphError(f"--new-tokens must be at least 2 (one prefill token and one decode step), got {new_tokens}")
+    if rounds < 1:
+        raise QGraphError(f"--rounds must be at least 1, got {rounds}")
     tmp.mkdir(parents=True, exist_ok=True)
     folder = _model_folder(model, tmp)
     hf = load_model(folder)
@@ -209,6 +298,11 @@ def run_bench(
     so.log_severity_level = 3
     raw_sess = ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
     rt = Runtime(art, threads=threads)
+    say("building the kernel ceiling (the decode graph's weight products alone)")
+    ceiling_path = tmp / "products-only.onnx"
+    ceiling_feeds, n_products, ceiling_bytes = write_products_only(art / rt.manifest.spec("decode").file, ceiling_path)
+    ceiling_sess = rt.target.create_session(ceiling_path, rt.manifest.target_options, threads=threads)
+    remove_model_files(ceiling_path)  # the session holds its own (pre-packed) copy
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
 
     def hf_run() -> tuple[float, float, list[int]]:
@@ -225,9 +319,17 @@ def run_bench(
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
-    bandwidths = []
+    bandwidths, ceiling = [], []
+
+    def ceiling_run() -> float:
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            ceiling_sess.run(None, ceiling_feeds)
+        return (time.perf_counter() - t) / (new_tokens - 1)
+
     for _, fn in contenders:  # warm-up
         fn()
+    ceiling_run()
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
         bandwidths.append(measure_bandwidth(threads=threads))
@@ -237,6 +339,8 @@ def run_bench(
             ttft, decode, toks = fn()
             runs[name].append({"ttft_s": ttft, "decode_s": decode})
             tokens[name] = toks
+        time.sleep(0.5)
+        ceiling.append(ceiling_run())
     bw = max(bandwidths)
     bound_ms = weight_bytes / bw * 1e3
     results = []
@@ -253,8 +357,12 @@ def run_bench(
         "qgraph decode / bandwidth bound": q.decode_tokens_per_s / (1000 / bound_ms),
         "qgraph TTFT / onnxruntime TTFT": q.ttft_s / o.ttft_s,
     }
+    ceiling_ms = statistics.median(ceiling) * 1e3
+    ratios["qgraph decode / kernel ceiling"] = ceiling_ms / q.ms_per_token
+    ratios["kernel ceiling / bandwidth bound"] = bound_ms / ceiling_ms
     agree = len({tuple(t) for t in tokens.values()}) == 1
-    return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree)
+    return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
+                       ceiling_ms, n_products, ceiling_bytes)  # fmt: skip
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:
@@ -271,6 +379,8 @@ def save_plot(report: BenchReport, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, values, color=["#999999", "#6699cc", "#cc6633"])
     ax.axhline(1000 / report.bound_ms_per_token, color="black", linestyle="--", label="memory-bandwidth bound")
+    if report.kernel_ceiling_ms_per_token:
+        ax.axhline(1000 / report.kernel_ceiling_ms_per_token, color="gray", linestyle=":", label="kernel ceiling (products alone)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{report.model}: prompt {report.prompt_len}, {report.new_tokens} tokens, {report.threads} threads")
     ax.legend()

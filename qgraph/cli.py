@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, and the memory bound")
+    p = sub.add_parser("bench", help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, the kernel ceiling and the memory bound")
     p.add_argument("--model", default="random:gpt2", help="hub id, folder, tiny-gpt2, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)

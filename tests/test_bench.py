@@ -1,0 +1,121 @@
+"""``qgraph bench`` end to end on the bundled model (figures are printed, never asserted).
+
+What is checked is what the figures rest on: every contender decodes the same
+greedy tokens, the report and its JSON hold every field, and the kernel ceiling
+runs exactly the decode graph's weight products.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from qgraph.bench import BenchReport, run_bench, write_products_only  # noqa: E402
+from qgraph.errors import QGraphError  # noqa: E402
+
+N_LAYER = 4  # the bundled tiny-gpt2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
+    work = tmp_path_factory.mktemp("bench")
+    report = run_bench("tiny-gpt2", prompt_len=8, new_tokens=5, rounds=2, threads=1, workdir=work)
+    return report, work
+
+
+def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Path]) -> None:
+    report, _ = bench
+    assert report.tokens_agree, "Hugging Face, plain ONNX Runtime and qgraph chose different greedy tokens"
+    assert [r.name for r in report.results] == ["huggingface-eager", "onnxruntime-plain-export", "qgraph-cpu"]
+    for r in report.results:
+        assert len(r.runs) == 2  # one per round
+        assert r.ttft_s > 0 and r.ms_per_token > 0
+        assert r.decode_tokens_per_s == pytest.approx(1000 / r.ms_per_token)
+    assert report.bandwidth_gb_s > 0 and report.bound_ms_per_token > 0
+    assert report.kernel_ceiling_ms_per_token > 0
+    q = report.results[2]
+    assert report.ratios["qgraph decode / kernel ceiling"] == pytest.approx(report.kernel_ceiling_ms_per_token / q.ms_per_token)
+    assert report.ratios["kernel ceiling / bandwidth bound"] == pytest.approx(
+        report.bound_ms_per_token / report.kernel_ceiling_ms_per_token
+    )
+    table = report.table()
+    assert "kernel ceiling" in table and "qgraph-cpu" in table and "greedy tokens identical across contenders: yes" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert {"kernel_ceiling_ms_per_token", "kernel_ceiling_products", "bound_ms_per_token", "results", "ratios"} <= set(data)
+
+
+def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:
+    report, work = bench
+    # Four per layer (qkv, attention output, MLP in and out) and the vocabulary projection.
+    assert report.kernel_ceiling_products == 4 * N_LAYER + 1
+    # Every weight byte but the norms, biases and the position table, read once.
+    assert 0.85 * report.weight_bytes < report.kernel_ceiling_bytes <= report.weight_bytes
+    assert not (work / "products-only.onnx").exists()  # written for the session, then removed
+
+
+def test_products_only_keeps_shapes_and_layout(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 12), dtype=np.float32)
+    w2 = rng.standard_normal((5, 12), dtype=np.float32)  # Gemm with transB: [N, K]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
+        helper.make_node("MatMul", ["y", "y_t"], ["z"]),  # no constant weight: not a weight product
+    ]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]), helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [5, 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    src = tmp_path / "decode.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
+    out = tmp_path / "products.onnx"
+    feeds, count, nbytes = write_products_only(src, out)
+    assert count == 2 and nbytes == w1.nbytes + w2.nbytes
+    m = onnx.load(str(out))
+    assert [(n.op_type, [a.i for a in n.attribute]) for n in m.graph.node] == [("MatMul", []), ("Gemm", [1])]
+    assert [list(t.dims) for t in m.graph.initializer] == [[8, 12], [5, 12]]
+    ys = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert [y.shape for y in ys] == [(1, 12), (1, 5)]
+    empty = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "e",
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])), empty)  # fmt: skip
+    with pytest.raises(QGraphError, match="no MatMul/Gemm"):
+        write_products_only(empty, tmp_path / "p2.onnx")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "qgraph.cli", "bench", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_json_output(bench: tuple[BenchReport, Path], tmp_path: Path) -> None:
+    _, work = bench  # reuses the fixture's export
+    out = tmp_path / "b.json"
+    res = _cli("--model", "tiny-gpt2", "--prompt-len", "8", "--new-tokens", "3", "--rounds", "1", "--threads", "1",
+               "--workdir", str(work), "--output", str(out), "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    assert printed == json.loads(out.read_text())
+    assert printed["tokens_agree"] and printed["new_tokens"] == 3 and printed["kernel_ceiling_products"] == 4 * N_LAYER + 1
+
+
+def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    res = _cli("--model", "tiny-gpt2", "--new-tokens", "1", "--output", str(out))
+    assert res.returncode == 2 and "--new-tokens must be at least 2" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("--model", "tiny-gpt2", "--rounds", "0", "--output", str(out))
+    assert res.returncode == 2 and "--rounds must be at least 1" in res.stderr
+    assert not out.exists()
