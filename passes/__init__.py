@@ -5,6 +5,7 @@ from __future__ import annotations
 from passes.cleanup import Cleanup
 from passes.clip_fp16 import ClipFp16
 from passes.fold_constants import FoldConstants
+from passes.fuse_attention import FuseAttention
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
@@ -14,6 +15,32 @@ from passes.retain_kv_cache import RetainKvCache
 from qgraph.pass_manager import Pass
 
 #: Every built-in pass, by command-line name.
-ALL_PASSES: dict[str, type[Pass]] = {p.name: p for p in (Cleanup, FoldConstants, FuseLayerNorm, FuseRmsNorm, FuseGelu, PinStaticShapes, ClipFp16, RetainKvCache, LegalizeQnn)}
+ALL_PASSES: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (
+        Cleanup,
+        FoldConstants,
+        FuseLayerNorm,
+        FuseRmsNorm,
+        FuseGelu,
+        PinStaticShapes,
+        ClipFp16,
+        RetainKvCache,
+        LegalizeQnn,
+        FuseAttention,
+    )
+}
 
-__all__ = ["ALL_PASSES", "Cleanup", "ClipFp16", "FoldConstants", "FuseGelu", "FuseLayerNorm", "FuseRmsNorm", "LegalizeQnn", "PinStaticShapes", "RetainKvCache"]
+__all__ = [
+    "ALL_PASSES",
+    "Cleanup",
+    "ClipFp16",
+    "FoldConstants",
+    "FuseAttention",
+    "FuseGelu",
+    "FuseLayerNorm",
+    "FuseRmsNorm",
+    "LegalizeQnn",
+    "PinStaticShapes",
+    "RetainKvCache",
+]

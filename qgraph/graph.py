@@ -248,6 +248,13 @@ class Graph:
             helper.make_opsetid(d.domain, version) if d.domain in ("", "ai.onnx") else d for d in self._gs.import_domains or []
         ]
 
+    def import_domain(self, domain: str, version: int) -> None:
+        """Import an operator domain (``com.microsoft``) if the graph does not yet; an existing import is kept."""
+        if self.opset(domain) is not None:
+            return
+        # A new list: the old one is shared with the source ModelProto and with copies.
+        self._gs.import_domains = [*(self._gs.import_domains or []), helper.make_opsetid(domain, version)]
+
     def tensors(self) -> dict[str, Tensor]:
         """Name -> tensor map; build it once per pass, never inside a loop."""
         return dict(self._gs.tensors())
@@ -333,6 +340,11 @@ class Graph:
 
     def variable(self, prefix: str, dtype: Any = None, shape: Sequence[int | str | None] | None = None) -> Variable:
         return gs.Variable(self.fresh_name(prefix), dtype=dtype, shape=list(shape) if shape is not None else None)
+
+    @staticmethod
+    def omitted() -> Variable:
+        """The empty tensor that stands for an omitted optional input."""
+        return gs.Variable.empty()
 
     def add_node(
         self,

@@ -157,3 +157,23 @@ def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[P
     )
     diff = _max_diff(got, _hf_logits(model, prompts, conts))
     assert diff < ATOL, f"{source} pinned: max |logits - HF| = {diff}"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any]], source: str) -> None:
+    """The cpu target's fuse-attention on every exporter's pinned graphs: one MultiHeadAttention per layer, same logits."""
+    path, model = sources[source]
+    graphs = {}
+    for kind, seq in (("prefill", PREFILL), ("decode", 1)):
+        g = Graph.load(path)
+        optimize(g, ctx_len=CTX, batch_size=2, seq_len=seq)
+        report = optimize(g, ["fuse-attention", "cleanup"], check=True)
+        ops = g.op_counts()
+        assert ops["MultiHeadAttention"] == model.config.n_layer and "Softmax" not in ops, report.table()
+        graphs[kind] = g
+    prompts, conts = _case(model.config.vocab_size)
+    got = teacher_forced_logits(
+        _session(graphs["prefill"]), _session(graphs["decode"]), _cache(graphs["decode"], 2), prompts, conts, PREFILL
+    )
+    diff = _max_diff(got, _hf_logits(model, prompts, conts))
+    assert diff < ATOL, f"{source} with fused attention: max |logits - HF| = {diff}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from builders import random_gpt2
 
@@ -55,6 +56,10 @@ def test_artifact_layout(artifact: Path) -> None:
     assert m.io["inputs"][0]["name"] == "input_ids" and m.io["outputs"][0]["name"] == "logits"
     assert "optimize" in m.pass_reports and "prefill" in m.pass_reports
     assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    for spec in ("prefill", "decode"):  # the cpu target's fuse-attention ran on both
+        assert m.pass_reports[spec]["passes"][2]["name"] == "fuse-attention"
+        ops = [n.op_type for n in onnx.load(str(artifact / f"{spec}.onnx"), load_external_data=False).graph.node]
+        assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
 
 
 def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:

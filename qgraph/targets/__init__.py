@@ -67,6 +67,10 @@ class CpuTarget(Target):
     name = "cpu"
     defaults: dict[str, Any] = {"threads": None}
 
+    def legalize_passes(self, options: dict[str, Any]) -> list[str]:
+        # ONNX Runtime's own attention kernel (a contrib op only this runtime knows).
+        return ["fuse-attention"]
+
     def _options(self, threads: int | None) -> ort.SessionOptions:
         import onnxruntime as ort
 

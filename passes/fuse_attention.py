@@ -1,0 +1,251 @@
+"""Fuse scaled dot-product attention into ONNX Runtime's ``MultiHeadAttention``.
+
+    # out = Softmax(Q @ K^T * scale + bias) @ V      Q [B, N, S, H], K and V [B, N, L, H]
+
+becomes one ``com.microsoft.MultiHeadAttention`` node (query in [B, S, N*H],
+key and value in [B, N, L, H] as they are, the additive bias as
+``attention_bias``). This is ONNX Runtime's own contrib op, so the pass belongs
+to the ``cpu`` target (its compile runs it after pinning the shapes); other
+runtimes do not know the op. Measured on gpt2-small decode at ctx_len 128, the
+attention of the 12 layers costs about 1 ms/token as MatMul + Softmax + MatMul
+under weight streaming and about 0.3 ms as MultiHeadAttention (PERFORMANCE.md);
+ONNX's opset-23 ``Attention`` was no faster than the decomposed form there.
+
+Matched, from the Softmax (over the last axis):
+
+* ``scores = MatMul(q, kt)``, optionally times or divided by a constant scalar,
+  plus an optional additive bias (either operand order of the Add);
+* ``q = Q``, optionally times a constant scalar;
+* ``kt`` is K with its last two axes swapped, optionally times a constant
+  scalar: ``Transpose(K, perm=[0, 1, 3, 2])``, or dynamo's
+  ``Reshape(Transpose(Reshape(K, [B*N, L, H]), [0, 2, 1]), [B, N, H, L])``;
+* the Softmax's only consumer is ``MatMul(probs, V)``.
+
+The scalars multiply into MultiHeadAttention's ``scale``. Declined, with the
+reason: another dtype than float32, ranks other than 4, head counts or sizes
+that are not static numbers or differ between Q, K and V, a bias that does not
+broadcast as ``[B or 1, N or 1, S, L]`` (MultiHeadAttention does not broadcast
+the last two), an intermediate used outside the pattern, and custom-domain ops.
+
+When Q comes from ``Transpose(X, [0, 2, 1, 3])`` (the usual head split) the
+query is X reshaped, and when the output's only use is the usual head merge
+(``Transpose([0, 2, 1, 3])`` then a Reshape to [B, S, N*H]), the fused node
+writes the merged tensor directly; otherwise Transposes and Reshapes restore
+the layouts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from onnx import TensorProto
+
+from passes.fuse_layer_norm import const_operand, dtype_name, leak, sole_consumer, tensor_dtype
+from qgraph.errors import GraphCheckError
+from qgraph.fusion import FusionPass, Match
+from qgraph.graph import Graph, Node, Tensor
+from qgraph.pass_manager import PassResult
+
+log = logging.getLogger(__name__)
+
+#: The domain and version of ONNX Runtime's contrib ops.
+MS_DOMAIN, MS_VERSION = "com.microsoft", 1
+HEAD_PERM = [0, 2, 1, 3]
+
+
+def _is(node: Node | None, op: str) -> bool:
+    """True for an ONNX (default-domain) ``op`` node; a custom op named like it is not it."""
+    return node is not None and node.op == op and node.domain in ("", "ai.onnx", None)
+
+
+def _static(shape: list | None, rank: int) -> list[int] | None:
+    if shape is None or len(shape) != rank or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _scaled(graph: Graph, tensor: Tensor, roles: list[tuple[str, Node]], what: str) -> tuple[Tensor, float]:
+    """Follow ``tensor`` up through one ``Mul``/``Div`` by a constant scalar; returns (source, factor)."""
+    prod = graph.producer(tensor)
+    if prod is not None and prod.op in ("Mul", "Div") and (c := const_operand(graph, prod)) is not None:
+        value, other = c
+        if prod.op == "Div" and prod.inputs[1] is not other and float(value) != 0.0:
+            roles.append((f"the scaling of {what}", prod))
+            return other, 1.0 / float(value)
+        if prod.op == "Mul":
+            roles.append((f"the scaling of {what}", prod))
+            return other, float(value)
+    return tensor, 1.0
+
+
+def _is_scores(graph: Graph, tensor: Tensor) -> bool:
+    """True if ``tensor`` is a MatMul's output, or one scaling of it by a constant scalar."""
+    prod = graph.producer(tensor)
+    if prod is not None and prod.op in ("Mul", "Div") and (c := const_operand(graph, prod)) is not None:
+        prod = graph.producer(c[1])
+    return prod is not None and prod.op == "MatMul"
+
+
+def _key_of(graph: Graph, kt: Tensor, roles: list[tuple[str, Node]]) -> Tensor | str:
+    """K, for a tensor that is K with its last two axes swapped."""
+    prod = graph.producer(kt)
+    if prod is None:
+        return "the second operand of the scores MatMul is not a transposed key"
+    if prod.op == "Transpose":
+        if list(prod.attrs.get("perm", [])) != [0, 1, 3, 2]:
+            return f"the key is transposed with perm {list(prod.attrs.get('perm', []))}, not [0, 1, 3, 2]"
+        roles.append(("the key transpose", prod))
+        return prod.inputs[0]
+    if prod.op == "Reshape":  # dynamo: Reshape(Transpose(Reshape(K, [B*N, L, H]), [0, 2, 1]), [B, N, H, L])
+        tr = graph.producer(prod.inputs[0])
+        inner = graph.producer(tr.inputs[0]) if tr is not None and tr.op == "Transpose" else None
+        if tr is None or inner is None or inner.op != "Reshape" or list(tr.attrs.get("perm", [])) != [0, 2, 1]:
+            return "the second operand of the scores MatMul is a Reshape, but not of a [0, 2, 1]-transposed 3-D key"
+        key = inner.inputs[0]
+        k_shape, out_shape = _static(key.shape, 4), _static(kt.shape, 4)
+        if k_shape is None or out_shape is None:
+            return "the key's shape is not static, so the Reshape-Transpose-Reshape cannot be told to be a transpose"
+        b, n, length, h = k_shape
+        if out_shape != [b, n, h, length] or _static(tr.inputs[0].shape, 3) != [b * n, length, h]:
+            return f"the Reshape-Transpose-Reshape of the key {k_shape} gives {out_shape}, not its last two axes swapped"
+        roles += [("the key reshape", inner), ("the key transpose", tr), ("the key reshape back", prod)]
+        return key
+    return f"the second operand of the scores MatMul comes from {prod.op}, not from a transpose of the key"
+
+
+class FuseAttention(FusionPass):
+    """Softmax(Q K^T * s + bias) V -> ``com.microsoft.MultiHeadAttention`` (ONNX Runtime CPU)."""
+
+    name = "fuse-attention"
+    anchors = ("Softmax",)
+    stat = "attention"
+
+    def prepare(self, graph: Graph) -> None:
+        graph.import_domain(MS_DOMAIN, MS_VERSION)
+
+    def run(self, graph: Graph) -> PassResult:
+        # Matching needs shapes; a graph without value_info (pinned graphs have it) gets them inferred once.
+        if any(n.op == "Softmax" and n.inputs and n.inputs[0].shape is None for n in graph.nodes):
+            try:
+                graph.infer_shapes()
+            except GraphCheckError as e:
+                log.info("%s: shape inference failed (%s); sites without shapes are declined", self.name, e)
+        return super().run(graph)
+
+    def match(self, graph: Graph, anchor: Node) -> Match | str:
+        roles: list[tuple[str, Node]] = [("the Softmax", anchor)]
+        rank = len(anchor.inputs[0].shape) if anchor.inputs[0].shape is not None else None
+        axis = int(anchor.attrs.get("axis", -1))
+        if rank is None or rank != 4:
+            return f"the Softmax input has {'unknown rank' if rank is None else f'rank {rank}'}, not 4 ([B, N, S, L])"
+        if axis not in (-1, 3):
+            return f"the Softmax is over axis {axis}, not the last"
+        probs = anchor.outputs[0]
+        out_mm = sole_consumer(graph, probs)
+        if out_mm is None or out_mm.op != "MatMul" or out_mm.inputs[0] is not probs:
+            return "the Softmax output is not used only as the first operand of a MatMul with V"
+        roles.append(("the MatMul with V", out_mm))
+        value, out = out_mm.inputs[1], out_mm.outputs[0]
+
+        scores, bias = anchor.inputs[0], None
+        add = graph.producer(scores)
+        if add is not None and add.op == "Add" and len(add.inputs) == 2:
+            # The scores are the operand that is (a scaling of) a MatMul; the other is the bias.
+            a, c = add.inputs
+            scores, bias = (c, a) if _is_scores(graph, c) and not _is_scores(graph, a) else (a, c)
+            roles.append(("the bias Add", add))
+        scores, s_scale = _scaled(graph, scores, roles, "the scores")
+        mm = graph.producer(scores)
+        if mm is None or mm.op != "MatMul":
+            return f"the Softmax input does not come from Q @ K^T (it comes from {mm.op if mm else 'a graph input'})"
+        roles.append(("the scores MatMul", mm))
+        query, q_scale = _scaled(graph, mm.inputs[0], roles, "Q")
+        kt, k_scale = _scaled(graph, mm.inputs[1], roles, "K^T")
+        key = _key_of(graph, kt, roles)
+        if isinstance(key, str):
+            return key
+
+        q_shape, k_shape, v_shape = _static(query.shape, 4), _static(key.shape, 4), _static(value.shape, 4)
+        if q_shape is None or k_shape is None or v_shape is None:
+            return "Q, K and V need static 4-D shapes [B, N, S|L, H] (run pin-static-shapes first)"
+        b, n, s, h = q_shape
+        if k_shape[:2] != [b, n] or v_shape[:2] != [b, n] or k_shape[3] != h or v_shape[3] != h or v_shape[2] != k_shape[2]:
+            return f"Q {q_shape}, K {k_shape} and V {v_shape} do not share batch, heads and head size"
+        length = k_shape[2]
+        for t, what in ((query, "Q"), (key, "K"), (value, "V")) + (((bias, "the bias"),) if bias is not None else ()):
+            dt = tensor_dtype(graph, t)
+            if dt != TensorProto.FLOAT:
+                return f"{what} is {dtype_name(dt) if dt is not None else 'of unknown dtype'}; MultiHeadAttention on CPU is float32"
+        bias_shape = None
+        if bias is not None:
+            bs = _static(bias.shape, len(bias.shape)) if bias.shape is not None and len(bias.shape) <= 4 else None
+            if bs is None:
+                return "the bias has no static shape of rank 4 or less"
+            bias_shape = [1] * (4 - len(bs)) + bs
+            if bias_shape[0] not in (1, b) or bias_shape[1] not in (1, n) or bias_shape[2:] != [s, length]:
+                return f"the bias {bias_shape} does not broadcast as [B or 1, N or 1, S, L] = [{b} or 1, {n} or 1, {s}, {length}]"
+        if (problem := leak(graph, roles, out)) is not None:
+            return problem
+        scale = s_scale * q_scale * k_scale
+        values = {"query": query, "key": key, "value": value, "bias": bias, "bias_shape": bias_shape, "out": out,
+                  "shape": (b, n, s, h), "scale": scale}  # fmt: skip
+        return Match([node for _, node in roles], values)
+
+    def rewrite(self, graph: Graph, m: Match) -> None:
+        v = m.values
+        b, n, s, h = v["shape"]
+        last = graph.last_of(m.nodes)
+        prev = last
+
+        def add(op: str, inputs: list[Tensor], outputs: list[Tensor] | int = 1, **attrs: object) -> Node:
+            nonlocal prev
+            prev = graph.add_node(op, inputs, outputs, attrs, prefix=self.name, domain=MS_DOMAIN if op == "MultiHeadAttention" else "",
+                                  after=prev)  # fmt: skip
+            return prev
+
+        merged_shape = [b, s, n * h]
+        # The query in [B, S, N*H]: the head split undone (a Reshape never reorders elements), or a Transpose.
+        query = v["query"]
+        prod = graph.producer(query)
+        if _is(prod, "Transpose") and list(prod.attrs.get("perm", [])) == HEAD_PERM:
+            src = prod.inputs[0]
+            while _is(up := graph.producer(src), "Reshape"):
+                src = up.inputs[0]
+            if _static(src.shape, 3) != merged_shape:
+                src = add("Reshape", [prod.inputs[0], graph.constant(self.name, np.array(merged_shape, np.int64))]).outputs[0]
+            q_bsd = src
+        else:
+            t = add("Transpose", [query], perm=HEAD_PERM).outputs[0]
+            q_bsd = add("Reshape", [t, graph.constant(self.name, np.array(merged_shape, np.int64))]).outputs[0]
+        bias = v["bias"]
+        if bias is not None and list(bias.shape) != v["bias_shape"]:
+            bias = add("Reshape", [bias, graph.constant(self.name, np.array(v["bias_shape"], np.int64))]).outputs[0]
+        inputs = [q_bsd, v["key"], v["value"]] + ([graph.omitted(), graph.omitted(), bias] if bias is not None else [])
+        attrs = {"num_heads": n, "scale": float(np.float32(v["scale"]))}
+        out = v["out"]
+        merge = self._head_merge(graph, out)
+        if merge is not None:
+            # Transpose([0, 2, 1, 3]) + Reshape of the output is a Reshape of the [B, S, N*H] result.
+            transpose, reshape = merge
+            o_bsd = add("MultiHeadAttention", inputs, 1, **attrs).outputs[0]
+            static = graph.constant(self.name, np.array(reshape.outputs[0].shape, np.int64))
+            add("Reshape", [o_bsd, static], [reshape.outputs[0]])
+            graph.remove_nodes([transpose, reshape])
+        else:
+            o_bsd = add("MultiHeadAttention", inputs, 1, **attrs).outputs[0]
+            split = add("Reshape", [o_bsd, graph.constant(self.name, np.array([b, s, n, h], np.int64))]).outputs[0]
+            add("Transpose", [split], [out], perm=HEAD_PERM)
+        graph.remove_nodes(m.nodes)
+
+    @staticmethod
+    def _head_merge(graph: Graph, out: Tensor) -> tuple[Node, Node] | None:
+        """The head merge after attention, Transpose([0, 2, 1, 3]) then a Reshape to a static shape, if that is out's only use."""
+        tr = sole_consumer(graph, out)
+        if not _is(tr, "Transpose") or list(tr.attrs.get("perm", [])) != HEAD_PERM:
+            return None
+        rs = sole_consumer(graph, tr.outputs[0])
+        shape = rs.outputs[0].shape if rs is not None else None
+        if not _is(rs, "Reshape") or shape is None or _static(shape, len(shape)) is None:
+            return None
+        return tr, rs
