@@ -45,6 +45,9 @@ RANDOM_SHAPES: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
+#: Alternations of one decode step and one kernel-ceiling run for the paired overhead.
+PAIRS = 100
+
 
 @dataclass
 class Result:
@@ -72,6 +75,10 @@ class BenchReport:
     #: how many products the ceiling runs, and their weight bytes.
     kernel_ceiling_products: int = 0
     kernel_ceiling_bytes: int = 0
+    #: median of (one qgraph decode step - one kernel-ceiling run) over alternating pairs: the graph's own cost.
+    graph_overhead_ms_per_token: float = 0.0
+    #: the ratios computed within each round, then their median over rounds.
+    paired_ratios: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +94,8 @@ class BenchReport:
             lines.append(
                 f"kernel ceiling: the decode graph's {self.kernel_ceiling_products} weight products alone "
                 f"({self.kernel_ceiling_bytes / 1e6:.1f} MB) take {self.kernel_ceiling_ms_per_token:.2f} ms/token in ONNX Runtime "
-                f"({self.bound_ms_per_token / self.kernel_ceiling_ms_per_token:.2f}x bound)"
+                f"({self.bound_ms_per_token / self.kernel_ceiling_ms_per_token:.2f}x bound); qgraph's decode step costs "
+                f"{self.graph_overhead_ms_per_token:+.2f} ms more (median of {PAIRS} alternating pairs)"
             )
         lines += [
             "",
@@ -97,7 +105,8 @@ class BenchReport:
             lines.append(f"{r.name:<26}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
                          f"{self.bound_ms_per_token / r.ms_per_token:>9.2f}")  # fmt: skip
         lines.append("")
-        lines += [f"{k}: {v:.2f}" for k, v in self.ratios.items()]
+        lines += [f"{k}: {v:.2f}" + (f" (per round: {self.paired_ratios[k]:.2f})" if k in self.paired_ratios else "")
+                  for k, v in self.ratios.items()]  # fmt: skip
         lines.append(f"greedy tokens identical across contenders: {'yes' if self.tokens_agree else 'NO'}")
         return "\n".join(lines)
 
@@ -341,6 +350,8 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
             tokens[name] = toks
         time.sleep(0.5)
         ceiling.append(ceiling_run())
+    say(f"pairing {PAIRS} decode steps with {PAIRS} kernel-ceiling runs")
+    overhead_ms = _paired_overhead(rt, ceiling_sess, ceiling_feeds, prompt_len, ctx) * 1e3
     bw = max(bandwidths)
     bound_ms = weight_bytes / bw * 1e3
     results = []
@@ -358,11 +369,39 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         "qgraph TTFT / onnxruntime TTFT": q.ttft_s / o.ttft_s,
     }
     ceiling_ms = statistics.median(ceiling) * 1e3
+    # The same ratios per round (contenders a few seconds apart), then their median: steadier on a shared machine.
+    paired = {
+        "qgraph decode / huggingface decode": [hr["decode_s"] / qr["decode_s"] for qr, hr in zip(q.runs, h.runs)],
+        "qgraph decode / onnxruntime decode": [orr["decode_s"] / qr["decode_s"] for qr, orr in zip(q.runs, o.runs)],
+        "qgraph TTFT / onnxruntime TTFT": [qr["ttft_s"] / orr["ttft_s"] for qr, orr in zip(q.runs, o.runs)],
+        "qgraph decode / kernel ceiling": [c * (new_tokens - 1) / qr["decode_s"] for qr, c in zip(q.runs, ceiling)],
+    }
+    paired_ratios = {k: statistics.median(v) for k, v in paired.items()}
     ratios["qgraph decode / kernel ceiling"] = ceiling_ms / q.ms_per_token
     ratios["kernel ceiling / bandwidth bound"] = bound_ms / ceiling_ms
     agree = len({tuple(t) for t in tokens.values()}) == 1
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
-                       ceiling_ms, n_products, ceiling_bytes)  # fmt: skip
+                       ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios)  # fmt: skip
+
+
+def _paired_overhead(rt: Any, ceiling_sess: Any, feeds: dict[str, np.ndarray], prompt_len: int, ctx: int) -> float:
+    """Median over alternating pairs of (one qgraph decode step - one run of its products alone), in seconds.
+
+    Each pair runs within tens of milliseconds, so a slow minute on a shared
+    machine slows both sides alike: this is the graph's own cost over its
+    kernels (attention, norms, cache update, runtime), far steadier than the
+    difference of two medians taken seconds apart.
+    """
+    ids = np.zeros((rt.batch_size, 1), np.int64)
+    diffs = []
+    for i in range(PAIRS):
+        pos = np.full((rt.batch_size, 1), prompt_len + i % max(1, ctx - prompt_len), np.int64)
+        t = time.perf_counter()
+        rt.step("decode", ids, pos)
+        mid = time.perf_counter()
+        ceiling_sess.run(None, feeds)
+        diffs.append((mid - t) - (time.perf_counter() - mid))
+    return statistics.median(diffs)
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:

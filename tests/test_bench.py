@@ -52,7 +52,18 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
     table = report.table()
     assert "kernel ceiling" in table and "qgraph-cpu" in table and "greedy tokens identical across contenders: yes" in table
     data = json.loads(json.dumps(report.to_dict()))
-    assert {"kernel_ceiling_ms_per_token", "kernel_ceiling_products", "bound_ms_per_token", "results", "ratios"} <= set(data)
+    assert {
+        "kernel_ceiling_ms_per_token",
+        "kernel_ceiling_products",
+        "graph_overhead_ms_per_token",
+        "bound_ms_per_token",
+        "results",
+        "ratios",
+    } <= set(data)
+    assert np.isfinite(report.graph_overhead_ms_per_token) and abs(report.graph_overhead_ms_per_token) < 1e3
+    assert "alternating pairs" in table and "(per round: " in table
+    assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 4
+    assert all(v > 0 for v in report.paired_ratios.values())
 
 
 def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:
