@@ -148,7 +148,8 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
     graph order, with the same weight shape and ``transB``. Weights are random
     (speed does not depend on fp32 values), written one at a time to an external
     data file next to ``out_path``, and pre-packed by ONNX Runtime like the real
-    ones. Each product reads a [1, K] input and is a graph output, so the
+    ones; a weight that is a 2-D graph input (bound by the runtime) is a graph
+    input here too, fed with a random array. Each product reads a [1, K] input and is a graph output, so the
     sequential executor runs them one after another and none is dropped.
     """
     import onnx
@@ -156,31 +157,43 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
 
     model = onnx.load(str(decode_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
+    # Weights the runtime binds as inputs (the cpu target's large MatMul weights) are fed here too.
+    fed_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+                if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(i.type.tensor_type.shape.dim) == 2}  # fmt: skip
+    fed_feeds: dict[str, np.ndarray] = {}
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
     rng = np.random.default_rng(seed)
     nodes, inputs, outputs, weights, seen_k = [], [], [], [], set()
-    offset = 0
+    offset = count = nbytes = 0
     with open(out_path.parent / data_name, "wb") as data:
         for n in model.graph.node:
             if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
                 continue
             w = inits.get(n.input[1])
-            if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+            dims = list(w.dims) if w is not None and w.data_type == TensorProto.FLOAT else fed_dims.get(n.input[1])
+            if dims is None or len(dims) != 2 or not all(d > 0 for d in dims):
                 continue
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0) if n.op_type == "Gemm" else 0
-            k, n_out = (int(w.dims[1]), int(w.dims[0])) if trans_b else (int(w.dims[0]), int(w.dims[1]))
-            i = len(weights)
+            k, n_out = (int(dims[1]), int(dims[0])) if trans_b else (int(dims[0]), int(dims[1]))
+            i = count
+            count += 1
             if k not in seen_k:
                 seen_k.add(k)
                 inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
-            raw = rng.uniform(-0.05, 0.05, size=tuple(w.dims)).astype(np.float32).tobytes()
-            data.write(raw)
-            t = TensorProto(name=f"w{i}", dims=list(w.dims), data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                t.external_data.add(key=key, value=value)
-            offset += len(raw)
-            weights.append(t)
+            values = rng.uniform(-0.05, 0.05, size=tuple(dims)).astype(np.float32)
+            if w is None:  # bound by the runtime: a graph input here too
+                inputs.append(helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, dims))
+                fed_feeds[f"w{i}"] = values
+            else:
+                raw = values.tobytes()
+                data.write(raw)
+                t = TensorProto(name=f"w{i}", dims=dims, data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL)
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    t.external_data.add(key=key, value=value)
+                weights.append(t)
+                offset += len(raw)
+            nbytes += values.nbytes
             attrs = {"transB": 1} if trans_b else {}
             nodes.append(helper.make_node("Gemm" if trans_b else "MatMul", [f"x{k}", f"w{i}"], [f"y{i}"], **attrs))
             outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n_out]))
@@ -190,8 +203,8 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
                           opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
     m.ir_version = 8
     onnx.save(m, str(out_path))
-    feeds = {f"x{k}": np.ones((1, k), np.float32) for k in seen_k}
-    return feeds, len(nodes), offset
+    feeds = {f"x{k}": np.ones((1, k), np.float32) for k in seen_k} | fed_feeds
+    return feeds, len(nodes), nbytes
 
 
 def _time_hf(model: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]]:

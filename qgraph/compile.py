@@ -79,6 +79,8 @@ class Manifest:
     pass_reports: dict[str, Any]
     hashes: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    #: weights the runtime binds as inputs (cpu: large MatMul weights): name -> file, offset, length, shape, dtype.
+    fed_weights: dict[str, Any] = field(default_factory=dict)
 
     def spec(self, name: str) -> Specialization:
         for s in self.specializations:
@@ -179,7 +181,9 @@ def compile_model(
     info = model_info(graph)
     graph_ctx = info["ctx_len"]
     if ctx_len is not None and ctx_len != graph_ctx:
-        raise CompileError(f"the graph's cache holds {graph_ctx} tokens but ctx_len {ctx_len} was asked; re-optimize with --ctx-len {ctx_len}")
+        raise CompileError(
+            f"the graph's cache holds {graph_ctx} tokens but ctx_len {ctx_len} was asked; re-optimize with --ctx-len {ctx_len}"
+        )
     ctx_len = int(graph_ctx)
     if prefill_seq_len > ctx_len:
         raise CompileError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use --prefill-seq-len <= {ctx_len}")
@@ -202,7 +206,7 @@ def compile_model(
             reports[spec.name] = report.to_dict()
             _say(progress, f"compiling {spec.name} for {target}")
             impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
-        impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress)
+        extra = impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress) or {}
         if not impl.keeps_base:
             remove_model_files(base)
         from qgraph import __version__
@@ -218,6 +222,7 @@ def compile_model(
             io=io_contract(graph),
             model=info,
             pass_reports=reports,
+            fed_weights=extra.get("fed_weights", {}),
         )
         manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(manifest.to_json())

@@ -59,7 +59,10 @@ class Stats:
         rows = [
             ("time to first token (ttft_s)", f"{self.ttft_s:.4f} s"),
             ("prefill (prefill_s)", f"{self.prefill_s:.4f} s for {self.prompt_tokens} prompt tokens"),
-            ("decode (decode_tokens_per_s)", f"{self.decode_tokens_per_s:.1f} tokens/s ({self.decode_tokens} tokens in {self.decode_s:.4f} s)"),
+            (
+                "decode (decode_tokens_per_s)",
+                f"{self.decode_tokens_per_s:.1f} tokens/s ({self.decode_tokens} tokens in {self.decode_s:.4f} s)",
+            ),
             ("total (total_tokens_per_s)", f"{self.total_tokens_per_s:.1f} tokens/s ({self.generated_tokens} generated)"),
             ("end to end (e2e_s)", f"{self.e2e_s:.4f} s"),
         ]
@@ -125,6 +128,8 @@ class Runtime:
         self.target = get_target(self.manifest.target)
         m = self.manifest
         self.batch_size, self.ctx_len, self.prefill_len = m.batch_size, m.ctx_len, m.prefill_seq_len
+        self._ort = ort
+        self._fed = self._load_fed_weights()  # before the sessions: a bad weights file is named here
         self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.target_options, threads=threads)
                          for s in m.specializations}  # fmt: skip
         sess = self.sessions["decode"]
@@ -134,7 +139,6 @@ class Runtime:
         self.cache_dtype = np.float16 if "float16" in kv.type else np.float32
         self.vocab_size = int(next(o for o in sess.get_outputs() if o.name == "logits").shape[-1])
         self.inplace = self.target.inplace_kv if inplace is None else inplace
-        self._ort = ort
         self._a = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_shape, self.cache_dtype)) for n in self.cache_names}
         self._b = self._a if self.inplace else {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self.cache_shape, self.cache_dtype))
                                                  for n in self.cache_names}  # fmt: skip
@@ -152,8 +156,31 @@ class Runtime:
                 b.bind_ortvalue_input(n, src[n])
                 b.bind_ortvalue_output(n + RETAINED_SUFFIX, dst[n])
             b.bind_ortvalue_output("logits", self._logits)
+            for i in sess.get_inputs():
+                if i.name in self._fed:
+                    b.bind_ortvalue_input(i.name, self._fed[i.name])
             self._bindings[key] = b
         return self._bindings[key]
+
+    def _load_fed_weights(self) -> dict[str, Any]:
+        """Read the weights the artifact leaves to the runtime (``fed_weights``), one array per byte range."""
+        arrays: dict[tuple[str, int, int], Any] = {}
+        fed: dict[str, Any] = {}
+        for name, w in self.manifest.fed_weights.items():
+            key = (str(w["file"]), int(w["offset"]), int(w["length"]))
+            if key not in arrays:
+                path = self.dir / key[0]
+                dtype = np.dtype(w["dtype"])
+                count = key[2] // dtype.itemsize
+                try:
+                    values = np.fromfile(path, dtype=dtype, count=count, offset=key[1])
+                except OSError as e:
+                    raise GenerationError(f"cannot read weight '{name}' from {path}: {e}; recompile the artifact") from None
+                if values.size != count:
+                    raise GenerationError(f"{path} ends before weight '{name}' ({values.size} of {count} values); recompile the artifact")
+                arrays[key] = self._ort.OrtValue.ortvalue_from_numpy(values.reshape(w["shape"]))
+            fed[name] = arrays[key]
+        return fed
 
     def reset(self) -> None:
         """Zero the caches (a new batch of prompts)."""
@@ -199,7 +226,9 @@ class Runtime:
             if len(p) == 0:
                 raise GenerationError(f"prompt {i} is empty; give at least one token")
             if len(p) >= self.ctx_len:
-                raise GenerationError(f"prompt {i} has {len(p)} tokens; it must be shorter than ctx_len {self.ctx_len} to leave room to generate")
+                raise GenerationError(
+                    f"prompt {i} has {len(p)} tokens; it must be shorter than ctx_len {self.ctx_len} to leave room to generate"
+                )
             bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise GenerationError(f"prompt {i} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")

@@ -67,3 +67,42 @@ def _digest(path: Path, offset: int, length: int) -> str:
             h.update(chunk)
             left -= len(chunk)
     return f"{h.hexdigest()}:{length}"
+
+
+def feed_large_weights(folder: Path, models: list[Path], min_bytes: int) -> dict[str, dict[str, object]]:
+    """Turn each MatMul's fp32 2-D weight of at least ``min_bytes`` into a graph input of ``models``.
+
+    ONNX Runtime pre-packs constant MatMul weights into its own buffers; for a
+    [1, K] x [K, N] product as large as GPT-2's vocabulary projection, its GEMV
+    kernel reading the plain weight is faster (PERFORMANCE.md), and the runtime
+    then binds one copy to every specialization instead of each session
+    holding its own packed copy. Returns, per tensor name, where its bytes are
+    (``file``, ``offset``, ``length``) and its ``shape`` and ``dtype``: the
+    runtime reads them from there and binds them as inputs.
+    """
+    fed: dict[str, dict[str, object]] = {}
+    for m in models:
+        proto = onnx.load(str(m), load_external_data=False)
+        inits = {t.name: t for t in proto.graph.initializer}
+        names = {
+            n.input[1]
+            for n in proto.graph.node
+            if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.input) == 2 and n.input[1] in inits
+        }
+        changed = False
+        for name in sorted(names):
+            t = inits[name]
+            if t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            length = int(info["length"])
+            if length < min_bytes:
+                continue
+            fed[name] = {"file": info["location"], "offset": int(info.get("offset", 0)), "length": length,
+                         "shape": [int(d) for d in t.dims], "dtype": "float32"}  # fmt: skip
+            proto.graph.initializer.remove(t)
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.dims)))
+            changed = True
+        if changed:
+            onnx.save(proto, str(m))
+    return fed

@@ -84,22 +84,25 @@ def test_products_only_keeps_shapes_and_layout(tmp_path: Path) -> None:
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
         helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
-        helper.make_node("MatMul", ["y", "y_t"], ["z"]),  # no constant weight: not a weight product
+        helper.make_node("Transpose", ["a"], ["a_t"]),
+        helper.make_node("MatMul", ["y", "a_t"], ["z"]),  # an activation, not a weight: not a weight product
+        helper.make_node("MatMul", ["z", "w3"], ["out"]),  # a weight the runtime binds (a 2-D graph input)
     ]
-    g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]), helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [5, 3])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )  # fmt: skip
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]), helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 5]),
+              helper.make_tensor_value_info("w3", TensorProto.FLOAT, [3, 7])]  # fmt: skip
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 7])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])  # fmt: skip
     src = tmp_path / "decode.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), src)
     out = tmp_path / "products.onnx"
     feeds, count, nbytes = write_products_only(src, out)
-    assert count == 2 and nbytes == w1.nbytes + w2.nbytes
+    assert count == 3 and nbytes == w1.nbytes + w2.nbytes + 3 * 7 * 4
     m = onnx.load(str(out))
-    assert [(n.op_type, [a.i for a in n.attribute]) for n in m.graph.node] == [("MatMul", []), ("Gemm", [1])]
+    assert [(n.op_type, [a.i for a in n.attribute]) for n in m.graph.node] == [("MatMul", []), ("Gemm", [1]), ("MatMul", [])]
     assert [list(t.dims) for t in m.graph.initializer] == [[8, 12], [5, 12]]
+    assert feeds["w2"].shape == (3, 7)  # the bound weight is fed, like the runtime binds it
     ys = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
-    assert [y.shape for y in ys] == [(1, 12), (1, 5)]
+    assert [y.shape for y in ys] == [(1, 12), (1, 5), (1, 7)]
     empty = tmp_path / "empty.onnx"
     onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "e",
               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])), empty)  # fmt: skip

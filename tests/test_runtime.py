@@ -62,6 +62,31 @@ def test_artifact_layout(artifact: Path) -> None:
         assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
 
 
+def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], artifact: Path, tmp_path: Path) -> None:
+    # The default threshold (32 MiB) feeds nothing in this small model; 1 byte feeds every MatMul weight.
+    assert Manifest.load(artifact).fed_weights == {}
+    fed = compile_model(hf[1], "cpu", tmp_path / "fed", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2, options={"feed_min_bytes": 1})
+    m = Manifest.load(fed)
+    assert m.fed_weights, "the vocabulary projection's weight was not fed"
+    for spec in ("prefill", "decode"):
+        model = onnx.load(str(fed / f"{spec}.onnx"), load_external_data=False)
+        inputs = {i.name for i in model.graph.input}
+        assert set(m.fed_weights) <= inputs and not set(m.fed_weights) & {t.name for t in model.graph.initializer}
+    for w in m.fed_weights.values():
+        assert w["file"] == "weights.data" and w["dtype"] == "float32" and w["length"] == 4 * np.prod(w["shape"])
+    rt = Runtime(fed)
+    assert len({id(v) for v in rt._fed.values()}) == len({(w["offset"], w["length"]) for w in m.fed_weights.values()})  # one copy each
+    out = rt.generate(PROMPTS, max_new_tokens=10)
+    for prompt, got in zip(PROMPTS, out.tokens):
+        assert got == _hf_greedy(hf[0], prompt, 10)
+    # A weights file cut short is reported, not read past.
+    w = next(iter(m.fed_weights.values()))
+    with open(fed / "weights.data", "r+b") as f:
+        f.truncate(int(w["offset"]) + 8)
+    with pytest.raises(GenerationError, match="ends before weight"):
+        Runtime(fed)
+
+
 def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
     out = Runtime(artifact).generate([PROMPTS[0]], max_new_tokens=12)
     assert out.tokens[0] == _hf_greedy(hf[0], PROMPTS[0], 12)
