@@ -12,6 +12,7 @@ from passes.fuse_rms_norm import FuseRmsNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
 from passes.retain_kv_cache import RetainKvCache
+from passes.simplify_shapes import SimplifyShapes
 from qgraph.pass_manager import Pass
 
 #: Every built-in pass, by command-line name.
@@ -28,6 +29,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         RetainKvCache,
         LegalizeQnn,
         FuseAttention,
+        SimplifyShapes,
     )
 }
 
@@ -43,4 +45,5 @@ __all__ = [
     "LegalizeQnn",
     "PinStaticShapes",
     "RetainKvCache",
+    "SimplifyShapes",
 ]

@@ -800,6 +800,45 @@ def attention_cases(draw: Any) -> Case:
     return Case("fuse-attention", b.model(), FuseAttention, tuple(tags), atol=1e-4, rtol=1e-3, custom_node=custom)
 
 
+@st.composite
+def simplify_shapes_cases(draw: Any) -> Case:
+    """Chains of Reshape, Transpose, GatherElements, Expand and Identity on static shapes, some trivial, some not."""
+    from passes import SimplifyShapes
+
+    b = Builder(draw(st.sampled_from([13, 17, 18])), const_nodes=draw(st.booleans()))
+    b.value_info = draw(st.booleans())
+    rank = draw(st.integers(2, 4))
+    shape = [draw(st.sampled_from([1, 1, 2, 3])) for _ in range(rank)]
+    cur = b.input("x", F32, list(shape))
+    tags = [f"shape={shape}"]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    first = len(b.nodes)
+    for _ in range(draw(st.integers(1, 5))):
+        op = draw(st.sampled_from(["Reshape", "Transpose", "GatherElements", "Expand", "Identity", "Relu"]))
+        tags.append(op)
+        if op == "Reshape":
+            new = list(draw(st.permutations(shape))) if draw(st.booleans()) else [*shape, 1] if len(shape) < 5 else shape
+            cur = b.op("Reshape", [cur, b.const(new, np.int64)])
+            shape = new
+        elif op == "Transpose":
+            perm = list(draw(st.permutations(range(len(shape)))))
+            cur = b.op("Transpose", [cur], perm=perm)
+            shape = [shape[p] for p in perm]
+        elif op == "GatherElements":
+            axis = draw(st.integers(-len(shape), len(shape) - 1))
+            idx = rng.integers(-shape[axis], shape[axis], shape).astype(np.int64)  # valid indices, negative ones too
+            cur = b.op("GatherElements", [cur, b.const(idx, np.int64)], axis=axis)
+        elif op == "Expand":
+            target = [d if draw(st.booleans()) or d != 1 else 2 for d in shape]
+            cur = b.op("Expand", [cur, b.const(target, np.int64)])
+            shape = target
+        else:
+            cur = b.op(op, [cur])
+    b.output(cur, F32, list(shape))
+    custom = _to_custom_domain(draw, b, first, cur, tags) if _chance(draw, 1) else None
+    return Case("simplify-shapes", b.model(), SimplifyShapes, tuple(tags), custom_node=custom)
+
+
 #: The strategy of each pass, by name.
 STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-layer-norm": layer_norm_cases(),
@@ -812,6 +851,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "legalize-qnn": legalize_qnn_cases(),
     "cleanup": cleanup_cases(),
     "fuse-attention": attention_cases(),
+    "simplify-shapes": simplify_shapes_cases(),
 }
 
 
