@@ -187,6 +187,10 @@ class FuseAttention(FusionPass):
                 return f"the bias {bias_shape} does not broadcast as [B or 1, N or 1, S, L] = [{b} or 1, {n} or 1, {s}, {length}]"
         if (problem := leak(graph, roles, out)) is not None:
             return problem
+        inside = {id(t) for _, node in roles for t in node.outputs}
+        for t, what in ((query, "Q"), (key, "K"), (value, "V"), (bias, "the bias")):
+            if t is not None and id(t) in inside:
+                return f"{what} is computed inside the attention pattern"
         scale = s_scale * q_scale * k_scale
         values = {"query": query, "key": key, "value": value, "bias": bias, "bias_shape": bias_shape, "out": out,
                   "shape": (b, n, s, h), "scale": scale}  # fmt: skip

@@ -37,8 +37,9 @@ _OPS = frozenset({"GatherElements", "Transpose", "Reshape", "Expand", "Identity"
 
 
 def _static(t: Tensor) -> list[int] | None:
+    """The tensor's shape if every dimension is a positive number (a 0 in a Reshape shape would mean "copy")."""
     shape = t.shape
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
         return None
     return [int(d) for d in shape]
 

@@ -68,3 +68,18 @@ def test_no_bias_and_a_rank_2_bias(golden: Any) -> None:
 )
 def test_near_misses_decline_with_a_reason(case: str, reason: str, golden: Any) -> None:
     assert declined(case, golden) == [reason]
+
+
+def test_a_bias_computed_from_the_scores_is_declined() -> None:
+    g = Graph.parse("""<ir_version: 10, opset_import: ["" : 18]>
+scores_plus_scores (float[1,2,3,4] q, float[1,2,3,4] k, float[1,2,3,4] v) => (float[1,2,3,4] y)
+{
+    kt = Transpose <perm = [0, 1, 3, 2]> (k)
+    scores = MatMul (q, kt)
+    doubled = Add (scores, scores)
+    p = Softmax <axis = -1> (doubled)
+    y = MatMul (p, v)
+}""")
+    p = FuseAttention()
+    assert not p.run(g).modified
+    assert [m.reason for m in p.near_misses] == ["the bias is computed inside the attention pattern"]
