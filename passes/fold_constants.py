@@ -76,6 +76,19 @@ def is_static(shape: Sequence[Any] | None) -> bool:
     return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
 
+def static_dims(shape: Sequence[Any] | None, rank: int | None = None) -> list[int] | None:
+    """The dimensions as ints if every one is a positive number (and there are ``rank`` of them), else None.
+
+    Positive: a 0 in a Reshape's target shape means "copy", so rewrites that
+    write shapes out keep away from empty tensors.
+    """
+    if shape is None or (rank is not None and len(shape) != rank):
+        return None
+    if not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
 def const_nbytes(tensor: Tensor) -> int | None:
     """Size in bytes of an initializer without loading it (None if unknown)."""
     if not isinstance(tensor, Constant):

@@ -41,28 +41,18 @@ import logging
 import numpy as np
 from onnx import TensorProto
 
+from passes.fold_constants import static_dims
 from passes.fuse_layer_norm import const_operand, dtype_name, leak, sole_consumer, tensor_dtype
-from qgraph.errors import GraphCheckError
 from qgraph.fusion import FusionPass, Match
 from qgraph.graph import Graph, Node, Tensor
 from qgraph.pass_manager import PassResult
+from qgraph.validate import is_onnx_op
 
 log = logging.getLogger(__name__)
 
 #: The domain and version of ONNX Runtime's contrib ops.
 MS_DOMAIN, MS_VERSION = "com.microsoft", 1
 HEAD_PERM = [0, 2, 1, 3]
-
-
-def _is(node: Node | None, op: str) -> bool:
-    """True for an ONNX (default-domain) ``op`` node; a custom op named like it is not it."""
-    return node is not None and node.op == op and node.domain in ("", "ai.onnx", None)
-
-
-def _static(shape: list | None, rank: int) -> list[int] | None:
-    if shape is None or len(shape) != rank or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 def _scaled(graph: Graph, tensor: Tensor, roles: list[tuple[str, Node]], what: str) -> tuple[Tensor, float]:
@@ -103,11 +93,11 @@ def _key_of(graph: Graph, kt: Tensor, roles: list[tuple[str, Node]]) -> Tensor |
         if tr is None or inner is None or inner.op != "Reshape" or list(tr.attrs.get("perm", [])) != [0, 2, 1]:
             return "the second operand of the scores MatMul is a Reshape, but not of a [0, 2, 1]-transposed 3-D key"
         key = inner.inputs[0]
-        k_shape, out_shape = _static(key.shape, 4), _static(kt.shape, 4)
+        k_shape, out_shape = static_dims(key.shape, 4), static_dims(kt.shape, 4)
         if k_shape is None or out_shape is None:
             return "the key's shape is not static, so the Reshape-Transpose-Reshape cannot be told to be a transpose"
         b, n, length, h = k_shape
-        if out_shape != [b, n, h, length] or _static(tr.inputs[0].shape, 3) != [b * n, length, h]:
+        if out_shape != [b, n, h, length] or static_dims(tr.inputs[0].shape, 3) != [b * n, length, h]:
             return f"the Reshape-Transpose-Reshape of the key {k_shape} gives {out_shape}, not its last two axes swapped"
         roles += [("the key reshape", inner), ("the key transpose", tr), ("the key reshape back", prod)]
         return key
@@ -127,10 +117,8 @@ class FuseAttention(FusionPass):
     def run(self, graph: Graph) -> PassResult:
         # Matching needs shapes; a graph without value_info (pinned graphs have it) gets them inferred once.
         if any(n.op == "Softmax" and n.inputs and n.inputs[0].shape is None for n in graph.nodes):
-            try:
-                graph.infer_shapes()
-            except GraphCheckError as e:
-                log.info("%s: shape inference failed (%s); sites without shapes are declined", self.name, e)
+            if (problem := graph.try_infer_shapes()) is not None:
+                log.info("%s: %s; sites without shapes are declined", self.name, problem)
         return super().run(graph)
 
     def match(self, graph: Graph, anchor: Node) -> Match | str:
@@ -166,7 +154,7 @@ class FuseAttention(FusionPass):
         if isinstance(key, str):
             return key
 
-        q_shape, k_shape, v_shape = _static(query.shape, 4), _static(key.shape, 4), _static(value.shape, 4)
+        q_shape, k_shape, v_shape = static_dims(query.shape, 4), static_dims(key.shape, 4), static_dims(value.shape, 4)
         if q_shape is None or k_shape is None or v_shape is None:
             return "Q, K and V need static 4-D shapes [B, N, S|L, H] (run pin-static-shapes first)"
         b, n, s, h = q_shape
@@ -179,7 +167,7 @@ class FuseAttention(FusionPass):
                 return f"{what} is {dtype_name(dt) if dt is not None else 'of unknown dtype'}; MultiHeadAttention on CPU is float32"
         bias_shape = None
         if bias is not None:
-            bs = _static(bias.shape, len(bias.shape)) if bias.shape is not None and len(bias.shape) <= 4 else None
+            bs = static_dims(bias.shape) if bias.shape is not None and len(bias.shape) <= 4 else None
             if bs is None:
                 return "the bias has no static shape of rank 4 or less"
             bias_shape = [1] * (4 - len(bs)) + bs
@@ -212,11 +200,11 @@ class FuseAttention(FusionPass):
         # The query in [B, S, N*H]: the head split undone (a Reshape never reorders elements), or a Transpose.
         query = v["query"]
         prod = graph.producer(query)
-        if _is(prod, "Transpose") and list(prod.attrs.get("perm", [])) == HEAD_PERM:
+        if is_onnx_op(prod, "Transpose") and list(prod.attrs.get("perm", [])) == HEAD_PERM:
             src = prod.inputs[0]
-            while _is(up := graph.producer(src), "Reshape"):
+            while is_onnx_op(up := graph.producer(src), "Reshape"):
                 src = up.inputs[0]
-            if _static(src.shape, 3) != merged_shape:
+            if static_dims(src.shape, 3) != merged_shape:
                 src = add("Reshape", [prod.inputs[0], graph.constant(self.name, np.array(merged_shape, np.int64))]).outputs[0]
             q_bsd = src
         else:
@@ -246,10 +234,10 @@ class FuseAttention(FusionPass):
     def _head_merge(graph: Graph, out: Tensor) -> tuple[Node, Node] | None:
         """The head merge after attention, Transpose([0, 2, 1, 3]) then a Reshape to a static shape, if that is out's only use."""
         tr = sole_consumer(graph, out)
-        if not _is(tr, "Transpose") or list(tr.attrs.get("perm", [])) != HEAD_PERM:
+        if not is_onnx_op(tr, "Transpose") or list(tr.attrs.get("perm", [])) != HEAD_PERM:
             return None
         rs = sole_consumer(graph, tr.outputs[0])
         shape = rs.outputs[0].shape if rs is not None else None
-        if not _is(rs, "Reshape") or shape is None or _static(shape, len(shape)) is None:
+        if not is_onnx_op(rs, "Reshape") or shape is None or static_dims(shape) is None:
             return None
         return tr, rs

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.errors import GraphCheckError
+from passes.fold_constants import static_dims
 from qgraph.graph import Graph, Node, Tensor
 from qgraph.pass_manager import Pass, PassResult
+from qgraph.validate import is_onnx_op
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,7 @@ _OPS = frozenset({"GatherElements", "Transpose", "Reshape", "Expand", "Identity"
 
 
 def _static(t: Tensor) -> list[int] | None:
-    """The tensor's shape if every dimension is a positive number (a 0 in a Reshape shape would mean "copy")."""
-    shape = t.shape
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
-def _onnx_op(node: Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and node.domain in ("", "ai.onnx", None)
+    return static_dims(t.shape)
 
 
 def _keeps_order(perm: list[int], shape: list[int]) -> bool:
@@ -62,10 +55,8 @@ class SimplifyShapes(Pass):
     def run(self, graph: Graph) -> PassResult:
         # Pinned graphs carry their shapes; a graph without value_info gets them inferred once.
         if any(n.op in _OPS and n.outputs and n.outputs[0].shape is None for n in graph.nodes):
-            try:
-                graph.infer_shapes()
-            except GraphCheckError as e:
-                log.info("%s: shape inference failed (%s); ops without static shapes are left", self.name, e)
+            if (problem := graph.try_infer_shapes()) is not None:
+                log.info("%s: %s; ops without static shapes are left", self.name, problem)
         stats: dict[str, int] = {}
 
         def count(key: str) -> None:
@@ -75,10 +66,10 @@ class SimplifyShapes(Pass):
             if not node.outputs or not node.inputs:
                 continue  # removed earlier in this sweep
             out = node.outputs[0]
-            if _onnx_op(node, "GatherElements") and self._unit_gather(node):
+            if is_onnx_op(node, "GatherElements") and self._unit_gather(node):
                 if self._bypass(graph, node, node.inputs[0]):
                     count("gather_elements")
-            elif _onnx_op(node, "Transpose") and self._unit_transpose(node):
+            elif is_onnx_op(node, "Transpose") and self._unit_transpose(node):
                 shape = _static(out)
                 assert shape is not None
                 node.op = "Reshape"
@@ -86,9 +77,9 @@ class SimplifyShapes(Pass):
                 node.inputs.append(graph.constant(self.name, np.array(shape, np.int64)))
                 count("transpose_to_reshape")
                 self._merge_reshape(graph, node, count)
-            elif _onnx_op(node, "Reshape"):
+            elif is_onnx_op(node, "Reshape"):
                 self._merge_reshape(graph, node, count)
-            elif _onnx_op(node, "Expand", "Identity"):
+            elif is_onnx_op(node, "Expand", "Identity"):
                 shape = _static(out)
                 if shape is not None and shape == _static(node.inputs[0]) and self._bypass(graph, node, node.inputs[0]):
                     count(node.op.lower())
@@ -120,7 +111,7 @@ class SimplifyShapes(Pass):
         if shape is None:
             return
         inner = graph.producer(node.inputs[0])
-        if _onnx_op(inner, "Reshape"):
+        if is_onnx_op(inner, "Reshape"):
             node.inputs[0] = inner.inputs[0]
             node.inputs[1] = graph.constant(self.name, np.array(shape, np.int64))
             if "allowzero" in node.attrs:

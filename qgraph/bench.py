@@ -165,7 +165,7 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
     data_name = out_path.name + ".data"
     rng = np.random.default_rng(seed)
     nodes, inputs, outputs, weights, seen_k = [], [], [], [], set()
-    offset = count = nbytes = 0
+    offset = nbytes = 0
     with open(out_path.parent / data_name, "wb") as data:
         for n in model.graph.node:
             if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
@@ -176,8 +176,7 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
                 continue
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0) if n.op_type == "Gemm" else 0
             k, n_out = (int(dims[1]), int(dims[0])) if trans_b else (int(dims[0]), int(dims[1]))
-            i = count
-            count += 1
+            i = len(nodes)
             if k not in seen_k:
                 seen_k.add(k)
                 inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))

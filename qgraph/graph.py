@@ -591,6 +591,14 @@ class Graph:
         self._adopt(g)
         return self
 
+    def try_infer_shapes(self) -> str | None:
+        """Shape inference for passes that can do without it: returns why it failed instead of raising."""
+        try:
+            self.infer_shapes()
+        except GraphCheckError as e:
+            return str(e)
+        return None
+
     def _adopt(self, other: Graph) -> None:
         # Keep lazily loaded values from this graph (import builds fresh ones).
         mine = self._file_values()

@@ -26,6 +26,7 @@ import numpy as np
 from qgraph.compile import Manifest
 from qgraph.contract import RETAINED_SUFFIX, pad_chunk
 from qgraph.errors import QGraphError
+from qgraph.validate import resolve_external_path
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Runtime:
         for name, w in self.manifest.fed_weights.items():
             key = (str(w["file"]), int(w["offset"]), int(w["length"]))
             if key not in arrays:
-                path = self.dir / key[0]
+                path = resolve_external_path(self.dir, key[0], name)  # stays inside the artifact
                 dtype = np.dtype(w["dtype"])
                 count = key[2] // dtype.itemsize
                 try:

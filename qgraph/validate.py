@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,6 +72,11 @@ class ExternalRef:
 def is_custom_domain(domain: str | None) -> bool:
     """True for a node domain that ONNX does not define (``com.example``, ``com.microsoft``)."""
     return (domain or "") not in STANDARD_DOMAINS
+
+
+def is_onnx_op(node: Any, *ops: str) -> bool:
+    """True for a node that is one of ONNX's ``ops``; a custom-domain op of the same name is not."""
+    return node is not None and node.op in ops and not is_custom_domain(node.domain)
 
 
 def validate_model(model: onnx.ModelProto, base_dir: Path | None = None) -> dict[str, ExternalRef]:

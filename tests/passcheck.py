@@ -47,7 +47,9 @@ def random_feeds(sess: ort.InferenceSession, seed: int = 0, dims: dict[str, int]
     return feeds
 
 
-def assert_same_outputs(a: Graph, b: Graph, *, atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0, dims: dict[str, int] | None = None) -> None:
+def assert_same_outputs(
+    a: Graph, b: Graph, *, atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0, dims: dict[str, int] | None = None
+) -> None:
     """Run both graphs on the same random inputs and compare every output."""
     sa, sb = session(a), session(b)
     feeds = random_feeds(sa, seed, dims)
@@ -94,3 +96,15 @@ def check_case(
     again = run_pass(make_pass(), out)
     assert again.modified is False, f"{p.name} is not idempotent on {case}: second run stats {again.stats}"
     return out
+
+
+def declined_reasons(fusion: Callable[[], Any], case: str, golden: Any) -> list[str]:
+    """Run a near-miss case of a fusion (the graph must not change); returns its decline reasons."""
+    made: list[Any] = []
+
+    def make() -> Any:
+        made.append(fusion())
+        return made[-1]
+
+    check_case(make, case, golden, expect_modified=False)
+    return [m.reason for m in made[0].near_misses]

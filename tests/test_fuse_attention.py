@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from passcheck import check_case
+from passcheck import check_case, declined_reasons
 
 from passes import FuseAttention
 from qgraph.graph import Graph
@@ -20,14 +20,7 @@ def fused(case: str, golden: Any) -> Graph:
 
 
 def declined(case: str, golden: Any) -> list[str]:
-    made: list[FuseAttention] = []
-
-    def make() -> FuseAttention:
-        made.append(FuseAttention())
-        return made[-1]
-
-    check_case(make, case, golden, expect_modified=False)
-    return [m.reason for m in made[0].near_misses]
+    return declined_reasons(FuseAttention, case, golden)
 
 
 def test_dynamo_decode_reads_the_unsplit_query_and_writes_the_merged_output(golden: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from passcheck import GOLDEN_DIR, check_case
+from passcheck import GOLDEN_DIR, check_case, declined_reasons
 
 from passes import FuseLayerNorm
 from qgraph.graph import Graph
@@ -18,15 +18,7 @@ def fused(case: str, golden: Any, atol: float = 1e-5) -> Graph:
 
 
 def declined(case: str, golden: Any) -> list[str]:
-    """Run a near-miss case (the graph must not change); returns the decline reasons."""
-    made: list[FuseLayerNorm] = []
-
-    def make() -> FuseLayerNorm:
-        made.append(FuseLayerNorm())
-        return made[-1]
-
-    check_case(make, case, golden, expect_modified=False)
-    return [m.reason for m in made[0].near_misses]
+    return declined_reasons(FuseLayerNorm, case, golden)
 
 
 def only(graph: Graph, op: str) -> Any:

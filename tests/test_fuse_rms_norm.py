@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from passcheck import GOLDEN_DIR, check_case, run_pass, session
+from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, session
 
 from passes import FuseRmsNorm
 from qgraph.graph import Graph
@@ -23,14 +23,7 @@ def fused(case: str, golden: Any, atol: float = 1e-5) -> Graph:
 
 
 def declined(case: str, golden: Any) -> list[str]:
-    made: list[FuseRmsNorm] = []
-
-    def make() -> FuseRmsNorm:
-        made.append(FuseRmsNorm())
-        return made[-1]
-
-    check_case(make, case, golden, expect_modified=False)
-    return [m.reason for m in made[0].near_misses]
+    return declined_reasons(FuseRmsNorm, case, golden)
 
 
 def test_basic_raises_opset_and_converts_other_nodes(golden: Any) -> None:

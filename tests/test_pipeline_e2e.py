@@ -139,6 +139,15 @@ def test_symbolic_pipeline_matches_hugging_face(sources: dict[str, tuple[Path, A
     assert diff < ATOL, f"{source}: max |logits - HF| = {diff}"
 
 
+def _pinned_max_diff(graphs: dict[str, Graph], model: Any) -> float:
+    """Max |logits - HF| driving the pinned prefill and decode graphs through the contract."""
+    prompts, conts = _case(model.config.vocab_size)
+    got = teacher_forced_logits(
+        _session(graphs["prefill"]), _session(graphs["decode"]), _cache(graphs["decode"], 2), prompts, conts, PREFILL
+    )
+    return _max_diff(got, _hf_logits(model, prompts, conts))
+
+
 @pytest.mark.parametrize("source", ["dynamo", "torchscript-14", "optimum-export"])
 def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[Path, Any]], source: str) -> None:
     path, model = sources[source]
@@ -151,11 +160,7 @@ def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[P
             assert all(isinstance(d, int) for d in t.shape), f"{kind}: {t.name} has shape {t.shape}"
         graphs[kind] = g
     assert list(graphs["prefill"].outputs[0].shape) == [2, 1, model.config.vocab_size]
-    prompts, conts = _case(model.config.vocab_size)
-    got = teacher_forced_logits(
-        _session(graphs["prefill"]), _session(graphs["decode"]), _cache(graphs["decode"], 2), prompts, conts, PREFILL
-    )
-    diff = _max_diff(got, _hf_logits(model, prompts, conts))
+    diff = _pinned_max_diff(graphs, model)
     assert diff < ATOL, f"{source} pinned: max |logits - HF| = {diff}"
 
 
@@ -173,9 +178,5 @@ def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any
         if seq == 1:  # one token: the gather of the valid new tokens is the identity
             assert "GatherElements" not in ops, report.table()
         graphs[kind] = g
-    prompts, conts = _case(model.config.vocab_size)
-    got = teacher_forced_logits(
-        _session(graphs["prefill"]), _session(graphs["decode"]), _cache(graphs["decode"], 2), prompts, conts, PREFILL
-    )
-    diff = _max_diff(got, _hf_logits(model, prompts, conts))
+    diff = _pinned_max_diff(graphs, model)
     assert diff < ATOL, f"{source} with fused attention: max |logits - HF| = {diff}"
