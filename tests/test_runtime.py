@@ -104,6 +104,24 @@ def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifa
         assert key in table and key in s.to_dict()
 
 
+def test_worker_threads_stop_spinning_when_a_step_returns(artifact: Path) -> None:
+    """The sessions spin between kernels but not after a run: no core burnt while Python waits.
+
+    Without ``session.force_spinning_stop`` the two workers of this very model burn about
+    0.09 s of CPU in the 0.3 s after a generate (measured); with it, none.
+    """
+    import resource
+    import time
+
+    rt = Runtime(artifact, threads=2)
+    rt.generate([PROMPTS[0]], max_new_tokens=6)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.3)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    burnt = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert burnt < 0.02, f"{burnt:.3f} s of CPU burnt while the runtime was idle"
+
+
 def test_in_place_kv_equals_copying(artifact: Path) -> None:
     a, b = Runtime(artifact, inplace=True), Runtime(artifact, inplace=False)
     assert a.inplace and not b.inplace
