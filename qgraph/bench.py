@@ -79,6 +79,8 @@ class BenchReport:
     graph_overhead_ms_per_token: float = 0.0
     #: the ratios computed within each round, then their median over rounds.
     paired_ratios: dict[str, float] = field(default_factory=dict)
+    #: each round's bandwidth measurement (bandwidth_gb_s is the best of them).
+    round_bandwidths_gb_s: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -387,13 +389,16 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         "qgraph decode / onnxruntime decode": [orr["decode_s"] / qr["decode_s"] for qr, orr in zip(q.runs, o.runs)],
         "qgraph TTFT / onnxruntime TTFT": [qr["ttft_s"] / orr["ttft_s"] for qr, orr in zip(q.runs, o.runs)],
         "qgraph decode / kernel ceiling": [c * (new_tokens - 1) / qr["decode_s"] for qr, c in zip(q.runs, ceiling)],
+        # Each round's own bound (its best product, measured seconds before the contenders), not the best of all rounds.
+        "qgraph decode / bandwidth bound": [weight_bytes / b * (new_tokens - 1) / qr["decode_s"] for qr, b in zip(q.runs, bandwidths)],
     }
     paired_ratios = {k: statistics.median(v) for k, v in paired.items()}
     ratios["qgraph decode / kernel ceiling"] = ceiling_ms / q.ms_per_token
     ratios["kernel ceiling / bandwidth bound"] = bound_ms / ceiling_ms
     agree = len({tuple(t) for t in tokens.values()}) == 1
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
-                       ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios)  # fmt: skip
+                       ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios,
+                       [b / 1e9 for b in bandwidths])  # fmt: skip
 
 
 def _paired_overhead(rt: Any, ceiling_sess: Any, feeds: dict[str, np.ndarray], prompt_len: int, ctx: int) -> float:

@@ -805,6 +805,8 @@ def simplify_shapes_cases(draw: Any) -> Case:
     """Chains of Reshape, Transpose, GatherElements, Expand and Identity on static shapes, some trivial, some not."""
     from passes import SimplifyShapes
 
+    if draw(st.booleans()):
+        return draw(row_region_cases())
     b = Builder(draw(st.sampled_from([13, 17, 18])), const_nodes=draw(st.booleans()))
     b.value_info = draw(st.booleans())
     rank = draw(st.integers(2, 4))
@@ -837,6 +839,62 @@ def simplify_shapes_cases(draw: Any) -> Case:
     b.output(cur, F32, list(shape))
     custom = _to_custom_domain(draw, b, first, cur, tags) if _chance(draw, 1) else None
     return Case("simplify-shapes", b.model(), SimplifyShapes, tuple(tags), custom_node=custom)
+
+
+@st.composite
+def row_region_cases(draw: Any) -> Case:
+    """Linear layers written as Reshape, Gemm/MatMul, Reshape, with row-wise and other ops between (simplify-shapes' 2-D regions)."""
+    from passes import SimplifyShapes
+
+    b = Builder(draw(st.sampled_from([17, 18])), const_nodes=draw(st.booleans()))
+    b.value_info = draw(st.booleans())
+    lead = draw(st.sampled_from([[1, 1], [2, 1], [1, 3], [2, 3], [1, 1, 2]]))
+    rows = int(np.prod(lead))
+    k = draw(st.sampled_from([2, 4, 6]))
+    cur = b.input("x", F32, [*lead, k])
+    tags = [f"lead={lead}"]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    seen = {k: [cur]}  # tensors of shape [*lead, k], by k: residual operands
+
+    def weights(*shape: int) -> str:
+        return b.const((rng.standard_normal(shape) * 0.5).astype(np.float32), np.float32)
+
+    first = len(b.nodes)
+    for _ in range(draw(st.integers(1, 7))):
+        op = draw(st.sampled_from(["linear", "linear", "Relu", "LayerNormalization", "norm_axis1", "Mul", "Add", "split", "Softmax"]))
+        tags.append(op)
+        if op == "linear":
+            n = draw(st.sampled_from([2, 4, 6]))
+            flat = b.op("Reshape", [cur, b.const([rows, k], np.int64)])
+            if draw(st.booleans()):
+                y = b.op("Gemm", [flat, weights(k, n), weights(n)])
+            else:
+                y = b.op("MatMul", [flat, weights(k, n)])
+            cur, k = b.op("Reshape", [y, b.const([*lead, n] if draw(st.booleans()) else [*lead[:-1], -1, n], np.int64)]), n
+        elif op == "Relu":
+            cur = b.op("Relu", [cur])
+        elif op == "LayerNormalization":
+            axis = draw(st.sampled_from([-1, len(lead)]))
+            cur = b.op("LayerNormalization", [cur, weights(k), weights(k)], axis=axis)
+        elif op == "norm_axis1":  # over the trailing axes from 1: not row-wise
+            shape = [*lead, k][1:]
+            cur = b.op("LayerNormalization", [cur, weights(*shape), weights(*shape)], axis=1)
+        elif op == "Mul":  # a row-broadcast operand of rank 1, 2 or 3 (rank 3 keeps the leading axes)
+            cur = _binary(b, draw, "Mul", cur, weights(*draw(st.sampled_from([[k], [1, k], [1, 1, k]]))))
+        elif op == "Add":  # a residual of the same shape, or a row vector
+            other = draw(st.sampled_from(seen.get(k, []) + [weights(k)]))
+            cur = _binary(b, draw, "Add", cur, other)
+        elif op == "split" and k % 2 == 0:
+            h1, h2 = b.fresh(), b.fresh()
+            axis = draw(st.sampled_from([-1, len(lead)]))
+            b.nodes.append(helper.make_node("Split", [cur, b.const([k // 2, k // 2], np.int64)], [h1, h2], name=b.fresh("n"), axis=axis))
+            cur, k = b.op("Mul", [h1, h2]), k // 2
+        elif op == "Softmax":
+            cur = b.op("Softmax", [cur], axis=-1)
+        seen.setdefault(k, []).append(cur)
+    b.output(cur, F32, [*lead, k])
+    custom = _to_custom_domain(draw, b, first, cur, tags) if _chance(draw, 1) else None
+    return Case("simplify-shapes", b.model(), SimplifyShapes, tuple(tags), atol=1e-4, rtol=1e-3, custom_node=custom)
 
 
 #: The strategy of each pass, by name.

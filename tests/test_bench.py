@@ -59,10 +59,12 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
         "bound_ms_per_token",
         "results",
         "ratios",
+        "round_bandwidths_gb_s",
     } <= set(data)
+    assert len(data["round_bandwidths_gb_s"]) == 2 and max(data["round_bandwidths_gb_s"]) == data["bandwidth_gb_s"]
     assert np.isfinite(report.graph_overhead_ms_per_token) and abs(report.graph_overhead_ms_per_token) < 1e3
     assert "alternating pairs" in table and "(per round: " in table
-    assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 4
+    assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 5
     assert all(v > 0 for v in report.paired_ratios.values())
 
 

@@ -26,3 +26,21 @@ def test_reshape_chains_merge_and_no_op_reshapes_go(golden: Any) -> None:
 
 def test_real_transposes_and_gathers_stay(golden: Any) -> None:
     check_case(SimplifyShapes, "real_transpose", golden, expect_modified=False)
+
+
+def test_linear_layers_keep_their_rows_two_dimensional(golden: Any) -> None:
+    out = check_case(SimplifyShapes, "linear_rows", golden, expect_modified=True,
+                     expect_stats={"row_regions_flattened": 1, "row_reshapes_removed": 3, "row_reshapes_added": 1})  # fmt: skip
+    # Three exporter Reshapes go; one comes, to give the final MatMul (not row-wise) its [1, 2, 6].
+    # The first one stays: it flattens the graph input, which nothing row-wise reads.
+    reshapes = out.nodes_by_op("Reshape")
+    assert [out.const_value(r.inputs[1]).tolist() for r in reshapes] == [[2, 4], [1, 2, 6]]
+    (split,) = out.nodes_by_op("Split")
+    assert split.attrs["axis"] == -1
+    for op in ("Relu", "LayerNormalization", "Mul", "Add"):
+        for node in out.nodes_by_op(op):
+            assert all(len(t.shape) == 2 for t in node.outputs), f"{op} still writes {node.outputs[0].shape}"
+
+
+def test_a_region_with_nothing_to_gain_is_left(golden: Any) -> None:
+    check_case(SimplifyShapes, "blocked_rows", golden, expect_modified=False)
