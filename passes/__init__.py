@@ -9,6 +9,7 @@ from passes.fuse_attention import FuseAttention
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
+from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
 from passes.retain_kv_cache import RetainKvCache
@@ -30,6 +31,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         LegalizeQnn,
         FuseAttention,
         SimplifyShapes,
+        FuseSkipLayerNorm,
     )
 }
 
@@ -42,6 +44,7 @@ __all__ = [
     "FuseGelu",
     "FuseLayerNorm",
     "FuseRmsNorm",
+    "FuseSkipLayerNorm",
     "LegalizeQnn",
     "PinStaticShapes",
     "RetainKvCache",

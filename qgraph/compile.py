@@ -201,7 +201,8 @@ def compile_model(
         for spec in specs:
             _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {ctx_len})")
             g = Graph.load(base)
-            report = optimize(g, ["pin-static-shapes", "cleanup", *impl.legalize_passes(options), "simplify-shapes", "cleanup"],
+            report = optimize(g, ["pin-static-shapes", "cleanup", *impl.legalize_passes(options), "simplify-shapes",
+                                  *impl.final_passes(options), "cleanup"],
                               ctx_len=ctx_len, batch_size=spec.batch_size, seq_len=spec.seq_len)  # fmt: skip
             reports[spec.name] = report.to_dict()
             _say(progress, f"compiling {spec.name} for {target}")

@@ -571,6 +571,8 @@ class Graph:
                     else:
                         problems.append(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces (dangling edge)")
             for t in node.outputs:
+                if not t.name:
+                    continue  # an omitted optional output
                 if t.name in produced:
                     problems.append(f"tensor '{t.name}' is produced by both '{produced[t.name]}' and '{node.name}'")
                 produced[t.name] = node.name

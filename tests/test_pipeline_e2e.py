@@ -166,15 +166,18 @@ def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[P
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any]], source: str) -> None:
-    """The cpu target's fuse-attention and simplify-shapes on every exporter's pinned graphs: same logits as HF."""
+    """The cpu target's pinned passes (fuse-attention, simplify-shapes with its 2-D rows, fuse-skip-layer-norm)
+    on every exporter's pinned graphs: same logits as HF."""
     path, model = sources[source]
     graphs = {}
     for kind, seq in (("prefill", PREFILL), ("decode", 1)):
         g = Graph.load(path)
         optimize(g, ctx_len=CTX, batch_size=2, seq_len=seq)
-        report = optimize(g, ["fuse-attention", "simplify-shapes", "cleanup"], check=True)
+        report = optimize(g, ["fuse-attention", "simplify-shapes", "fuse-skip-layer-norm", "cleanup"], check=True)
         ops = g.op_counts()
         assert ops["MultiHeadAttention"] == model.config.n_layer and "Softmax" not in ops, report.table()
+        # Every norm reads a sum (the first, the embeddings'): each takes its Add with it.
+        assert ops["SkipLayerNormalization"] == 2 * model.config.n_layer + 1 and "LayerNormalization" not in ops, report.table()
         if seq == 1:  # one token: the gather of the valid new tokens is the identity
             assert "GatherElements" not in ops, report.table()
         graphs[kind] = g

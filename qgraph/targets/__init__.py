@@ -48,6 +48,11 @@ class Target:
         return {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
 
     def legalize_passes(self, options: dict[str, Any]) -> list[str]:
+        """Passes run on each pinned specialization before simplify-shapes."""
+        return []
+
+    def final_passes(self, options: dict[str, Any]) -> list[str]:
+        """Passes run on each pinned specialization after simplify-shapes (on its 2-D rows)."""
         return []
 
     def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
@@ -80,6 +85,10 @@ class CpuTarget(Target):
     def legalize_passes(self, options: dict[str, Any]) -> list[str]:
         # ONNX Runtime's own attention kernel (a contrib op only this runtime knows).
         return ["fuse-attention"]
+
+    def final_passes(self, options: dict[str, Any]) -> list[str]:
+        # After simplify-shapes, whose 2-D regions grow through Add and LayerNormalization, not through the fused op.
+        return ["fuse-skip-layer-norm"]
 
     def _options(self, threads: int | None) -> ort.SessionOptions:
         import onnxruntime as ort

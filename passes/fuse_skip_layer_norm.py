@@ -1,0 +1,92 @@
+"""Fuse a residual Add and the LayerNormalization that reads it into ONNX Runtime's
+``com.microsoft.SkipLayerNormalization`` (run by the ``cpu`` target after pinning).
+
+    s = Add(a, b)                                    y, _, _, s = SkipLayerNormalization(a, b, gamma, beta)
+    y = LayerNormalization(s, gamma, beta, axis=-1)  ->  (s kept as output 3 when anything else reads it)
+
+A pre-norm transformer has one such pair per norm (GPT-2: two per layer, and
+the final norm): one kernel instead of two, and the sum is written while the
+norm reads it. ONNX Runtime's own fusion of this pattern needs 3-D inputs and
+fused 1 of 24 sites in GPT-2's decode graph; after simplify-shapes the
+activations are 2-D, which the contrib op also takes.
+
+Declined, with a reason: operands of different or unknown shapes (the op
+takes no broadcasting here), a non-float32 sum, a norm over more than the last
+axis, a norm that also writes its mean or inverse deviation, gamma or beta
+that are not 1-D of the hidden size, and custom-domain look-alikes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from onnx import TensorProto
+
+from passes.fold_constants import static_dims
+from passes.fuse_attention import MS_DOMAIN, MS_VERSION
+from passes.fuse_layer_norm import tensor_dtype
+from qgraph.fusion import FusionPass, Match
+from qgraph.graph import Graph, Node
+from qgraph.pass_manager import PassResult
+from qgraph.validate import is_onnx_op
+
+log = logging.getLogger(__name__)
+
+
+class FuseSkipLayerNorm(FusionPass):
+    """Add + LayerNormalization(axis=-1) -> ``com.microsoft.SkipLayerNormalization`` (ONNX Runtime CPU)."""
+
+    name = "fuse-skip-layer-norm"
+    anchors = ("LayerNormalization",)
+    stat = "skip_layer_norm"
+
+    def run(self, graph: Graph) -> PassResult:
+        # Pinned graphs carry their shapes; a graph without them gets them inferred once.
+        if any(n.op == "Add" and n.outputs and n.outputs[0].shape is None for n in graph.nodes):
+            if (problem := graph.try_infer_shapes()) is not None:
+                log.info("%s: %s; sums without static shapes are left", self.name, problem)
+        return super().run(graph)
+
+    def prepare(self, graph: Graph) -> None:
+        graph.import_domain(MS_DOMAIN, MS_VERSION)
+
+    def match(self, graph: Graph, anchor: Node) -> Match | str:
+        if not is_onnx_op(anchor, "LayerNormalization"):
+            return "a custom-domain op named LayerNormalization"
+        if len([t for t in anchor.outputs if t.name]) != 1:
+            return "the norm also writes its mean or inverse deviation"
+        s = anchor.inputs[0]
+        add = graph.producer(s)
+        if add is None or not is_onnx_op(add, "Add"):
+            return "the norm's input is not an Add"
+        a, b = add.inputs
+        shape = static_dims(s.shape)
+        if shape is None or not shape or static_dims(a.shape) != shape or static_dims(b.shape) != shape:
+            return f"the Add's operands do not have one static shape ({a.shape} and {b.shape})"
+        if len(shape) not in (2, 3):
+            return f"the sum has rank {len(shape)}; the fused op takes 2-D or 3-D"
+        if any(tensor_dtype(graph, t) != TensorProto.FLOAT for t in (a, b, s)):
+            return "the sum is not float32"
+        axis = int(anchor.attrs.get("axis", -1))
+        if axis not in (-1, len(shape) - 1):
+            return f"the norm is over the axes from {axis}, not the last axis alone"
+        hidden = shape[-1]
+        for role, t in zip(("gamma", "beta"), anchor.inputs[1:3]):
+            if not t.name:
+                continue
+            value = graph.const_value(t)  # a Constant node's output may carry no shape
+            dims = list(value.shape) if value is not None else static_dims(t.shape)
+            if dims != [hidden]:
+                return f"{role} has shape {dims}, not [{hidden}]"
+        return Match([add, anchor], {"sum_used": graph.is_graph_output(s) or len(s.outputs) > 1})
+
+    def rewrite(self, graph: Graph, m: Match) -> None:
+        add, norm = m.nodes
+        s = norm.inputs[0]
+        ins = [add.inputs[0], add.inputs[1], norm.inputs[1]]
+        if len(norm.inputs) > 2 and norm.inputs[2].name:
+            ins.append(norm.inputs[2])
+        outs = [norm.outputs[0], graph.omitted(), graph.omitted(), s] if m.values["sum_used"] else [norm.outputs[0]]
+        eps = float(norm.attrs.get("epsilon", 1e-5))
+        graph.add_node("SkipLayerNormalization", ins, outs, {"epsilon": eps}, prefix=self.name, domain=MS_DOMAIN, after=norm)
+        graph.remove_nodes([add, norm])
