@@ -36,8 +36,6 @@ the layouts.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from onnx import TensorProto
 
@@ -47,8 +45,6 @@ from qgraph.fusion import FusionPass, Match
 from qgraph.graph import Graph, Node, Tensor
 from qgraph.pass_manager import PassResult
 from qgraph.validate import is_onnx_op
-
-log = logging.getLogger(__name__)
 
 #: The domain and version of ONNX Runtime's contrib ops.
 MS_DOMAIN, MS_VERSION = "com.microsoft", 1
@@ -115,10 +111,7 @@ class FuseAttention(FusionPass):
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
     def run(self, graph: Graph) -> PassResult:
-        # Matching needs shapes; a graph without value_info (pinned graphs have it) gets them inferred once.
-        if any(n.op == "Softmax" and n.inputs and n.inputs[0].shape is None for n in graph.nodes):
-            if (problem := graph.try_infer_shapes()) is not None:
-                log.info("%s: %s; sites without shapes are declined", self.name, problem)
+        graph.infer_shapes_if_missing((n.inputs[0] for n in graph.nodes if n.op == "Softmax" and n.inputs), self.name)
         return super().run(graph)
 
     def match(self, graph: Graph, anchor: Node) -> Match | str:

@@ -18,8 +18,6 @@ that are not 1-D of the hidden size, and custom-domain look-alikes.
 
 from __future__ import annotations
 
-import logging
-
 from onnx import TensorProto
 
 from passes.fold_constants import static_dims
@@ -30,8 +28,6 @@ from qgraph.graph import Graph, Node
 from qgraph.pass_manager import PassResult
 from qgraph.validate import is_onnx_op
 
-log = logging.getLogger(__name__)
-
 
 class FuseSkipLayerNorm(FusionPass):
     """Add + LayerNormalization(axis=-1) -> ``com.microsoft.SkipLayerNormalization`` (ONNX Runtime CPU)."""
@@ -41,10 +37,7 @@ class FuseSkipLayerNorm(FusionPass):
     stat = "skip_layer_norm"
 
     def run(self, graph: Graph) -> PassResult:
-        # Pinned graphs carry their shapes; a graph without them gets them inferred once.
-        if any(n.op == "Add" and n.outputs and n.outputs[0].shape is None for n in graph.nodes):
-            if (problem := graph.try_infer_shapes()) is not None:
-                log.info("%s: %s; sums without static shapes are left", self.name, problem)
+        graph.infer_shapes_if_missing((n.outputs[0] for n in graph.nodes if n.op == "Add" and n.outputs), self.name)
         return super().run(graph)
 
     def prepare(self, graph: Graph) -> None:

@@ -68,14 +68,11 @@ class SimplifyShapes(Pass):
     name = "simplify-shapes"
 
     def run(self, graph: Graph) -> PassResult:
-        # Pinned graphs carry their shapes; a graph without value_info gets them inferred once.
-        if any(n.op in _OPS and n.outputs and n.outputs[0].shape is None for n in graph.nodes):
-            if (problem := graph.try_infer_shapes()) is not None:
-                log.info("%s: %s; ops without static shapes are left", self.name, problem)
+        graph.infer_shapes_if_missing((n.outputs[0] for n in graph.nodes if n.op in _OPS and n.outputs), self.name)
         stats: dict[str, int] = {}
 
-        def count(key: str) -> None:
-            stats[key] = stats.get(key, 0) + 1
+        def count(key: str, n: int = 1) -> None:
+            stats[key] = stats.get(key, 0) + n
 
         for node in list(graph.nodes):
             if not node.outputs or not node.inputs:
@@ -112,12 +109,13 @@ class SimplifyShapes(Pass):
             if region is None:
                 continue
             seen.update(id(t) for t in region.tensors)
-            removed, added = region.edges(graph)
+            plan = region.plan(graph)
+            removed, added = _Region.edges(plan)
             if removed > added:
-                region.apply(graph, self.name)
+                region.apply(graph, plan, self.name)
                 count("row_regions_flattened")
-                stats_add(count, "row_reshapes_removed", removed)
-                stats_add(count, "row_reshapes_added", added)
+                count("row_reshapes_removed", removed)
+                count("row_reshapes_added", added)
 
     @staticmethod
     def _unit_gather(node: Node) -> bool:
@@ -178,11 +176,6 @@ def _rank2_row(shape: list[int] | None, lead: list[int]) -> bool:
     return shape is not None and len(shape) == 2 and shape[0] == int(np.prod(lead))
 
 
-def stats_add(count: Any, key: str, n: int) -> None:
-    for _ in range(n):
-        count(key)
-
-
 class _Region:
     """Tensors of shape ``[*lead, k]`` joined by row-wise ops, and the Reshapes at their edges."""
 
@@ -226,15 +219,11 @@ class _Region:
         if any(not self._is_row(o) for o in node.outputs) or len(node.outputs) == 0:
             return None
         ins = [t for t in node.inputs if t.name]  # an omitted optional input has no name
-        if node.domain == "com.microsoft" and node.op in ("Gelu", "FastGelu"):
-            rows, rest = ins[:1], ins[1:]
-        elif is_onnx_op(node, *_UNARY):
+        if is_onnx_op(node, *_UNARY) or (node.domain == "com.microsoft" and node.op in ("Gelu", "FastGelu")):
             rows, rest = ins[:1], ins[1:]
         elif is_onnx_op(node, *_BINARY):
             rows = [t for t in ins if self._is_row(t)]
             rest = [t for t in ins if not self._is_row(t)]
-            if not rows:
-                return None
         elif is_onnx_op(node, "LayerNormalization"):
             if not self._last_axis(node, -1) or len(node.outputs) != 1:
                 return None
@@ -245,8 +234,9 @@ class _Region:
             rows, rest = ins[:1], []  # the split sizes are a 1-D input
         else:
             return None
-        if len(rows) == 0 or not all(self._is_row(t) and _static(t)[-1] == _static(node.outputs[0])[-1] or is_onnx_op(node, "Split")
-                                     for t in rows):  # fmt: skip
+        # Each row operand must be a region tensor, as wide as the output unless a Split cuts it.
+        width = None if is_onnx_op(node, "Split") else node.outputs[0].shape[-1]
+        if not rows or not all(self._is_row(t) and width in (None, t.shape[-1]) for t in rows):
             return None
         for t in rest:  # operands that broadcast along the rows: rank <= 1, or [1, k]
             s = _static(t)
@@ -282,18 +272,21 @@ class _Region:
                 needs.append(c)
         return kind, drop, keep, needs
 
-    def edges(self, graph: Graph) -> tuple[int, int]:
+    def plan(self, graph: Graph) -> list[tuple[Tensor, str, list[Node], list[Node], list[Node]]]:
+        """Each region tensor with its classification (see ``_classify``), taken before any edit."""
+        return [(t, *self._classify(graph, t)) for t in self.tensors]
+
+    @staticmethod
+    def edges(plan: list[tuple[Tensor, str, list[Node], list[Node], list[Node]]]) -> tuple[int, int]:
         """(Reshapes that flattening the region removes, Reshapes it adds at the region's edges)."""
         removed = added = 0
-        for t in self.tensors:
-            kind, drop, _, needs = self._classify(graph, t)
+        for _, kind, drop, _, needs in plan:
             removed += len(drop) + (kind == "unflatten")
             added += 1 if kind == "other" else int(bool(needs))
         return removed, added
 
-    def apply(self, graph: Graph, prefix: str) -> None:
+    def apply(self, graph: Graph, plan: list[tuple[Tensor, str, list[Node], list[Node], list[Node]]], prefix: str) -> None:
         flat = int(np.prod(self.lead))
-        plan = [(t, *self._classify(graph, t)) for t in self.tensors]
         for node in self.ops.values():
             if "axis" in node.attrs and is_onnx_op(node, "LayerNormalization", "Split"):
                 node.attrs["axis"] = -1
@@ -322,7 +315,7 @@ class _Region:
             graph.remove_nodes(drop)
             _rewire(keep, t, src)
             if kind == "unflatten":
-                graph.remove_nodes([graph.producer(t)])
+                graph.remove_nodes([producer])
             elif kind == "op":
                 t.shape = flat_shape
 

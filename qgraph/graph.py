@@ -601,6 +601,14 @@ class Graph:
             return str(e)
         return None
 
+    def infer_shapes_if_missing(self, tensors: Iterable[Tensor], who: str) -> None:
+        """Infer shapes once if any of ``tensors`` has none (pinned graphs carry theirs).
+
+        For passes that can do without shapes: a failure is logged, and sites without shapes are left.
+        """
+        if any(t.shape is None for t in tensors) and (problem := self.try_infer_shapes()) is not None:
+            log.info("%s: %s; sites without shapes are left", who, problem)
+
     def _adopt(self, other: Graph) -> None:
         # Keep lazily loaded values from this graph (import builds fresh ones).
         mine = self._file_values()

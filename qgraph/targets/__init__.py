@@ -66,14 +66,6 @@ class Target:
         raise TargetError(f"target {self.name} has no runtime in qgraph")
 
 
-#: Worker threads spin between the kernels of one run (waking a sleeping worker costs tens of
-#: microseconds per kernel on a VM) and stop spinning when the run returns, so that prefill's and
-#: decode's thread pools, and the Python loop between steps, never compete for the cores. Measured on
-#: gpt2-small, 300 alternating decode steps: -0.5 to -0.6 ms/token against no spinning (PERFORMANCE.md);
-#: spinning that outlives the run made prefill after decode 104 ms instead of 60.
-SPIN = True
-
-
 class CpuTarget(Target):
     """ONNX Runtime's CPU provider: the compiled graph is ORT's optimized graph."""
 
@@ -131,7 +123,11 @@ class CpuTarget(Target):
 
         so = self._options(threads or options.get("threads"))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")
+        # Workers spin between the kernels of a run (waking a sleeping worker costs tens of microseconds per
+        # kernel on a VM) and stop when the run returns, so prefill's and decode's pools and the Python loop
+        # between steps never compete for the cores (spinning that outlived the run made prefill after decode
+        # 104 ms instead of 60). Decode -0.5 to -0.6 ms/token against no spinning (PERFORMANCE.md).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.force_spinning_stop", "1")
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
