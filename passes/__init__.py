@@ -6,6 +6,7 @@ from passes.cleanup import Cleanup
 from passes.clip_fp16 import ClipFp16
 from passes.fold_constants import FoldConstants
 from passes.fuse_attention import FuseAttention
+from passes.fuse_decode_attention import FuseDecodeAttention
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
@@ -32,6 +33,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         FuseAttention,
         SimplifyShapes,
         FuseSkipLayerNorm,
+        FuseDecodeAttention,
     )
 }
 
@@ -41,6 +43,7 @@ __all__ = [
     "ClipFp16",
     "FoldConstants",
     "FuseAttention",
+    "FuseDecodeAttention",
     "FuseGelu",
     "FuseLayerNorm",
     "FuseRmsNorm",

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from passcheck import assert_same_outputs, session
+from passcheck import assert_same_outputs, run_shared_state, session
 
 from qgraph.errors import QGraphError
 from qgraph.golden import canonical_text
@@ -54,6 +54,7 @@ class Case:
     kv: dict[str, Any] | None = None  # retain-kv-cache: compare through a decode step
     feeds: dict[str, np.ndarray] | None = None  # inputs that must have these values (e.g. indices in range)
     custom_node: str | None = None  # a node moved to a custom domain: it must survive, and ORT cannot run the graph
+    shared_state: bool = False  # run the rewritten graph with each cache updated in place (as the runtime binds it)
     idempotent: bool = True
 
     def __repr__(self) -> str:
@@ -937,6 +938,83 @@ def skip_layer_norm_cases(draw: Any) -> Case:
     return Case("fuse-skip-layer-norm", b.model(), FuseSkipLayerNorm, tuple(tags), atol=1e-4, rtol=1e-3, custom_node=custom)
 
 
+@st.composite
+def decode_attention_cases(draw: Any) -> Case:
+    """One-token attention over a retained cache, as retain-kv-cache and fuse-attention leave it, with near misses."""
+    from passes import FuseDecodeAttention
+
+    opset = draw(st.sampled_from([17, 18]))
+    b = Builder(opset, const_nodes=draw(st.booleans()))
+    b.domains["com.microsoft"] = 1
+    bad = _perturbation(draw, ["shifted_mask", "other_indices", "past_reader", "head4", "slot_unproven", "two_tokens"])
+    bsz, heads, ctx = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(4, 9))
+    h = 4 if bad == "head4" else draw(st.sampled_from([8, 16]))
+    s_len = 2 if bad == "two_tokens" else 1
+    d = heads * h
+    tags = [f"B={bsz} N={heads} H={h} C={ctx} S={s_len}", f"bad={bad}"]
+    pos = b.input("position_ids", I64, [bsz, s_len])
+    zero = b.const(np.int64(0), np.int64)
+    # mask[b, 0, q, j] = 0 if j <= pos[b, q] else -10000
+    shown_pos = b.op("Add", [pos, b.const(np.int64(1), np.int64)]) if bad == "shifted_mask" else pos
+    visible = b.op("LessOrEqual", [b.const(np.arange(ctx).reshape(1, 1, 1, ctx), np.int64), b.unsqueeze(shown_pos, [1, 3])])
+    mask = b.op("Where", [visible, b.const(np.float32(0), np.float32), b.const(np.float32(-10000), np.float32)])
+    # The slot written: the position itself, or retain-kv-cache's padding chain around it.
+    spelling = "unproven" if bad == "slot_unproven" else draw(st.sampled_from(["plain", "chain"]))
+    tags.append(f"slot={spelling}")
+    if spelling == "chain":
+        axes = b.const([1], np.int64)
+        maxpos = b.op("ReduceMax", [pos, axes], keepdims=1) if opset >= 18 else b.op("ReduceMax", [pos], axes=[1], keepdims=1)
+        target = b.op("Where", [b.op("GreaterOrEqual", [pos, zero]), pos, maxpos])
+        slot = b.op("Where", [b.op("Less", [target, zero]), b.const(np.int64(ctx - 1), np.int64), target])
+    elif spelling == "unproven":  # equal to the position only by the feeds' luck
+        slot = b.op("Max", [pos, zero])
+    else:
+        slot = pos
+    slot4 = b.unsqueeze(slot, [1, 3])
+    if heads > 1 or s_len > 1 or draw(st.booleans()):
+        slot4 = b.op("Expand", [slot4, b.const([bsz, heads, s_len, 1], np.int64)])
+    grids = np.meshgrid(np.arange(bsz), np.arange(heads), np.zeros(s_len, np.int64), indexing="ij")
+    parts = [b.const(g[..., None].astype(np.int64), np.int64) for g in grids[:2]]
+    indices = b.op("Concat", [*parts, slot4], axis=-1)
+    value_indices = b.op("Concat", [*parts, slot4], axis=-1) if bad == "other_indices" else indices
+    # q, k, v: one packed projection split three ways, or three inputs.
+    if draw(st.booleans()):
+        qkv = b.input("qkv", F32, [bsz, s_len, 3 * d])
+        if opset >= 18:
+            q, k, v = (b.fresh() for _ in range(3))
+            b.nodes.append(helper.make_node("Split", [qkv], [q, k, v], name=b.fresh("n"), axis=-1, num_outputs=3))
+        else:
+            q, k, v = (b.fresh() for _ in range(3))
+            b.nodes.append(helper.make_node("Split", [qkv, b.const([d, d, d], np.int64)], [q, k, v], name=b.fresh("n"), axis=2))
+        tags.append("packed")
+    else:
+        q, k, v = (b.input(n, F32, [bsz, s_len, d]) for n in ("q", "k", "v"))
+    outs = {}
+    for role, x, idx in (("key", k, indices), ("value", v, value_indices)):
+        if s_len > 1:  # the head split of several tokens moves elements
+            x4 = b.op("Transpose", [b.op("Reshape", [x, b.const([bsz, s_len, heads, h], np.int64)])], perm=[0, 2, 1, 3])
+        elif heads == 1 and draw(st.booleans()):
+            x4 = b.unsqueeze(x, [1])
+        else:
+            x4 = b.op("Reshape", [x, b.const([bsz, heads, 1, h], np.int64)])
+        past = b.input(f"past_{role}.0", F32, [bsz, heads, ctx, h])
+        if role == "key" and bad == "past_reader":
+            b.output(b.op("ReduceSum", [past], keepdims=0), F32, [])
+        outs[role] = b.op("ScatterND", [past, idx, x4], out=f"past_{role}.0_RetainedState")
+        b.output(outs[role], F32, [bsz, heads, ctx, h])
+    attrs = {"num_heads": heads} | ({"scale": float(draw(st.sampled_from([0.5, 1 / np.sqrt(h)])))} if draw(st.booleans()) else {})
+    y = b.fresh()
+    b.nodes.append(helper.make_node("MultiHeadAttention", [q, outs["key"], outs["value"], "", "", mask], [y], name=b.fresh("n"),
+                                    domain="com.microsoft", **attrs))  # fmt: skip
+    b.output(y, F32, [bsz, s_len, d])
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    positions = rng.integers(0, ctx - 1, (bsz, s_len)) if bad == "shifted_mask" else rng.integers(0, ctx, (bsz, s_len))
+    if s_len > 1:
+        positions = np.sort(positions, axis=1)
+    return Case("fuse-decode-attention", b.model(), FuseDecodeAttention, tuple(tags), atol=1e-4, rtol=1e-3,
+                feeds={"position_ids": positions.astype(np.int64)}, shared_state=True)  # fmt: skip
+
+
 #: The strategy of each pass, by name.
 STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-layer-norm": layer_norm_cases(),
@@ -951,6 +1029,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-attention": attention_cases(),
     "simplify-shapes": simplify_shapes_cases(),
     "fuse-skip-layer-norm": skip_layer_norm_cases(),
+    "fuse-decode-attention": decode_attention_cases(),
 }
 
 
@@ -1022,12 +1101,17 @@ def _compare(before: Graph, after: Graph, case: Case) -> None:
                 full[i.name] = (rng.integers(0, 2, shape).astype(bool) if "bool" in i.type else
                                 rng.standard_normal(shape).astype(np.float32) if "float" in i.type else rng.integers(-5, 5, shape))  # fmt: skip
         ra = sa.run(names, {k: v for k, v in full.items() if k in inputs})
-        rb = sb.run(names, {k: v for k, v in full.items() if k in {i.name for i in sb.get_inputs()}})
+        feeds_b = {k: v for k, v in full.items() if k in {i.name for i in sb.get_inputs()}}
+        if case.shared_state:
+            by_name = dict(zip([o.name for o in sb.get_outputs()], run_shared_state(sb, feeds_b)))
+            rb = [by_name[n] for n in names]
+        else:
+            rb = sb.run(names, feeds_b)
         for name, x, y in zip(names, ra, rb):
             np.testing.assert_allclose(y, x, atol=case.atol, rtol=case.rtol, err_msg=f"output {name} differs")
         return
     for seed in (0, 1):
-        assert_same_outputs(before, after, atol=case.atol, rtol=case.rtol, seed=seed, dims=case.dims)
+        assert_same_outputs(before, after, atol=case.atol, rtol=case.rtol, seed=seed, dims=case.dims, shared_state=case.shared_state)
 
 
 def _compare_decode_step(raw: Graph, retained: Graph, case: Case) -> None:

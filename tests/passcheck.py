@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qgraph.contract import RETAINED_SUFFIX
 from qgraph.golden import canonical_text
 from qgraph.graph import Graph
 from qgraph.pass_manager import Pass, PassResult
@@ -47,15 +48,49 @@ def random_feeds(sess: ort.InferenceSession, seed: int = 0, dims: dict[str, int]
     return feeds
 
 
+def run_shared_state(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run with each ``past`` input and its ``<past>_RetainedState`` output bound to one buffer, as the
+    runtime binds them (a step updates its cache in place); returns every output in the session's order."""
+    b = sess.io_binding()
+    names = [o.name for o in sess.get_outputs()]
+    shared = {n + RETAINED_SUFFIX: ort.OrtValue.ortvalue_from_numpy(np.array(v)) for n, v in feeds.items() if n + RETAINED_SUFFIX in names}
+    for name, value in feeds.items():
+        if name + RETAINED_SUFFIX in shared:
+            b.bind_ortvalue_input(name, shared[name + RETAINED_SUFFIX])
+        else:
+            b.bind_cpu_input(name, value)
+    for name in names:  # bound in the session's order, which is the order copy_outputs_to_cpu returns
+        if name in shared:
+            b.bind_ortvalue_output(name, shared[name])
+        else:
+            b.bind_output(name)
+    sess.run_with_iobinding(b)
+    return list(b.copy_outputs_to_cpu())
+
+
 def assert_same_outputs(
-    a: Graph, b: Graph, *, atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0, dims: dict[str, int] | None = None
+    a: Graph,
+    b: Graph,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    seed: int = 0,
+    dims: dict[str, int] | None = None,
+    shared_state: bool = False,
 ) -> None:
-    """Run both graphs on the same random inputs and compare every output."""
+    """Run both graphs on the same random inputs and compare every output.
+
+    ``shared_state``: run ``b`` with its caches updated in place (:func:`run_shared_state`)."""
     sa, sb = session(a), session(b)
     feeds = random_feeds(sa, seed, dims)
     names = [o.name for o in sa.get_outputs()]
     ra = sa.run(names, feeds)
-    rb = sb.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}})
+    feeds_b = {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}}
+    if shared_state:
+        rb = dict(zip([o.name for o in sb.get_outputs()], run_shared_state(sb, feeds_b)))
+        rb = [rb[n] for n in names]
+    else:
+        rb = sb.run(names, feeds_b)
     for name, x, y in zip(names, ra, rb):
         np.testing.assert_allclose(y, x, atol=atol, rtol=rtol, err_msg=f"output {name} differs")
 
@@ -75,6 +110,7 @@ def check_case(
     expect_modified: bool,
     expect_stats: dict[str, Any] | None = None,
     atol: float = 1e-5,
+    shared_state: bool = False,
 ) -> Graph:
     """The standard pass test for ``tests/golden/<pass>/<case>``; returns the result."""
     p = make_pass()
@@ -92,7 +128,7 @@ def check_case(
     golden.check(out, f"{p.name}/{case}.after.onnxtxt")
     if not expect_modified:
         assert canonical_text(out) == canonical_text(before), "a pass that reports no change must not change the graph"
-    assert_same_outputs(before, out, atol=atol)
+    assert_same_outputs(before, out, atol=atol, shared_state=shared_state)
     again = run_pass(make_pass(), out)
     assert again.modified is False, f"{p.name} is not idempotent on {case}: second run stats {again.stats}"
     return out

@@ -59,7 +59,10 @@ def test_artifact_layout(artifact: Path) -> None:
     for spec in ("prefill", "decode"):  # the cpu target's fuse-attention ran on both
         assert [p["name"] for p in m.pass_reports[spec]["passes"]][2:4] == ["fuse-attention", "simplify-shapes"]
         ops = [n.op_type for n in onnx.load(str(artifact / f"{spec}.onnx"), load_external_data=False).graph.node]
-        assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
+        # One token a step: fuse-decode-attention turned each layer's cache writes and attention into one op.
+        fused = "GroupQueryAttention" if spec == "decode" else "MultiHeadAttention"
+        assert ops.count(fused) == 2 and "Softmax" not in ops
+        assert ("ScatterND" in ops) is (spec == "prefill")
 
 
 def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], artifact: Path, tmp_path: Path) -> None:

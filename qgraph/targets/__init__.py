@@ -79,8 +79,8 @@ class CpuTarget(Target):
         return ["fuse-attention"]
 
     def final_passes(self, options: dict[str, Any]) -> list[str]:
-        # After simplify-shapes, whose 2-D regions grow through Add and LayerNormalization, not through the fused op.
-        return ["fuse-skip-layer-norm"]
+        # After simplify-shapes, whose 2-D regions grow through Add and LayerNormalization, not through the fused ops.
+        return ["fuse-skip-layer-norm", "fuse-decode-attention"]
 
     def _options(self, threads: int | None) -> ort.SessionOptions:
         import onnxruntime as ort

@@ -1,0 +1,248 @@
+"""One-token attention over a retained cache -> ONNX Runtime's
+``com.microsoft.GroupQueryAttention``, which writes the step's keys and values
+into the cache itself (run by the ``cpu`` target on each pinned specialization).
+
+Before (a decode graph after retain-kv-cache, fuse-attention and simplify-shapes;
+B rows, N heads of H, D = N * H, a cache of C slots):
+
+    q, k, v = Split(qkv)                                   # [B, 1, D] each
+    kc = ScatterND(past_key.i, I, Reshape(k, [B, N, 1, H]))    # graph output past_key.i_RetainedState
+    vc = ScatterND(past_value.i, I, Reshape(v, [B, N, 1, H]))  # graph output past_value.i_RetainedState
+    o = MultiHeadAttention(q, kc, vc, attention_bias=M)
+
+with I[b, h, 0] = (b, h, t[b]) and M[b, 0, 0, j] = 0 if j <= p[b] else a large
+negative number (p: the step's positions). After:
+
+    o, kc, vc = GroupQueryAttention(qkv, past_key.i, past_value.i,
+                                    seqlens_k=Cast(t, int32), total_sequence_length=C)
+
+GroupQueryAttention writes the new key and value at slot t[b] and attends to
+slots 0..t[b]. The rewrite needs t[b] = p[b] for every position a row can hold
+(0 <= p < C); it proves that from the graph: t is p, or p passed through
+``Where(x >= 0, x, _)`` / ``Where(x < 0, _, x)``, which retain-kv-cache uses to
+send padding (p = -1) to a harmless slot. For such padding rows the write is the
+same as before, and the row's output (which nothing reads) becomes attention
+over slots 0..t instead of over no slot. Past C both fail, as the ScatterND did.
+
+Per layer and step this is one kernel instead of eight (Split, the head
+Reshapes, two ScatterND, the mask's use, MultiHeadAttention), and attention
+reads only the t+1 filled slots instead of all C.
+
+The cache outputs match the ScatterND's exactly when each past input and its
+``_RetainedState`` output share one buffer, as qgraph's runtime binds them. A
+caller that feeds the outputs back through separate buffers gets slots 0..t
+right and the slots after t undefined; no later step reads a slot before a
+token writes it, so generation is unchanged (the runtime's double-buffered
+mode relies on this).
+
+Declined, with a reason: more than one query token, a head size that is not
+a multiple of 8 (the CPU kernel refuses it at run time), a cache that is not a
+graph input written once by ScatterND and read by this attention alone, key
+and value written at different indices, index or mask structures other than
+the above, a non-float32 cache, and MultiHeadAttention with a bias, a key
+padding mask or its own past.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto
+
+from passes.fold_constants import static_dims
+from passes.fuse_attention import MS_DOMAIN, MS_VERSION
+from passes.fuse_layer_norm import tensor_dtype
+from qgraph.fusion import FusionPass, Match
+from qgraph.graph import Graph, Node, Tensor
+from qgraph.pass_manager import PassResult
+from qgraph.validate import is_onnx_op
+
+#: A mask value at or below this hides a slot (exp underflows to 0 in float32 next to any visible score).
+HIDDEN = -1e4
+# Ops that move a per-row value between [B, 1] and [B, 1, 1, 1] without changing it.
+_ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")
+
+
+class FuseDecodeAttention(FusionPass):
+    """ScatterND cache writes + MultiHeadAttention at one token -> ``com.microsoft.GroupQueryAttention``."""
+
+    name = "fuse-decode-attention"
+    anchors = ("MultiHeadAttention",)
+    stat = "decode_attention"
+
+    def run(self, graph: Graph) -> PassResult:
+        self._seqlens: dict[int, Tensor] = {}
+        candidates = [n for n in graph.nodes if n.op == "MultiHeadAttention"]
+        graph.infer_shapes_if_missing((t for n in candidates for t in n.inputs if t.name), self.name)
+        return super().run(graph)
+
+    def prepare(self, graph: Graph) -> None:
+        graph.import_domain(MS_DOMAIN, MS_VERSION)
+
+    def match(self, graph: Graph, anchor: Node) -> Match | str:
+        if anchor.domain != MS_DOMAIN:
+            return "a MultiHeadAttention outside com.microsoft"
+        ins = anchor.inputs
+        if len(ins) < 6 or not ins[5].name or any(t.name for t in ins[3:5]) or any(t.name for t in ins[6:]):
+            return "the attention takes a bias, a key padding mask or its own past, or no attention bias"
+        if len([t for t in anchor.outputs if t.name]) != 1 or int(anchor.attrs.get("unidirectional", 0)):
+            return "the attention writes presents or is unidirectional"
+        q, mask = ins[0], ins[5]
+        heads = int(anchor.attrs.get("num_heads", 0))
+        qs = static_dims(q.shape, 3)
+        if qs is None or qs[1] != 1:
+            return f"the query is not one token of static shape [B, 1, D] ({q.shape})"
+        b, _, d = qs
+        if heads <= 0 or d % heads:
+            return f"{heads} heads do not divide the hidden size {d}"
+        h = d // heads
+        if h % 8:
+            return f"the head size {h} is not a multiple of 8, which GroupQueryAttention's CPU kernel needs"
+        caches = []
+        for role, t in (("key", ins[1]), ("value", ins[2])):
+            found = self._cache(graph, t, anchor, [b, heads, h])
+            if isinstance(found, str):
+                return f"the {role} cache: {found}"
+            caches.append(found)
+        (key_write, past_k, k), (value_write, past_v, v) = caches
+        if key_write.inputs[1] is not value_write.inputs[1]:
+            return "the key and value caches are written at different indices"
+        ctx = int(past_k.shape[2])
+        if list(past_v.shape) != list(past_k.shape):
+            return "the key and value caches differ in shape"
+        slot = self._slot(graph, key_write.inputs[1], [b, heads])
+        if isinstance(slot, str):
+            return slot
+        pos = self._mask_positions(graph, mask, b, ctx)
+        if isinstance(pos, str):
+            return pos
+        if not _equal_when_valid(graph, slot, pos, b):
+            return "the slot written is not shown to be the position the mask uses"
+        split = graph.producer(q)
+        packed = None
+        if (is_onnx_op(split, "Split") and [t for t in split.outputs] == [q, k, v] and int(split.attrs.get("axis", 0)) in (-1, 2)
+                and static_dims(split.inputs[0].shape) == [b, 1, 3 * d]):  # fmt: skip
+            packed = split.inputs[0]
+        values = {"heads": heads, "batch": b, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
+                  "past_k": past_k, "past_v": past_v}  # fmt: skip
+        return Match([anchor, key_write, value_write], values)
+
+    @staticmethod
+    def _cache(graph: Graph, t: Tensor, anchor: Node, bnh: list[int]) -> tuple[Node, Tensor, Tensor] | str:
+        """(the ScatterND, the past input, the [B, 1, D] keys or values written) of a cache read by ``anchor``."""
+        write = graph.producer(t)
+        if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
+            return "not written by a plain ScatterND"
+        if not graph.is_graph_output(t) or [n for n in t.outputs] != [anchor]:
+            return "the updated cache is not a graph output read by this attention alone"
+        past = write.inputs[0]
+        b, n, h = bnh
+        shape = static_dims(past.shape, 4)
+        if not any(x is past for x in graph.inputs) or [x for x in past.outputs] != [write]:
+            return "the cache written is not a graph input read by its ScatterND alone"
+        if shape is None or shape[:2] != [b, n] or shape[3] != h:
+            return f"the cache has shape {past.shape}, not [{b}, {n}, C, {h}]"
+        if tensor_dtype(graph, past) != TensorProto.FLOAT:
+            return "the cache is not float32"
+        heads = graph.producer(write.inputs[2])  # the head split of one token moves no element
+        if not is_onnx_op(heads, "Reshape", "Unsqueeze") or static_dims(write.inputs[2].shape) != [b, n, 1, h]:
+            return "the step's values are not a Reshape to [B, N, 1, H]"
+        src = heads.inputs[0]
+        if static_dims(src.shape) != [b, 1, n * h]:
+            return f"the head split reads shape {src.shape}, not [{b}, 1, {n * h}]"
+        return write, past, src
+
+    @staticmethod
+    def _slot(graph: Graph, indices: Tensor, bn: list[int]) -> Tensor | str:
+        """The per-row slot t ([B, 1, 1, 1]) of indices I[b, h, 0] = (b, h, t[b])."""
+        b, n = bn
+        concat = graph.producer(indices)
+        if (not is_onnx_op(concat, "Concat") or int(concat.attrs.get("axis", 0)) not in (-1, 3) or len(concat.inputs) != 3
+                or static_dims(indices.shape) != [b, n, 1, 3]):  # fmt: skip
+            return "the scatter indices are not a Concat of (row, head, slot) of shape [B, N, 1, 3]"
+        grids = np.meshgrid(np.arange(b), np.arange(n), indexing="ij")
+        for part, grid in zip(concat.inputs[:2], grids):
+            value = graph.const_value(part)
+            if value is None or value.size != b * n or not np.array_equal(value.reshape(b, n), grid):
+                return "the row and head indices are not the constant grids of a write per row and head"
+        slot = concat.inputs[2]
+        if is_onnx_op(expand := graph.producer(slot), "Expand"):
+            slot = expand.inputs[0]
+        if static_dims(slot.shape) != [b, 1, 1, 1]:
+            return "the slot index is not one value per row (expanded over the heads)"
+        return slot
+
+    @staticmethod
+    def _mask_positions(graph: Graph, mask: Tensor, b: int, ctx: int) -> Tensor | str:
+        """p ([B, 1, 1, 1]) of the mask M[b, 0, 0, j] = 0 if j <= p[b] else hidden."""
+        where = graph.producer(mask)
+        if static_dims(mask.shape) != [b, 1, 1, ctx] or not is_onnx_op(where, "Where"):
+            return f"the attention bias is not a Where of shape [{b}, 1, 1, {ctx}]"
+        shown, hidden = graph.const_value(where.inputs[1]), graph.const_value(where.inputs[2])
+        if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > HIDDEN):
+            return "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
+        compare = graph.producer(where.inputs[0])
+        if not is_onnx_op(compare, "LessOrEqual"):
+            return "the shown slots are not `slot <= position`"
+        slots = graph.const_value(compare.inputs[0])
+        if slots is None or slots.size != ctx or slots.shape[-1] != ctx or not np.array_equal(slots.reshape(-1), np.arange(ctx)):
+            return "the shown slots are not compared against 0..C-1"
+        pos = compare.inputs[1]
+        if static_dims(pos.shape) != [b, 1, 1, 1]:
+            return f"the mask's positions have shape {pos.shape}, not [{b}, 1, 1, 1]"
+        return pos
+
+    def rewrite(self, graph: Graph, m: Match) -> None:
+        mha, key_write, value_write = m.nodes
+        v: dict[str, Any] = m.values
+        b = v["batch"]
+        seqlens = self._seqlens.get(id(v["slot"]))
+        if seqlens is None:
+            rows = graph.add_node("Reshape", [v["slot"], graph.constant(self.name, np.array([b], np.int64))], 1,
+                                  prefix=self.name, before=mha).outputs[0]  # fmt: skip
+            seqlens = graph.add_node("Cast", [rows], 1, {"to": TensorProto.INT32}, prefix=self.name, before=mha).outputs[0]
+            self._seqlens[id(v["slot"])] = seqlens
+        packed = v["packed"]
+        if packed is None:
+            packed = graph.add_node("Concat", [v["q"], v["k"], v["v"]], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
+        total = graph.constant(self.name, np.array(v["ctx"], np.int32))
+        attrs = {"num_heads": v["heads"], "kv_num_heads": v["heads"]}
+        if "scale" in mha.attrs:
+            attrs["scale"] = float(mha.attrs["scale"])
+        outs = [mha.outputs[0], key_write.outputs[0], value_write.outputs[0]]
+        inputs = [packed, graph.omitted(), graph.omitted(), v["past_k"], v["past_v"], seqlens, total]
+        graph.remove_nodes(m.nodes)
+        graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
+
+
+def _row_value(graph: Graph, t: Tensor, b: int) -> Tensor:
+    """``t`` with views that keep its B per-row values (Unsqueeze, Reshape, ...) stripped off."""
+    while True:
+        prod = graph.producer(t)
+        if prod is None or not is_onnx_op(prod, *_ROW_VIEW_OPS):
+            return t
+        src = prod.inputs[0]
+        dims = static_dims(src.shape)
+        if dims is None or int(np.prod(dims)) != b or (dims and dims[0] != b):
+            return t
+        t = src
+
+
+def _equal_when_valid(graph: Graph, t: Tensor, p: Tensor, b: int, depth: int = 8) -> bool:
+    """True if ``t`` provably equals ``p`` wherever p >= 0 (both one value per row)."""
+    t, p = _row_value(graph, t, b), _row_value(graph, p, b)
+    if t is p:
+        return True
+    where = graph.producer(t)
+    if depth == 0 or not is_onnx_op(where, "Where"):
+        return False
+    cond, x, y = where.inputs
+    test = graph.producer(cond)
+    if test is None or graph.scalar(test.inputs[1]) != 0:
+        return False
+    if is_onnx_op(test, "GreaterOrEqual") and test.inputs[0] is x:  # Where(x >= 0, x, _) is x when x >= 0
+        return _equal_when_valid(graph, x, p, b, depth - 1)
+    if is_onnx_op(test, "Less") and test.inputs[0] is y:  # Where(x < 0, _, x) is x when x >= 0
+        return _equal_when_valid(graph, y, p, b, depth - 1)
+    return False

@@ -1,0 +1,91 @@
+"""fuse-decode-attention: ScatterND cache writes + MultiHeadAttention at one token -> GroupQueryAttention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, run_shared_state, session
+
+from passes import FuseDecodeAttention
+from qgraph.graph import Graph
+
+CASES = GOLDEN_DIR / "fuse-decode-attention"
+
+
+def _feeds(graph: Graph, positions: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for t in graph.inputs:
+        if t.name == "position_ids":
+            feeds[t.name] = np.array(positions, np.int64).reshape(t.shape)
+        elif t.name == "input_ids":
+            feeds[t.name] = rng.integers(0, 3, t.shape).astype(np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(np.float32)
+    return feeds
+
+
+def _before_and_after(case: str) -> tuple[Graph, Graph]:
+    text = (CASES / f"{case}.before.onnxtxt").read_text()
+    return Graph.parse(text), run_pass(FuseDecodeAttention(), Graph.parse(text)).graph
+
+
+def test_a_gpt2_layer_reads_its_packed_projection_and_writes_the_cache_in_place(golden: Any) -> None:
+    out = check_case(FuseDecodeAttention, "gpt2_decode", golden, expect_modified=True, expect_stats={"decode_attention": 1},
+                     shared_state=True)  # fmt: skip
+    assert out.op_counts()["GroupQueryAttention"] == 1
+    assert not {"ScatterND", "MultiHeadAttention", "Split", "LessOrEqual"} & set(out.op_counts())
+    (gqa,) = out.nodes_by_op("GroupQueryAttention")
+    assert gqa.domain == "com.microsoft" and gqa.attrs["num_heads"] == gqa.attrs["kv_num_heads"] == 2
+    assert gqa.inputs[0].name == "qkv" and [t.name for t in gqa.inputs[1:5]] == ["", "", "past_key.0", "past_value.0"]
+    assert [t.name for t in gqa.outputs] == ["y", "past_key.0_RetainedState", "past_value.0_RetainedState"]
+    assert out.producer(gqa.inputs[5]).attrs["to"] == 6 and out.scalar(gqa.inputs[6]) == 8  # int32 slots; 8-slot cache
+
+
+def test_separate_projections_are_packed_and_rows_keep_their_own_slots(golden: Any) -> None:
+    out = check_case(FuseDecodeAttention, "toy_decode", golden, expect_modified=True, expect_stats={"decode_attention": 1},
+                     shared_state=True)  # fmt: skip
+    (gqa,) = out.nodes_by_op("GroupQueryAttention")
+    assert out.producer(gqa.inputs[0]).op == "Concat"
+
+
+def test_near_misses_are_declined_with_reasons(golden: Any) -> None:
+    reasons = declined_reasons(FuseDecodeAttention, "near_misses", golden)
+    assert len(reasons) == 5, reasons
+    joined = "\n".join(reasons)
+    for expected in ("not shown to be the position the mask uses", "read by its ScatterND alone",
+                     "written at different indices", "read by this attention alone", "not a multiple of 8"):  # fmt: skip
+        assert expected in joined, (expected, reasons)
+
+
+def test_a_padding_row_writes_the_same_slot_and_valid_rows_are_unchanged() -> None:
+    before, after = _before_and_after("toy_decode")
+    feeds = _feeds(before, [5, -1])  # row 1 is padding: retain-kv-cache sends it to the last slot
+    ref = dict(zip([o.name for o in before.outputs], session(before).run(None, feeds)))
+    got = dict(zip([o.name for o in after.outputs], run_shared_state(session(after), feeds)))
+    for name in ("past_key.0_RetainedState", "past_value.0_RetainedState"):
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-6)
+    np.testing.assert_allclose(got["logits"][0], ref["logits"][0], atol=1e-5)
+
+
+def test_without_shared_buffers_the_slots_up_to_the_step_are_right() -> None:
+    before, after = _before_and_after("gpt2_decode")
+    feeds = _feeds(before, [3])
+    ref = dict(zip([o.name for o in before.outputs], session(before).run(None, feeds)))
+    got = dict(zip([o.name for o in after.outputs], session(after).run(None, feeds)))
+    np.testing.assert_allclose(got["y"], ref["y"], atol=1e-5)
+    for name in ("past_key.0_RetainedState", "past_value.0_RetainedState"):
+        np.testing.assert_allclose(got[name][:, :, :4], ref[name][:, :, :4], atol=1e-6)  # slots 0..3; later ones undefined
+
+
+def test_a_slot_past_the_cache_fails_as_the_scatter_did() -> None:
+    before, after = _before_and_after("gpt2_decode")
+    feeds = _feeds(before, [8])
+    for graph in (before, after):
+        try:
+            run_shared_state(session(graph), feeds)
+        except Exception as e:  # ONNX Runtime's own error: ScatterND's index or GroupQueryAttention's seqlens_k
+            assert "out of" in str(e) or "invalid" in str(e).lower(), e
+        else:
+            raise AssertionError(f"{graph.name} ran with position 8 in an 8-slot cache")
