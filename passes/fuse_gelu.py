@@ -223,4 +223,3 @@ class FuseGelu(OpsetFusionPass):
         last = last_in_order(graph, m.nodes)
         graph.add_node("Gelu", [m.values["x"]], [m.values["y"]], {"approximate": approximate}, prefix=self.name, after=last)
         graph.remove_nodes(m.nodes)
-

@@ -147,10 +147,44 @@ def dtype_name(onnx_type: int | None) -> str:
 # Inputs whose dtype an op's output shares, for the little dtype inference below.
 _SAME_DTYPE_INPUTS: dict[str, tuple[int, ...]] = {
     **{op: (0, 1) for op in ("Add", "Sub", "Mul", "Div", "MatMul", "Max", "Min")},
-    **{op: (0,) for op in ("Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Relu", "Tanh", "Erf", "Exp", "Log", "Sigmoid", "Identity",
-                          "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Gather", "Gemm",
-                          "Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "Dropout", "ReduceMean", "ReduceSum",
-                          "ReduceMax", "ReduceMin", "Split", "Tile", "Pad")},
+    **{
+        op: (0,)
+        for op in (
+            "Pow",
+            "Sqrt",
+            "Reciprocal",
+            "Neg",
+            "Abs",
+            "Relu",
+            "Tanh",
+            "Erf",
+            "Exp",
+            "Log",
+            "Sigmoid",
+            "Identity",
+            "Reshape",
+            "Transpose",
+            "Squeeze",
+            "Unsqueeze",
+            "Flatten",
+            "Expand",
+            "Slice",
+            "Gather",
+            "Gemm",
+            "Softmax",
+            "LayerNormalization",
+            "RMSNormalization",
+            "Gelu",
+            "Dropout",
+            "ReduceMean",
+            "ReduceSum",
+            "ReduceMax",
+            "ReduceMin",
+            "Split",
+            "Tile",
+            "Pad",
+        )
+    },
     "Where": (1, 2),
     "Concat": (0, 1, 2),
 }
@@ -590,8 +624,9 @@ def scale_vector(aff: Affine, rank: int | None, width: int | None) -> tuple[np.n
     return vecs["gamma"], vecs["beta"], next(iter(sizes.values()))
 
 
-def scale_input(graph: Graph, prefix: str, tensor: Tensor | None, value: np.ndarray | None, vec: np.ndarray | None,
-                size: int, dtype: int, fill: float) -> Tensor:
+def scale_input(
+    graph: Graph, prefix: str, tensor: Tensor | None, value: np.ndarray | None, vec: np.ndarray | None, size: int, dtype: int, fill: float
+) -> Tensor:
     """A fused node's scale/bias: the original tensor when it already is a [size] vector of ``dtype``, else a new constant."""
     want = np_dtype(dtype)
     if tensor is not None and value is not None and value.shape == (size,) and value.dtype == want:
@@ -668,7 +703,15 @@ class FuseLayerNorm(OpsetFusionPass):
             return f"the LayerNorm computes in {dtype_name(out_dtype)}, not a float type"
         if self._opset_problem:
             return self._opset_problem
-        values = {"root": root, "out": aff.out, "eps": core.eps, "in_dtype": in_dtype, "out_dtype": out_dtype, "aff": aff, "vectors": vectors}
+        values = {
+            "root": root,
+            "out": aff.out,
+            "eps": core.eps,
+            "in_dtype": in_dtype,
+            "out_dtype": out_dtype,
+            "aff": aff,
+            "vectors": vectors,
+        }
         return Match([n for _, n in roles], values)
 
     @staticmethod

@@ -96,7 +96,15 @@ class FuseRmsNorm(OpsetFusionPass):
             return f"the RMS norm outputs {dtype_name(out_dtype)}, not a float type"
         if self._opset_problem:
             return self._opset_problem
-        values = {"root": root, "out": aff.out, "eps": core.eps, "in_dtype": in_dtype, "out_dtype": out_dtype, "aff": aff, "vectors": vectors}
+        values = {
+            "root": root,
+            "out": aff.out,
+            "eps": core.eps,
+            "in_dtype": in_dtype,
+            "out_dtype": out_dtype,
+            "aff": aff,
+            "vectors": vectors,
+        }
         return Match([n for _, n in roles], values)
 
     def rewrite(self, graph: Graph, m: Match) -> None:

@@ -215,7 +215,9 @@ class RetainKvCache(Pass):
         for t in dropped:
             users = [n.name for n in t.outputs if id(n) in live]
             if users:
-                raise RewriteError(f"input '{t.name}' is still used by {users[:5]} after the rewrite; this graph's attention is not one retain-kv-cache understands")
+                raise RewriteError(
+                    f"input '{t.name}' is still used by {users[:5]} after the rewrite; this graph's attention is not one retain-kv-cache understands"
+                )
         # The replaced machinery (old mask, cache concats) reads inputs that are
         # gone now; drop it here so the graph stays valid between passes.
         graph.remove_nodes([n for n in graph.nodes if id(n) not in live])
@@ -266,21 +268,29 @@ class RetainKvCache(Pass):
         maxpos = self._reduce_max(graph, pos, 1, **n)
         last = self._node(graph, "ArgMax", [pos], {"axis": 1, "keepdims": 1}, **n)
         target = self._node(graph, "Where", [valid, pos, maxpos], **n)
-        target = self._node(graph, "Where", [self._node(graph, "Less", [target, zero], **n), self._const(graph, ctx - 1, np.int64), target], **n)
+        target = self._node(
+            graph, "Where", [self._node(graph, "Less", [target, zero], **n), self._const(graph, ctx - 1, np.int64), target], **n
+        )
         pos_shape = self._node(graph, "Shape", [pos], **n)
         batch, seq = self._dim(graph, pos_shape, 0, **n), self._dim(graph, pos_shape, 1, **n)
         one = self._const(graph, 1, np.int64)
-        seq_range = self._node(graph, "Range", [zero, self._node(graph, "Squeeze", [seq, self._const(graph, [0], np.int64)], **n), one], **n)
+        seq_range = self._node(
+            graph, "Range", [zero, self._node(graph, "Squeeze", [seq, self._const(graph, [0], np.int64)], **n), one], **n
+        )
         src = self._node(graph, "Where", [valid, self._unsqueeze(graph, seq_range, [0], **n), last], **n)
         # indices[b, h, s] = (b, h, target[b, s])
         heads = past.shape[1] if past.shape is not None and isinstance(past.shape[1], int) else None
         if heads is None:
             raise RewriteError(f"the number of heads of '{past.name}' (dim 1) is not a number; pin it before retain-kv-cache")
-        batch_range = self._node(graph, "Range", [zero, self._node(graph, "Squeeze", [batch, self._const(graph, [0], np.int64)], **n), one], **n)
+        batch_range = self._node(
+            graph, "Range", [zero, self._node(graph, "Squeeze", [batch, self._const(graph, [0], np.int64)], **n), one], **n
+        )
         b_idx = self._node(graph, "Reshape", [batch_range, self._const(graph, [-1, 1, 1, 1], np.int64)], **n)
         h_idx = self._const(graph, np.arange(heads).reshape(1, heads, 1, 1), np.int64)
         t_idx = self._unsqueeze(graph, target, [1, 3], **n)
-        full = self._node(graph, "Concat", [batch, self._const(graph, [heads], np.int64), seq, self._const(graph, [1], np.int64)], {"axis": 0}, **n)
+        full = self._node(
+            graph, "Concat", [batch, self._const(graph, [heads], np.int64), seq, self._const(graph, [1], np.int64)], {"axis": 0}, **n
+        )
         parts = [self._node(graph, "Expand", [x, full], **n) for x in (b_idx, h_idx, t_idx)]
         indices = self._node(graph, "Concat", parts, {"axis": -1}, **n)
         is_last = self._node(graph, "Equal", [pos, maxpos], **n)

@@ -25,4 +25,17 @@ def __getattr__(name: str) -> object:
         return Runtime
     raise AttributeError(f"module 'qgraph' has no attribute {name!r}")
 
-__all__ = ["Graph", "Pass", "PassManager", "PassRecord", "PassResult", "QGraphError", "Report", "AutoModelForCausalLM", "Runtime", "optimize", "__version__"]
+
+__all__ = [
+    "Graph",
+    "Pass",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "QGraphError",
+    "Report",
+    "AutoModelForCausalLM",
+    "Runtime",
+    "optimize",
+    "__version__",
+]

@@ -130,7 +130,9 @@ class AutoModelForCausalLM:
         self._ctx_len: int | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str = "tiny-gpt2", *, trust_remote_code: bool = False, progress: Progress | None = None) -> AutoModelForCausalLM:
+    def from_pretrained(
+        cls, model: str = "tiny-gpt2", *, trust_remote_code: bool = False, progress: Progress | None = None
+    ) -> AutoModelForCausalLM:
         """Name a model: a hub id, a local Hugging Face folder, or ``tiny-gpt2``."""
         from qgraph.hf import resolve_model
 

@@ -157,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
     else:
         for i, row in enumerate(out.text or out.tokens):
-            prefix = (args.prompt[i] if args.prompt else "")
+            prefix = args.prompt[i] if args.prompt else ""
             print(f"[{i}] {prefix}{row}")
     print()
     print(out.stats.table())
@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, the kernel ceiling and the memory bound")
-    p.add_argument("--model", default="random:gpt2", help="hub id, folder, tiny-gpt2, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)")
+    p.add_argument(
+        "--model",
+        default="random:gpt2",
+        help="hub id, folder, tiny-gpt2, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)",
+    )
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")

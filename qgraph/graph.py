@@ -156,7 +156,9 @@ class Graph:
             model = onnx.load(str(p), load_external_data=False)
         except Exception as e:  # protobuf raises several unrelated types
             first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelLoadError(f"{p} is not a readable ONNX model ({type(e).__name__}: {first}); check that it is a complete .onnx file") from None
+            raise ModelLoadError(
+                f"{p} is not a readable ONNX model ({type(e).__name__}: {first}); check that it is a complete .onnx file"
+            ) from None
         try:
             return cls.from_proto(model, base_dir=p.parent)
         except ModelLoadError as e:
@@ -431,11 +433,7 @@ class Graph:
         return model
 
     def _file_values(self) -> dict[str, _FileValues]:
-        return {
-            t.name: t._values
-            for t in self._gs.tensors().values()
-            if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)
-        }
+        return {t.name: t._values for t in self._gs.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
 
     def to_proto_inline(self) -> onnx.ModelProto:
         """The ModelProto with every weight inline (for small models and ORT from bytes)."""

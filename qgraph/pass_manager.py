@@ -140,7 +140,11 @@ def validate_order(passes: Sequence[Pass], initial_facts: Iterable[str] = ()) ->
             hints = []
             for f in missing:
                 later = producers.get(f)
-                hints.append(f"'{f}' (produced by {', '.join(later)}, which must come first)" if later else f"'{f}' (no pass in the pipeline produces it)")
+                hints.append(
+                    f"'{f}' (produced by {', '.join(later)}, which must come first)"
+                    if later
+                    else f"'{f}' (no pass in the pipeline produces it)"
+                )
             raise PassOrderError(f"pass #{i} '{p.name}' requires {', '.join(hints)}")
         facts -= set(p.invalidates)
         facts |= set(p.produces)
@@ -185,6 +189,13 @@ class PassManager:
                 rec.checked = True
             report.records.append(rec)
             done.append(p.name)
-            log.info("%s: %s, %d -> %d nodes, %.1f ms %s", p.name, "changed" if rec.modified else "unchanged",
-                     before, rec.nodes_after, seconds * 1e3, rec.stats or "")
+            log.info(
+                "%s: %s, %d -> %d nodes, %.1f ms %s",
+                p.name,
+                "changed" if rec.modified else "unchanged",
+                before,
+                rec.nodes_after,
+                seconds * 1e3,
+                rec.stats or "",
+            )
         return graph, report

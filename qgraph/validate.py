@@ -125,7 +125,9 @@ def _tensor_bytes(t: TensorProto, where: str) -> int | None:
         except (KeyError, TypeError, ValueError):
             return None  # a type this onnx cannot size: nothing to compare with
     if nbytes > MAX_TENSOR_BYTES:
-        raise InvalidModelError(f"{where} would take {nbytes} bytes (shape {dims}), more than the {MAX_TENSOR_BYTES >> 40} TiB limit; the dimensions are absurd")
+        raise InvalidModelError(
+            f"{where} would take {nbytes} bytes (shape {dims}), more than the {MAX_TENSOR_BYTES >> 40} TiB limit; the dimensions are absurd"
+        )
     return nbytes
 
 
@@ -250,7 +252,9 @@ def _external_ref(t: TensorProto, nbytes: int | None, base_dir: Path | None) -> 
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else nbytes
     except ValueError:
-        raise InvalidModelError(f"external data of tensor '{t.name}' has a non-numeric offset or length ({info}); re-export the model") from None
+        raise InvalidModelError(
+            f"external data of tensor '{t.name}' has a non-numeric offset or length ({info}); re-export the model"
+        ) from None
     if length is None:
         raise InvalidModelError(f"external data of tensor '{t.name}' ({_dtype_name(t.data_type)}) gives no length; re-export the model")
     if nbytes is not None and length != nbytes:
@@ -302,7 +306,9 @@ def _check_ops(model: onnx.ModelProto) -> None:
         if imp.version < 1:
             raise InvalidModelError(f"the model imports opset {imp.version} of {shown}; opset versions start at 1: re-export the model")
         if domain == "" and imp.version > newest:
-            raise InvalidModelError(f"the model imports opset {imp.version}, newer than this onnx ({onnx.__version__}) knows ({newest}); upgrade onnx or export at opset {newest} or lower")
+            raise InvalidModelError(
+                f"the model imports opset {imp.version}, newer than this onnx ({onnx.__version__}) knows ({newest}); upgrade onnx or export at opset {newest} or lower"
+            )
         opsets[domain] = imp.version
     functions = {(f.domain, f.name) for f in model.functions}
     for node in model.graph.node:
@@ -348,7 +354,9 @@ def _check_structure(g: GraphProto) -> list[int]:
                     "each tensor must be produced once"
                 )
             if name in given:
-                raise InvalidModelError(f"node {_label(node, i)} writes '{name}', which is a graph input or initializer; rename one of them")
+                raise InvalidModelError(
+                    f"node {_label(node, i)} writes '{name}', which is a graph input or initializer; rename one of them"
+                )
             producer[name] = i
     for i, node in enumerate(g.node):
         for name in node.input:
@@ -425,4 +433,6 @@ def _check_types(model: onnx.ModelProto, order: list[int]) -> None:
             first = re.sub(r"\[\w+InferenceError\]\s*|Inference error\(s\):\s*", "", lines[0])
             first = re.sub(r"\((\d+)\) vs \((\d+)\)", lambda m: f"{_dtype_name(int(m[1]))} vs {_dtype_name(int(m[2]))}", first)
             more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-            raise InvalidModelError(f"the graph's types do not agree: {first}{more}; fix the dtypes of the inputs or re-export the model") from None
+            raise InvalidModelError(
+                f"the graph's types do not agree: {first}{more}; fix the dtypes of the inputs or re-export the model"
+            ) from None

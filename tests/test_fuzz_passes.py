@@ -35,4 +35,6 @@ def test_pass_declines_or_rewrites_correctly(name: str, caplog: pytest.LogCaptur
     run()
     print(f"{name}: {dict(counts)}")
     assert sum(counts.values()) >= EXAMPLES // 2, counts
-    assert counts["rewrite"] >= MIN_REWRITES, f"{name}: only {counts['rewrite']} rewrites in {dict(counts)}; the strategy misses the pattern"
+    assert counts["rewrite"] >= MIN_REWRITES, (
+        f"{name}: only {counts['rewrite']} rewrites in {dict(counts)}; the strategy misses the pattern"
+    )

@@ -55,4 +55,8 @@ def test_cli_dry_run_prints_the_command(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "qgraph.cli", "compile", str(RAW), "--target", "qaic", "-o", str(tmp_path / "a"),
                           "--prefill-seq-len", "16", "--ctx-len", "64", "--dry-run"], capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert "qaic-exec" in res.stdout and "-retained-state" in res.stdout and "-network-specialization-config=specializations.json" in res.stdout
+    assert (
+        "qaic-exec" in res.stdout
+        and "-retained-state" in res.stdout
+        and "-network-specialization-config=specializations.json" in res.stdout
+    )

@@ -39,7 +39,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "qgraph.cli", *args]
 
 
-def _run_all(commands: list[list[str]], env: dict[str, str] | None = None, timeout: float = 120, jobs: int = 3) -> list[subprocess.CompletedProcess[str]]:
+def _run_all(
+    commands: list[list[str]], env: dict[str, str] | None = None, timeout: float = 120, jobs: int = 3
+) -> list[subprocess.CompletedProcess[str]]:
     """Run commands a few at a time (the machine is small); a command that hangs fails the test."""
     results: list[subprocess.CompletedProcess[str] | None] = [None] * len(commands)
     running: list[tuple[int, subprocess.Popen[str], float]] = []
@@ -464,7 +466,10 @@ def test_bad_optimize_arguments_and_paths_are_one_line_errors(tmp_path: Path) ->
     (tmp_path / "a_file").write_text("not a folder")
     cases = {
         "ctx_len 0": (["optimize", str(OPTIMUM), "-o", str(tmp_path / "o.onnx"), "--ctx-len", "0"], "ctx_len must be at least 1, got 0"),
-        "batch 0": (["optimize", str(OPTIMUM), "-o", str(tmp_path / "o.onnx"), "--batch-size", "0", "--seq-len", "4"], "batch size must be at least 1"),
+        "batch 0": (
+            ["optimize", str(OPTIMUM), "-o", str(tmp_path / "o.onnx"), "--batch-size", "0", "--seq-len", "4"],
+            "batch size must be at least 1",
+        ),
         "output under a file": (["optimize", str(OPTIMUM), "-o", str(tmp_path / "a_file" / "o.onnx")], "check the path"),
         "a folder": (["inspect", str(tmp_path)], "no ONNX file at"),
         "missing argument": (["optimize", str(OPTIMUM)], "the following arguments are required: -o/--output"),

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from fuzz_strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pass", dest="passes", action="append", choices=sorted(STRATEGIES), help="a pass to fuzz (repeatable; default: all)")
+    parser.add_argument(
+        "--pass", dest="passes", action="append", choices=sorted(STRATEGIES), help="a pass to fuzz (repeatable; default: all)"
+    )
     parser.add_argument("--examples", type=int, default=300, help="examples per pass (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--show", type=int, default=3, help="failures to print in full per pass (default 3)")
