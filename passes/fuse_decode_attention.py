@@ -121,7 +121,7 @@ class FuseDecodeAttention(FusionPass):
             return "the slot written is not shown to be the position the mask uses"
         split = graph.producer(q)
         packed = None
-        if (is_onnx_op(split, "Split") and [t for t in split.outputs] == [q, k, v] and int(split.attrs.get("axis", 0)) in (-1, 2)
+        if (is_onnx_op(split, "Split") and _same(split.outputs, [q, k, v]) and int(split.attrs.get("axis", 0)) in (-1, 2)
                 and static_dims(split.inputs[0].shape) == [b, 1, 3 * d]):  # fmt: skip
             packed = split.inputs[0]
         values = {"heads": heads, "batch": b, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
@@ -134,12 +134,12 @@ class FuseDecodeAttention(FusionPass):
         write = graph.producer(t)
         if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
             return "not written by a plain ScatterND"
-        if not graph.is_graph_output(t) or [n for n in t.outputs] != [anchor]:
+        if not graph.is_graph_output(t) or not _same(t.outputs, [anchor]):
             return "the updated cache is not a graph output read by this attention alone"
         past = write.inputs[0]
         b, n, h = bnh
         shape = static_dims(past.shape, 4)
-        if not any(x is past for x in graph.inputs) or [x for x in past.outputs] != [write]:
+        if not any(x is past for x in graph.inputs) or not _same(past.outputs, [write]):
             return "the cache written is not a graph input read by its ScatterND alone"
         if shape is None or shape[:2] != [b, n] or shape[3] != h:
             return f"the cache has shape {past.shape}, not [{b}, {n}, C, {h}]"
@@ -214,6 +214,11 @@ class FuseDecodeAttention(FusionPass):
         inputs = [packed, graph.omitted(), graph.omitted(), v["past_k"], v["past_v"], seqlens, total]
         graph.remove_nodes(m.nodes)
         graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
+
+
+def _same(items: Any, expected: list[Any]) -> bool:
+    """The same objects in the same order (not onnx-graphsurgeon's equality, which compares by name or content)."""
+    return len(items) == len(expected) and all(a is b for a, b in zip(items, expected))
 
 
 def _row_value(graph: Graph, t: Tensor, b: int) -> Tensor:
