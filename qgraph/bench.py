@@ -413,11 +413,19 @@ def _paired_overhead(rt: Any, ceiling_sess: Any, feeds: dict[str, np.ndarray], p
     diffs = []
     for i in range(PAIRS):
         pos = np.full((rt.batch_size, 1), prompt_len + i % max(1, ctx - prompt_len), np.int64)
-        t = time.perf_counter()
-        rt.step("decode", ids, pos)
-        mid = time.perf_counter()
-        ceiling_sess.run(None, feeds)
-        diffs.append((mid - t) - (time.perf_counter() - mid))
+        # Which side runs first alternates: the second of two back-to-back runs may gain or lose from the first.
+        t0 = time.perf_counter()
+        if i % 2:
+            ceiling_sess.run(None, feeds)
+        else:
+            rt.step("decode", ids, pos)
+        t1 = time.perf_counter()
+        if i % 2:
+            rt.step("decode", ids, pos)
+        else:
+            ceiling_sess.run(None, feeds)
+        first, second = t1 - t0, time.perf_counter() - t1
+        diffs.append(second - first if i % 2 else first - second)
     return statistics.median(diffs)
 
 
