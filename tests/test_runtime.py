@@ -125,6 +125,18 @@ def test_worker_threads_stop_spinning_when_a_step_returns(artifact: Path) -> Non
     assert burnt < 0.02, f"{burnt:.3f} s of CPU burnt while the runtime was idle"
 
 
+def test_reset_zeroes_the_bound_buffers_in_both_modes(artifact: Path) -> None:
+    # reset() fills the numpy arrays the OrtValues wrap; this reads the caches back through the OrtValues.
+    for inplace in (True, False):
+        rt = Runtime(artifact, inplace=inplace)
+        rt.generate([PROMPTS[0]], max_new_tokens=3)
+        assert any(np.any(v != 0) for v in rt.cache().values())
+        rt.reset()
+        assert all(np.all(v == 0) for v in rt.cache().values())
+        rt._flipped = True  # the other buffer set of the copying mode, too
+        assert all(np.all(v == 0) for v in rt.cache().values())
+
+
 def test_in_place_kv_equals_copying(artifact: Path) -> None:
     a, b = Runtime(artifact, inplace=True), Runtime(artifact, inplace=False)
     assert a.inplace and not b.inplace
