@@ -135,3 +135,21 @@ def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
     res = _cli("--model", "tiny-gpt2", "--rounds", "0", "--output", str(out))
     assert res.returncode == 2 and "--rounds must be at least 1" in res.stderr
     assert not out.exists()
+
+
+def test_ab_decode_tool_compares_two_artifacts_in_both_orders(bench: tuple[BenchReport, Path], tmp_path: Path) -> None:
+    _, work = bench
+    tool, art = Path(__file__).parents[1] / "tools" / "ab_decode.py", str(work / "cpu")
+    cmd = [sys.executable, str(tool), art, art, "--steps", "20", "--prefills", "4", "--threads", "1", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["max_logits_diff"] == 0.0  # one artifact against itself: the same logits
+    for order in ("a_then_b", "b_then_a"):
+        assert r[order]["decode_first_ms"] > 0 and r[order]["decode_second_ms"] > 0
+    # The effect and the bias are the half difference and the half sum of the two orders' medians.
+    ab, ba = r["a_then_b"]["decode_diff_ms"], r["b_then_a"]["decode_diff_ms"]
+    assert r["decode_effect_ms"] == pytest.approx((ab - ba) / 2) and r["decode_second_opened_bias_ms"] == pytest.approx((ab + ba) / 2)
+    assert np.isfinite(r["prefill_effect_ms"])
+    bad = subprocess.run([sys.executable, str(tool), art, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a compiled artifact" in bad.stderr
