@@ -10,6 +10,11 @@ accelerator's queue). At gpt2-small decode this pass removes 24
   whose indices have the data's shape is the data itself: the only valid index
   on a size-1 axis is 0 (or -1). retain-kv-cache's gather of the valid new
   tokens is this at decode (one token).
+* ``GatherElements(data, Expand(I), axis)`` whose line of indices ``I`` varies
+  along ``axis`` alone is ``Gather(data, I as 1-D, axis)``: rows copied whole
+  instead of element by element. retain-kv-cache's copy of the last valid token
+  into padding positions is this at prefill with one row (24 in GPT-2:
+  prefill -0.5 ms).
 * a ``Transpose`` that only moves size-1 axes keeps the elements in order: it
   becomes a ``Reshape`` to its output shape.
 * ``Reshape(Reshape(x))`` reads ``x`` directly, with the outer output shape.
@@ -74,6 +79,7 @@ class SimplifyShapes(Pass):
         def count(key: str, n: int = 1) -> None:
             stats[key] = stats.get(key, 0) + n
 
+        lines: dict[int, Tensor] = {}  # 1-D index per shared line of indices
         for node in list(graph.nodes):
             if not node.outputs or not node.inputs:
                 continue  # removed earlier in this sweep
@@ -81,6 +87,9 @@ class SimplifyShapes(Pass):
             if is_onnx_op(node, "GatherElements") and self._unit_gather(node):
                 if self._bypass(graph, node, node.inputs[0]):
                     count("gather_elements")
+            elif is_onnx_op(node, "GatherElements") and (line := self._line_indices(graph, node)) is not None:
+                self._to_gather(graph, node, line, lines)
+                count("gather_elements_to_gather")
             elif is_onnx_op(node, "Transpose") and self._unit_transpose(node):
                 shape = _static(out)
                 assert shape is not None
@@ -126,6 +135,40 @@ class SimplifyShapes(Pass):
         axis = int(node.attrs.get("axis", 0))
         axis = axis + len(shape) if axis < 0 else axis
         return 0 <= axis < len(shape) and shape[axis] == 1
+
+    @staticmethod
+    def _line_indices(graph: Graph, node: Node) -> Tensor | None:
+        """The line ``I`` of ``GatherElements(data, Expand(I), axis)`` when ``I`` varies along ``axis`` only.
+
+        Then every position along the other axes gathers the same index, which is
+        ``Gather(data, I as 1-D, axis)``: one row copy per index instead of one
+        element per index (retain-kv-cache's padding copy at prefill with one row).
+        """
+        data, indices = node.inputs[0], node.inputs[1]
+        shape, ishape = _static(data), _static(indices)
+        if shape is None or ishape is None or len(shape) != len(ishape) or _static(node.outputs[0]) != ishape:
+            return None
+        axis = int(node.attrs.get("axis", 0))
+        axis = axis + len(shape) if axis < 0 else axis
+        if not 0 <= axis < len(shape) or any(ishape[j] != shape[j] for j in range(len(shape)) if j != axis):
+            return None
+        expand = graph.producer(indices)
+        line = expand.inputs[0] if is_onnx_op(expand, "Expand") else indices
+        lshape = _static(line)
+        if lshape is None or len(lshape) != len(shape) or lshape[axis] != ishape[axis]:
+            return None
+        return line if all(d == 1 for j, d in enumerate(lshape) if j != axis) else None
+
+    def _to_gather(self, graph: Graph, node: Node, line: Tensor, lines: dict[int, Tensor]) -> None:
+        flat = lines.get(id(line))
+        if flat is None:
+            n = int(np.prod(_static(line) or [1]))
+            reshape = graph.add_node(
+                "Reshape", [line, graph.constant(self.name, np.array([n], np.int64))], 1, prefix=self.name, before=node
+            )
+            flat = lines[id(line)] = reshape.outputs[0]
+        node.op = "Gather"
+        node.inputs[1] = flat
 
     @staticmethod
     def _unit_transpose(node: Node) -> bool:

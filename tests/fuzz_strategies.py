@@ -817,7 +817,7 @@ def simplify_shapes_cases(draw: Any) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     first = len(b.nodes)
     for _ in range(draw(st.integers(1, 5))):
-        op = draw(st.sampled_from(["Reshape", "Transpose", "GatherElements", "Expand", "Identity", "Relu"]))
+        op = draw(st.sampled_from(["Reshape", "Transpose", "GatherElements", "GatherLine", "Expand", "Identity", "Relu"]))
         tags.append(op)
         if op == "Reshape":
             new = list(draw(st.permutations(shape))) if draw(st.booleans()) else [*shape, 1] if len(shape) < 5 else shape
@@ -831,6 +831,22 @@ def simplify_shapes_cases(draw: Any) -> Case:
             axis = draw(st.integers(-len(shape), len(shape) - 1))
             idx = rng.integers(-shape[axis], shape[axis], shape).astype(np.int64)  # valid indices, negative ones too
             cur = b.op("GatherElements", [cur, b.const(idx, np.int64)], axis=axis)
+        elif op == "GatherLine":  # indices broadcast from a line along the axis (a Gather), or from more (not one)
+            axis = draw(st.integers(-len(shape), len(shape) - 1))
+            ax = axis % len(shape)
+            n = draw(st.integers(1, 3))
+            lshape = [1] * len(shape)
+            lshape[ax] = n
+            others = [j for j in range(len(shape)) if j != ax and shape[j] > 1]
+            if others and _chance(draw, 3):
+                j = draw(st.sampled_from(others))
+                lshape[j] = shape[j]
+                tags.append("not-a-line")
+            line = rng.integers(-shape[ax], shape[ax], lshape).astype(np.int64)
+            target = list(shape)
+            target[ax] = n
+            cur = b.op("GatherElements", [cur, b.op("Expand", [b.const(line, np.int64), b.const(target, np.int64)])], axis=axis)
+            shape = target
         elif op == "Expand":
             target = [d if draw(st.booleans()) or d != 1 else 2 for d in shape]
             cur = b.op("Expand", [cur, b.const(target, np.int64)])

@@ -44,3 +44,10 @@ def test_linear_layers_keep_their_rows_two_dimensional(golden: Any) -> None:
 
 def test_a_region_with_nothing_to_gain_is_left(golden: Any) -> None:
     check_case(SimplifyShapes, "blocked_rows", golden, expect_modified=False)
+
+
+def test_a_gather_of_whole_rows_becomes_gather(golden: Any) -> None:
+    out = check_case(SimplifyShapes, "gather_line", golden, expect_modified=True, expect_stats={"gather_elements_to_gather": 2})
+    assert out.op_counts()["Gather"] == 2 and out.op_counts()["GatherElements"] == 1  # the batch of two lines stays
+    first, second = out.nodes_by_op("Gather")
+    assert first.inputs[1] is second.inputs[1] and list(first.inputs[1].shape or [4]) == [4]
