@@ -53,13 +53,12 @@ from onnx import TensorProto
 from passes.fold_constants import static_dims
 from passes.fuse_attention import MS_DOMAIN, MS_VERSION
 from passes.fuse_layer_norm import tensor_dtype
-from qgraph.fusion import FusionPass, Match
+from passes.retain_kv_cache import MASK_VALUE
+from qgraph.fusion import FusionPass, Match, only_consumer
 from qgraph.graph import Graph, Node, Tensor
 from qgraph.pass_manager import PassResult
 from qgraph.validate import is_onnx_op
 
-#: A mask value at or below this hides a slot (exp underflows to 0 in float32 next to any visible score).
-HIDDEN = -1e4
 # Ops that move a per-row value between [B, 1] and [B, 1, 1, 1] without changing it.
 _ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")
 
@@ -121,7 +120,7 @@ class FuseDecodeAttention(FusionPass):
             return "the slot written is not shown to be the position the mask uses"
         split = graph.producer(q)
         packed = None
-        if (is_onnx_op(split, "Split") and _same(split.outputs, [q, k, v]) and int(split.attrs.get("axis", 0)) in (-1, 2)
+        if (is_onnx_op(split, "Split") and len(split.outputs) == 3 and all(a is b for a, b in zip(split.outputs, (q, k, v))) and int(split.attrs.get("axis", 0)) in (-1, 2)
                 and static_dims(split.inputs[0].shape) == [b, 1, 3 * d]):  # fmt: skip
             packed = split.inputs[0]
         values = {"heads": heads, "batch": b, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
@@ -134,12 +133,12 @@ class FuseDecodeAttention(FusionPass):
         write = graph.producer(t)
         if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
             return "not written by a plain ScatterND"
-        if not graph.is_graph_output(t) or not _same(t.outputs, [anchor]):
+        if not graph.is_graph_output(t) or not only_consumer(t, anchor):
             return "the updated cache is not a graph output read by this attention alone"
         past = write.inputs[0]
         b, n, h = bnh
         shape = static_dims(past.shape, 4)
-        if not any(x is past for x in graph.inputs) or not _same(past.outputs, [write]):
+        if not any(x is past for x in graph.inputs) or not only_consumer(past, write):
             return "the cache written is not a graph input read by its ScatterND alone"
         if shape is None or shape[:2] != [b, n] or shape[3] != h:
             return f"the cache has shape {past.shape}, not [{b}, {n}, C, {h}]"
@@ -180,7 +179,7 @@ class FuseDecodeAttention(FusionPass):
         if static_dims(mask.shape) != [b, 1, 1, ctx] or not is_onnx_op(where, "Where"):
             return f"the attention bias is not a Where of shape [{b}, 1, 1, {ctx}]"
         shown, hidden = graph.const_value(where.inputs[1]), graph.const_value(where.inputs[2])
-        if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > HIDDEN):
+        if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > MASK_VALUE):
             return "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
         compare = graph.producer(where.inputs[0])
         if not is_onnx_op(compare, "LessOrEqual"):
@@ -214,11 +213,6 @@ class FuseDecodeAttention(FusionPass):
         inputs = [packed, graph.omitted(), graph.omitted(), v["past_k"], v["past_v"], seqlens, total]
         graph.remove_nodes(m.nodes)
         graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
-
-
-def _same(items: Any, expected: list[Any]) -> bool:
-    """The same objects in the same order (not onnx-graphsurgeon's equality, which compares by name or content)."""
-    return len(items) == len(expected) and all(a is b for a, b in zip(items, expected))
 
 
 def _row_value(graph: Graph, t: Tensor, b: int) -> Tensor:

@@ -251,6 +251,14 @@ def skip_down(graph: Graph, tensor: Tensor) -> tuple[Tensor, list[Node]]:
     return tensor, casts
 
 
+def norm_match(roles: list[tuple[str, Node]], root: Tensor, aff: Affine, core: RsqrtCore, vectors: Any,
+               in_dtype: int | None, out_dtype: int) -> Match:  # fmt: skip
+    """The match of a norm fusion (LayerNorm or RMSNorm): its nodes and what rewrite reads."""
+    values = {"root": root, "out": aff.out, "eps": core.eps, "in_dtype": in_dtype, "out_dtype": out_dtype, "aff": aff,
+              "vectors": vectors}  # fmt: skip
+    return Match([n for _, n in roles], values)
+
+
 def sole_consumer(graph: Graph, tensor: Tensor) -> Node | None:
     """The one consumer of an intermediate tensor (None if several, none, or a graph output)."""
     if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
@@ -703,16 +711,7 @@ class FuseLayerNorm(OpsetFusionPass):
             return f"the LayerNorm computes in {dtype_name(out_dtype)}, not a float type"
         if self._opset_problem:
             return self._opset_problem
-        values = {
-            "root": root,
-            "out": aff.out,
-            "eps": core.eps,
-            "in_dtype": in_dtype,
-            "out_dtype": out_dtype,
-            "aff": aff,
-            "vectors": vectors,
-        }
-        return Match([n for _, n in roles], values)
+        return norm_match(roles, root, aff, core, vectors, in_dtype, out_dtype)
 
     @staticmethod
     def _out_dtype(graph: Graph, aff: Affine, core: RsqrtCore, has_casts: bool) -> int | None:

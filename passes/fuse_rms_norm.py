@@ -31,6 +31,7 @@ from passes.fuse_layer_norm import (
     leak,
     match_affine,
     match_rsqrt_core,
+    norm_match,
     onnx_dtype,
     rank_of,
     scale_input,
@@ -96,16 +97,7 @@ class FuseRmsNorm(OpsetFusionPass):
             return f"the RMS norm outputs {dtype_name(out_dtype)}, not a float type"
         if self._opset_problem:
             return self._opset_problem
-        values = {
-            "root": root,
-            "out": aff.out,
-            "eps": core.eps,
-            "in_dtype": in_dtype,
-            "out_dtype": out_dtype,
-            "aff": aff,
-            "vectors": vectors,
-        }
-        return Match([n for _, n in roles], values)
+        return norm_match(roles, root, aff, core, vectors, in_dtype, out_dtype)
 
     def rewrite(self, graph: Graph, m: Match) -> None:
         v = m.values

@@ -1118,11 +1118,7 @@ def _compare(before: Graph, after: Graph, case: Case) -> None:
                                 rng.standard_normal(shape).astype(np.float32) if "float" in i.type else rng.integers(-5, 5, shape))  # fmt: skip
         ra = sa.run(names, {k: v for k, v in full.items() if k in inputs})
         feeds_b = {k: v for k, v in full.items() if k in {i.name for i in sb.get_inputs()}}
-        if case.shared_state:
-            by_name = dict(zip([o.name for o in sb.get_outputs()], run_shared_state(sb, feeds_b)))
-            rb = [by_name[n] for n in names]
-        else:
-            rb = sb.run(names, feeds_b)
+        rb = run_shared_state(sb, feeds_b, names) if case.shared_state else sb.run(names, feeds_b)
         for name, x, y in zip(names, ra, rb):
             np.testing.assert_allclose(y, x, atol=case.atol, rtol=case.rtol, err_msg=f"output {name} differs")
         return

@@ -48,9 +48,9 @@ def random_feeds(sess: ort.InferenceSession, seed: int = 0, dims: dict[str, int]
     return feeds
 
 
-def run_shared_state(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_shared_state(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], wanted: list[str] | None = None) -> list[np.ndarray]:
     """Run with each ``past`` input and its ``<past>_RetainedState`` output bound to one buffer, as the
-    runtime binds them (a step updates its cache in place); returns every output in the session's order."""
+    runtime binds them (a step updates its cache in place); returns the ``wanted`` outputs (default: all) in that order."""
     b = sess.io_binding()
     names = [o.name for o in sess.get_outputs()]
     shared = {n + RETAINED_SUFFIX: ort.OrtValue.ortvalue_from_numpy(np.array(v)) for n, v in feeds.items() if n + RETAINED_SUFFIX in names}
@@ -65,7 +65,8 @@ def run_shared_state(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -
         else:
             b.bind_output(name)
     sess.run_with_iobinding(b)
-    return list(b.copy_outputs_to_cpu())
+    by_name = dict(zip(names, b.copy_outputs_to_cpu()))
+    return [by_name[n] for n in wanted or names]
 
 
 def assert_same_outputs(
@@ -86,11 +87,7 @@ def assert_same_outputs(
     names = [o.name for o in sa.get_outputs()]
     ra = sa.run(names, feeds)
     feeds_b = {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}}
-    if shared_state:
-        rb = dict(zip([o.name for o in sb.get_outputs()], run_shared_state(sb, feeds_b)))
-        rb = [rb[n] for n in names]
-    else:
-        rb = sb.run(names, feeds_b)
+    rb = run_shared_state(sb, feeds_b, names) if shared_state else sb.run(names, feeds_b)
     for name, x, y in zip(names, ra, rb):
         np.testing.assert_allclose(y, x, atol=atol, rtol=rtol, err_msg=f"output {name} differs")
 

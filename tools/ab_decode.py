@@ -44,27 +44,34 @@ def one_order(first: str, second: str, steps: int, prefills: int, threads: int) 
     prompt = np.random.default_rng(0).integers(0, min(ra.vocab_size, rb.vocab_size), (b, p))
     positions = np.tile(np.arange(p), (b, 1))
     out: dict[str, Any] = {}
-    pre: list[float] = []
-    for i in range(prefills):
-        times = {}
+
+    def pair(i: int, run: Any, setup: Any = None) -> tuple[dict[int, float], dict[int, Any]]:
+        """``run(r)`` timed on both runtimes (``setup(r)`` untimed before it), which goes first alternating;
+        seconds and results by runtime id."""
+        times, results = {}, {}
         for r in (ra, rb) if i % 2 == 0 else (rb, ra):
-            r.reset()
+            if setup is not None:
+                setup(r)
             t = time.perf_counter()
-            r.step("prefill", prompt, positions)
+            results[id(r)] = run(r)
             times[id(r)] = time.perf_counter() - t
-        pre.append(times[id(rb)] - times[id(ra)])
-    for r in (ra, rb):
-        r.reset()
+        return times, results
+
+    def prefill(r: Any) -> None:
         r.step("prefill", prompt, positions)
+
+    def reset(r: Any) -> None:
+        r.reset()
+
+    pre = [times[id(rb)] - times[id(ra)] for times, _ in (pair(i, prefill, reset) for i in range(prefills))]
+    for r in (ra, rb):
+        reset(r)
+        prefill(r)
     tok = np.zeros((b, 1), np.int64)
     diffs, a_ms, b_ms, worst = [], [], [], 0.0
     for i in range(steps):
         pos = np.full((b, 1), p + i % max(1, ctx - p), np.int64)
-        times, logits = {}, {}
-        for r in (ra, rb) if i % 2 == 0 else (rb, ra):
-            t = time.perf_counter()
-            logits[id(r)] = r.step("decode", tok, pos).copy()
-            times[id(r)] = time.perf_counter() - t
+        times, logits = pair(i, lambda r, tok=tok, pos=pos: r.step("decode", tok, pos).copy())
         diffs.append(times[id(rb)] - times[id(ra)])
         a_ms.append(times[id(ra)])
         b_ms.append(times[id(rb)])
