@@ -16,6 +16,15 @@ On the same weights and in one run it measures:
 
 Each contender runs ``rounds`` times, interleaved, and the median is reported, so
 a noisy neighbour on a shared machine hurts all of them alike.
+
+The bound of the table is the best rate seen in any round, while contenders
+are medians; on a machine whose bandwidth swings by a quarter from minute to
+minute, that compares qgraph's typical minute with the machine's best one. So
+the bound is also measured *in time* with qgraph: one decode step, one run of
+the products alone and one run of the bound's product, taken in turn (each
+alternation within about 60 ms), their ratios taken within each alternation.
+That product runs in ONNX Runtime with the runtime's settings; where numpy
+streamed it faster in the rounds, the paired bound is scaled up by that factor.
 """
 
 from __future__ import annotations
@@ -45,8 +54,9 @@ RANDOM_SHAPES: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
-#: Alternations of one decode step and one kernel-ceiling run for the paired overhead.
-PAIRS = 100
+#: Alternations of one decode step, one kernel-ceiling run and one run of the bound's product (the three
+#: taken in turn in each of their six orders), for the figures paired in time.
+PAIRS = 120
 
 
 @dataclass
@@ -81,6 +91,10 @@ class BenchReport:
     paired_ratios: dict[str, float] = field(default_factory=dict)
     #: each round's bandwidth measurement (bandwidth_gb_s is the best of them).
     round_bandwidths_gb_s: list[float] = field(default_factory=list)
+    #: each round's best rate of the bound's product per engine (GB/s): {"onnxruntime": .., "numpy": ..}.
+    round_engine_bandwidths_gb_s: list[dict[str, float]] = field(default_factory=list)
+    #: the bound measured at the same moment as the decode step: ratios over PAIRS alternations (see _paired_in_time).
+    in_time: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +111,15 @@ class BenchReport:
                 f"kernel ceiling: the decode graph's {self.kernel_ceiling_products} weight products alone "
                 f"({self.kernel_ceiling_bytes / 1e6:.1f} MB) take {self.kernel_ceiling_ms_per_token:.2f} ms/token in ONNX Runtime "
                 f"({self.bound_ms_per_token / self.kernel_ceiling_ms_per_token:.2f}x bound); qgraph's decode step costs "
-                f"{self.graph_overhead_ms_per_token:+.2f} ms more (median of {PAIRS} alternating pairs)"
+                f"{self.graph_overhead_ms_per_token:+.2f} ms more (median of {PAIRS} alternations)"
+            )
+        if self.in_time:
+            t = self.in_time
+            lines.append(
+                f"paired in time ({PAIRS} alternations of a decode step, the products alone and the bound's product; "
+                f"the product's rate scaled by {t['engine factor']:.3f}, numpy's best over ONNX Runtime's): "
+                f"bound {t['bound ms per token']:.2f} ms/token, qgraph decode / bound {t['qgraph decode / bandwidth bound']:.2f}, "
+                f"kernel ceiling / bound {t['kernel ceiling / bandwidth bound']:.2f}"
             )
         lines += [
             "",
@@ -113,9 +135,8 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> float:
-    """Best read rate (bytes/s) of a [1, K] x [K, N] fp32 product over ``mib`` MiB, in ONNX Runtime."""
-    import onnxruntime as ort
+def _bound_product(mib: int = 512) -> tuple[Any, dict[str, np.ndarray]]:
+    """The bound's product: a [1, K] x [K, K] fp32 MatMul over ``mib`` MiB, the weight fed as an input; (model, feeds)."""
     from onnx import TensorProto, helper
 
     k = int(np.sqrt(mib * 1024 * 1024 / 4))
@@ -126,21 +147,33 @@ def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> flo
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])])  # fmt: skip
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
+    return model, {"x": np.ones((1, k), np.float32), "w": w}
+
+
+def bandwidth_by_engine(mib: int = 512, repeats: int = 8, threads: int = 2) -> dict[str, float]:
+    """Best read rate (bytes/s) of the bound's product in ONNX Runtime and in numpy (its BLAS), each engine apart."""
+    import onnxruntime as ort
+
+    model, feeds = _bound_product(mib)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.ones((1, k), np.float32)
-    best = float("inf")
+    x, w = feeds["x"], feeds["w"]
+    best = {"onnxruntime": float("inf"), "numpy": float("inf")}
     for _ in range(repeats):
         t = time.perf_counter()
-        sess.run(None, {"x": x, "w": w})
-        best = min(best, time.perf_counter() - t)
-    # numpy too: the bound is the best either engine reaches.
+        sess.run(None, feeds)
+        best["onnxruntime"] = min(best["onnxruntime"], time.perf_counter() - t)
     for _ in range(repeats):
         t = time.perf_counter()
         x @ w
-        best = min(best, time.perf_counter() - t)
-    return w.nbytes / best
+        best["numpy"] = min(best["numpy"], time.perf_counter() - t)
+    return {engine: w.nbytes / s for engine, s in best.items()}
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> float:
+    """Best read rate (bytes/s) of a [1, K] x [K, N] fp32 product over ``mib`` MiB: the better of ONNX Runtime and numpy."""
+    return max(bandwidth_by_engine(mib, repeats, threads).values())
 
 
 def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
@@ -290,6 +323,7 @@ def run_bench(
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
                say: Callable[[str], None]) -> BenchReport:  # fmt: skip
+    import onnx
     import onnxruntime as ort
 
     from qgraph.compile import compile_model
@@ -342,7 +376,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
-    bandwidths, ceiling = [], []
+    bandwidths, engines, ceiling = [], [], []
 
     def ceiling_run() -> float:
         t = time.perf_counter()
@@ -355,7 +389,8 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     ceiling_run()
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
-        bandwidths.append(measure_bandwidth(threads=threads))
+        engines.append(bandwidth_by_engine(threads=threads))
+        bandwidths.append(max(engines[-1].values()))
         for name, fn in contenders:
             # Let the previous contender's spinning worker threads go idle first.
             time.sleep(0.5)
@@ -364,8 +399,29 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
             tokens[name] = toks
         time.sleep(0.5)
         ceiling.append(ceiling_run())
-    say(f"pairing {PAIRS} decode steps with {PAIRS} kernel-ceiling runs")
-    overhead_ms = _paired_overhead(rt, ceiling_sess, ceiling_feeds, prompt_len, ctx) * 1e3
+    say(f"alternating {PAIRS} decode steps, kernel-ceiling runs and runs of the bound's product")
+    bound_model, bound_feeds = _bound_product()
+    bound_path = tmp / "bound-product.onnx"
+    onnx.save(bound_model, str(bound_path))
+    # The runtime's session settings, so that no engine's idle threads slow the next one down.
+    bound_sess = rt.target.create_session(bound_path, rt.manifest.target_options, threads=threads)
+    bound_path.unlink()
+    step_s, ceil_s, prod_s = _paired_in_time(rt, [(ceiling_sess, ceiling_feeds), (bound_sess, bound_feeds)], prompt_len, ctx)
+    del bound_sess, bound_feeds
+    overhead_ms = statistics.median(s - c for s, c in zip(step_s, ceil_s)) * 1e3
+    # ONNX Runtime runs the bound's product in the pairs; where numpy's BLAS streamed it faster in the rounds,
+    # the bound is scaled up by that factor (never down), so the paired bound is as strict as the rounds' one.
+    factor = statistics.median(max(1.0, e["numpy"] / e["onnxruntime"]) for e in engines)
+    bound_bytes = bound_model.graph.input[1].type.tensor_type.shape.dim[0].dim_value ** 2 * 4
+    in_time_bound = [weight_bytes * p / bound_bytes / factor for p in prod_s]
+    in_time = {
+        "qgraph decode / bandwidth bound": statistics.median(b / s for b, s in zip(in_time_bound, step_s)),
+        "kernel ceiling / bandwidth bound": statistics.median(b / c for b, c in zip(in_time_bound, ceil_s)),
+        "bound ms per token": statistics.median(in_time_bound) * 1e3,
+        "qgraph decode step ms": statistics.median(step_s) * 1e3,
+        "engine factor": factor,
+        "alternations": float(PAIRS),
+    }
     bw = max(bandwidths)
     bound_ms = weight_bytes / bw * 1e3
     results = []
@@ -398,35 +454,38 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     agree = len({tuple(t) for t in tokens.values()}) == 1
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
                        ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios,
-                       [b / 1e9 for b in bandwidths])  # fmt: skip
+                       [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time)  # fmt: skip
 
 
-def _paired_overhead(rt: Any, ceiling_sess: Any, feeds: dict[str, np.ndarray], prompt_len: int, ctx: int) -> float:
-    """Median over alternating pairs of (one qgraph decode step - one run of its products alone), in seconds.
+def _paired_in_time(rt: Any, others: list[tuple[Any, dict[str, np.ndarray]]], prompt_len: int, ctx: int) -> list[list[float]]:
+    """Seconds of one qgraph decode step and of one run of each other session, taken in turn ``PAIRS`` times.
 
-    Each pair runs within tens of milliseconds, so a slow minute on a shared
-    machine slows both sides alike: this is the graph's own cost over its
-    kernels (attention, norms, cache update, runtime), far steadier than the
-    difference of two medians taken seconds apart.
+    Returns one list per side (the decode step first). Each alternation runs
+    within tens of milliseconds, so a slow minute on a shared machine slows
+    every side alike; the order of the sides goes through all their
+    permutations, as the second of two back-to-back runs may gain or lose from
+    the first. Differences and ratios are taken within each alternation.
     """
+    import itertools
+
     ids = np.zeros((rt.batch_size, 1), np.int64)
-    diffs = []
+    sides = len(others) + 1
+    orders = list(itertools.permutations(range(sides)))
+    times: list[list[float]] = [[] for _ in range(sides)]
     for i in range(PAIRS):
         pos = np.full((rt.batch_size, 1), prompt_len + i % max(1, ctx - prompt_len), np.int64)
-        # Which side runs first alternates: the second of two back-to-back runs may gain or lose from the first.
-        t0 = time.perf_counter()
-        if i % 2:
-            ceiling_sess.run(None, feeds)
-        else:
-            rt.step("decode", ids, pos)
-        t1 = time.perf_counter()
-        if i % 2:
-            rt.step("decode", ids, pos)
-        else:
-            ceiling_sess.run(None, feeds)
-        first, second = t1 - t0, time.perf_counter() - t1
-        diffs.append(second - first if i % 2 else first - second)
-    return statistics.median(diffs)
+        took = [0.0] * sides
+        for side in orders[i % len(orders)]:
+            t = time.perf_counter()
+            if side == 0:
+                rt.step("decode", ids, pos)
+            else:
+                sess, feeds = others[side - 1]
+                sess.run(None, feeds)
+            took[side] = time.perf_counter() - t
+        for side in range(sides):
+            times[side].append(took[side])
+    return times
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:

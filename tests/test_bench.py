@@ -60,10 +60,22 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
         "results",
         "ratios",
         "round_bandwidths_gb_s",
+        "round_engine_bandwidths_gb_s",
+        "in_time",
     } <= set(data)
     assert len(data["round_bandwidths_gb_s"]) == 2 and max(data["round_bandwidths_gb_s"]) == data["bandwidth_gb_s"]
     assert np.isfinite(report.graph_overhead_ms_per_token) and abs(report.graph_overhead_ms_per_token) < 1e3
-    assert "alternating pairs" in table and "(per round: " in table
+    assert "alternations" in table and "(per round: " in table
+    # Each round measured the bound's product in both engines; the best of them is the round's bandwidth.
+    for engines, best in zip(data["round_engine_bandwidths_gb_s"], data["round_bandwidths_gb_s"]):
+        assert set(engines) == {"onnxruntime", "numpy"} and max(engines.values()) == pytest.approx(best)
+    t = report.in_time
+    assert t["alternations"] == 120 and t["engine factor"] >= 1.0
+    # The paired bound is the bound's product time scaled to the model's weight bytes and the better engine.
+    assert t["bound ms per token"] > 0 and t["qgraph decode step ms"] > 0
+    for key in ("qgraph decode / bandwidth bound", "kernel ceiling / bandwidth bound"):
+        assert 0 < t[key] < 1e3
+    assert "paired in time" in table
     assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 5
     assert all(v > 0 for v in report.paired_ratios.values())
 
