@@ -25,6 +25,8 @@ the products alone and one run of the bound's product, taken in turn (each
 alternation within about 60 ms), their ratios taken within each alternation.
 That product runs in ONNX Runtime with the runtime's settings; where numpy
 streamed it faster in the rounds, the paired bound is scaled up by that factor.
+The time to first token, one sample per round, is paired the same way: qgraph's
+and plain ONNX Runtime's prefills taken in turn, 40 times.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ RANDOM_SHAPES: dict[str, dict[str, int]] = {
 #: Alternations of one decode step, one kernel-ceiling run and one run of the bound's product (the three
 #: taken in turn in each of their six orders), for the figures paired in time.
 PAIRS = 120
+#: Alternations of a qgraph prefill and a plain ONNX Runtime prefill for the TTFT paired in time, and the pause
+#: before each (the plain session spins its idle workers for a while after a run, as ONNX Runtime does by default).
+TTFT_PAIRS = 40
+TTFT_PAUSE_S = 0.2
 
 
 @dataclass
@@ -121,6 +127,9 @@ class BenchReport:
                 f"bound {t['bound ms per token']:.2f} ms/token, qgraph decode / bound {t['qgraph decode / bandwidth bound']:.2f}, "
                 f"kernel ceiling / bound {t['kernel ceiling / bandwidth bound']:.2f}"
             )
+            if "qgraph TTFT / onnxruntime TTFT" in t:
+                lines.append(f"TTFT paired in time ({t['ttft alternations']:.0f} alternations of the two prefills, {TTFT_PAUSE_S} s apart): "
+                             f"qgraph / onnxruntime {t['qgraph TTFT / onnxruntime TTFT']:.2f}")  # fmt: skip
         lines += [
             "",
             f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
@@ -306,6 +315,7 @@ def run_bench(
     threads: int = 2,
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    ttft_pairs: int = TTFT_PAIRS,
 ) -> BenchReport:
     """Measure every contender (see the module docstring); returns the report."""
     import torch
@@ -315,14 +325,14 @@ def run_bench(
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
-               say: Callable[[str], None]) -> BenchReport:  # fmt: skip
+               say: Callable[[str], None], ttft_pairs: int) -> BenchReport:  # fmt: skip
     import onnx
     import onnxruntime as ort
 
@@ -372,6 +382,13 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         out = rt.generate([prompt], max_new_tokens=new_tokens)
         return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
 
+    def ort_first() -> tuple[float, float, list[int]]:
+        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, 1)
+
+    def qgraph_first() -> tuple[float, float, list[int]]:
+        out = rt.generate([prompt], max_new_tokens=1)
+        return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
+
     contenders: list[tuple[str, Callable[[], tuple[float, float, list[int]]]]] = [
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
@@ -408,6 +425,8 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     bound_path.unlink()
     step_s, ceil_s, prod_s = _paired_in_time(rt, [(ceiling_sess, ceiling_feeds), (bound_sess, bound_feeds)], prompt_len, ctx)
     del bound_sess, bound_feeds
+    say(f"alternating {ttft_pairs} qgraph and plain ONNX Runtime prefills")
+    q_ttft, o_ttft = _paired_ttft(lambda: qgraph_first()[0], lambda: ort_first()[0], ttft_pairs)
     overhead_ms = statistics.median(s - c for s, c in zip(step_s, ceil_s)) * 1e3
     # ONNX Runtime runs the bound's product in the pairs; where numpy's BLAS streamed it faster in the rounds,
     # the bound is scaled up by that factor (never down), so the paired bound is as strict as the rounds' one.
@@ -421,6 +440,8 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         "qgraph decode step ms": statistics.median(step_s) * 1e3,
         "engine factor": factor,
         "alternations": float(PAIRS),
+        "qgraph TTFT / onnxruntime TTFT": statistics.median(q / o for q, o in zip(q_ttft, o_ttft)),
+        "ttft alternations": float(ttft_pairs),
     }
     bw = max(bandwidths)
     bound_ms = weight_bytes / bw * 1e3
@@ -455,6 +476,22 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
                        ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios,
                        [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time)  # fmt: skip
+
+
+def _paired_ttft(qgraph_ttft: Callable[[], float], ort_ttft: Callable[[], float], pairs: int) -> tuple[list[float], list[float]]:
+    """TTFT of qgraph and of plain ONNX Runtime, one of each in turn ``pairs`` times, the first alternating.
+
+    A time to first token is one prefill, so the rounds give one sample per
+    contender each; pairing them, each pair within a second, steadies the
+    ratio on a noisy machine. Each prefill waits ``TTFT_PAUSE_S`` first, as
+    the contenders of a round do, so that no engine's idle workers slow the other.
+    """
+    q, o = [], []
+    for i in range(max(1, pairs)):
+        for fn, out in ((qgraph_ttft, q), (ort_ttft, o)) if i % 2 == 0 else ((ort_ttft, o), (qgraph_ttft, q)):
+            time.sleep(TTFT_PAUSE_S)
+            out.append(fn())
+    return q, o
 
 
 def _paired_in_time(rt: Any, others: list[tuple[Any, dict[str, np.ndarray]]], prompt_len: int, ctx: int) -> list[list[float]]:

@@ -30,7 +30,7 @@ N_LAYER = 4  # the bundled tiny-gpt2
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
     work = tmp_path_factory.mktemp("bench")
-    report = run_bench("tiny-gpt2", prompt_len=8, new_tokens=5, rounds=2, threads=1, workdir=work)
+    report = run_bench("tiny-gpt2", prompt_len=8, new_tokens=5, rounds=2, threads=1, workdir=work, ttft_pairs=3)
     return report, work
 
 
@@ -70,7 +70,8 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
     for engines, best in zip(data["round_engine_bandwidths_gb_s"], data["round_bandwidths_gb_s"]):
         assert set(engines) == {"onnxruntime", "numpy"} and max(engines.values()) == pytest.approx(best)
     t = report.in_time
-    assert t["alternations"] == 120 and t["engine factor"] >= 1.0
+    assert t["alternations"] == 120 and t["engine factor"] >= 1.0 and t["ttft alternations"] == 3
+    assert 0 < t["qgraph TTFT / onnxruntime TTFT"] < 1e3 and "TTFT paired in time (3 alternations" in table
     # The paired bound is the bound's product time scaled to the model's weight bytes and the better engine.
     assert t["bound ms per token"] > 0 and t["qgraph decode step ms"] > 0
     for key in ("qgraph decode / bandwidth bound", "kernel ceiling / bandwidth bound"):
