@@ -1,46 +1,70 @@
-"""One-token attention over a retained cache -> ONNX Runtime's
-``com.microsoft.GroupQueryAttention``, which writes the step's keys and values
-into the cache itself (run by the ``cpu`` target on each pinned specialization).
+"""Attention over a retained cache -> ONNX Runtime's ``com.microsoft.GroupQueryAttention``,
+which writes the step's keys and values into the cache itself (run by the ``cpu``
+target on each pinned specialization): one token (decode), and a chunk of a
+prompt in one row (prefill).
 
-Before (a decode graph after retain-kv-cache, fuse-attention and simplify-shapes;
-B rows, N heads of H, D = N * H, a cache of C slots):
+Before (after retain-kv-cache, fuse-attention and simplify-shapes; B rows of S
+tokens, N heads of H, D = N * H, a cache of C slots):
 
-    q, k, v = Split(qkv)                                   # [B, 1, D] each
-    kc = ScatterND(past_key.i, I, Reshape(k, [B, N, 1, H]))    # graph output past_key.i_RetainedState
-    vc = ScatterND(past_value.i, I, Reshape(v, [B, N, 1, H]))  # graph output past_value.i_RetainedState
+    q, k, v = Split(qkv)                                      # [B, S, D] each
+    kc = ScatterND(past_key.i, I, heads(k))                   # graph output past_key.i_RetainedState
+    vc = ScatterND(past_value.i, I, heads(v))                 # graph output past_value.i_RetainedState
     o = MultiHeadAttention(q, kc, vc, attention_bias=M)
 
-with I[b, h, 0] = (b, h, t[b]) and M[b, 0, 0, j] = 0 if j <= p[b] else a large
-negative number (p: the step's positions). After:
+with I[b, h, i] = (b, h, t[b, i]) and M[b, 0, i, j] = 0 if j <= p[b, i] else a
+large negative number (p: the positions). ``heads`` is a Reshape to
+[B, N, 1, H] for one token; for a chunk, a Reshape to [B, S, N, H], a Transpose
+to [B, N, S, H] and retain-kv-cache's padding copy (a Gather that gives each
+padding token the last valid token's values). After:
 
     o, kc, vc = GroupQueryAttention(qkv, past_key.i, past_value.i,
-                                    seqlens_k=Cast(t, int32), total_sequence_length=C)
+                                    seqlens_k=L, total_sequence_length=C)
 
-GroupQueryAttention writes the new key and value at slot t[b] and attends to
-slots 0..t[b]. The rewrite needs t[b] = p[b] for every position a row can hold
-(0 <= p < C); it proves that from the graph: t is p, or p passed through
-``Where(x >= 0, x, _)`` / ``Where(x < 0, _, x)``, which retain-kv-cache uses to
-send padding (p = -1) to a harmless slot. For such padding rows the write is the
-same as before, and the row's output (which nothing reads) becomes attention
-over slots 0..t instead of over no slot. Past C both fail, as the ScatterND did.
+GroupQueryAttention writes token i at slot L[b] - S + 1 + i and lets it attend
+to slots 0..L[b] - S + 1 + i.
 
-Per layer and step this is one kernel instead of eight (Split, the head
-Reshapes, two ScatterND, the mask's use, MultiHeadAttention), and attention
-reads only the t+1 filled slots instead of all C.
+One token: L = Cast(t, int32). The rewrite needs t[b] = p[b] for every position
+a row can hold (0 <= p < C); it proves that from the graph: t is p, or p passed
+through ``Where(x >= 0, x, _)`` / ``Where(x < 0, _, x)``, which retain-kv-cache
+uses to send padding (p = -1) to a harmless slot. For such padding rows the
+write is the same as before, and the row's output (which nothing reads) becomes
+attention over slots 0..t instead of over no slot. Past C both fail, as the
+ScatterND did.
+
+A chunk (S > 1, one row): L = p[0, 0] + S - 1. Exact for the chunks qgraph's
+runtime and contract driver feed, and this is the contract of a prefill graph
+the pass rewrote: the row's valid tokens hold consecutive positions p0, p0 + 1,
+... from the chunk's first token, padding (-1) only after them, and
+p0 + S <= C (the runtime's chunks start at multiples of S, and the pass
+requires C to be a multiple of S). The pass proves the rest from the graph: the
+slot written is the position (as above), the padding copy keeps every valid
+token in place, and the mask's positions are the graph's position input. Each
+valid token then writes and reads exactly what it did; padding tokens write
+their own values after the last valid slot (instead of the last valid token's
+values at its slot), where no later step reads before it writes, and their
+outputs (which nothing reads) change. Positions past the cache fail, as before.
+Several rows are declined: a row that has finished its prompt gets a chunk of
+padding only, with no slot GroupQueryAttention could write harmlessly.
+
+Per layer this is one kernel instead of eight to twelve (Split, the head
+Reshapes and Transposes, the padding copy, two ScatterND, the mask's use,
+MultiHeadAttention), and attention reads only the filled slots instead of all
+C: decode -0.47 ms/token, prefill of 32 tokens -4 ms for gpt2-small (PERFORMANCE.md).
 
 The cache outputs match the ScatterND's exactly when each past input and its
 ``_RetainedState`` output share one buffer, as qgraph's runtime binds them. A
-caller that feeds the outputs back through separate buffers gets slots 0..t
-right and the slots after t undefined; no later step reads a slot before a
-token writes it, so generation is unchanged (the runtime's double-buffered
-mode relies on this).
+caller that feeds the outputs back through separate buffers gets the slots up
+to the last valid position right and the slots after it undefined; no later
+step reads a slot before a token writes it, so generation is unchanged (the
+runtime's double-buffered mode relies on this).
 
-Declined, with a reason: more than one query token, a head size that is not
-a multiple of 8 (the CPU kernel refuses it at run time), a cache that is not a
-graph input written once by ScatterND and read by this attention alone, key
-and value written at different indices, index or mask structures other than
-the above, a non-float32 cache, and MultiHeadAttention with a bias, a key
-padding mask or its own past.
+Declined, with a reason: a chunk in several rows or a cache that is not a whole
+number of chunks, a head size that is not a multiple of 8 (the CPU kernel
+refuses it at run time), a cache that is not a graph input written once by
+ScatterND and read by this attention alone, key and value written at different
+indices, index, mask or padding-copy structures other than the above, a
+non-float32 cache, and MultiHeadAttention with a bias, a key padding mask or its
+own past.
 """
 
 from __future__ import annotations
@@ -64,7 +88,7 @@ _ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")
 
 
 class FuseDecodeAttention(FusionPass):
-    """ScatterND cache writes + MultiHeadAttention at one token -> ``com.microsoft.GroupQueryAttention``."""
+    """ScatterND cache writes + MultiHeadAttention (one token, or a prompt chunk in one row) -> ``com.microsoft.GroupQueryAttention``."""
 
     name = "fuse-decode-attention"
     anchors = ("MultiHeadAttention",)
@@ -90,53 +114,67 @@ class FuseDecodeAttention(FusionPass):
         q, mask = ins[0], ins[5]
         heads = int(anchor.attrs.get("num_heads", 0))
         qs = static_dims(q.shape, 3)
-        if qs is None or qs[1] != 1:
-            return f"the query is not one token of static shape [B, 1, D] ({q.shape})"
-        b, _, d = qs
+        if qs is None:
+            return f"the query has no static shape [B, S, D] ({q.shape})"
+        b, s, d = qs
+        if s > 1 and b > 1:
+            return (f"{s} query tokens in {b} rows: a row that has finished its prompt gets a chunk of padding, "
+                    "which GroupQueryAttention would write after the row's last position, possibly past the cache")  # fmt: skip
         if heads <= 0 or d % heads:
             return f"{heads} heads do not divide the hidden size {d}"
         h = d // heads
         if h % 8:
             return f"the head size {h} is not a multiple of 8, which GroupQueryAttention's CPU kernel needs"
+        write = graph.producer(ins[1])
+        if not is_onnx_op(write, "ScatterND") or static_dims(write.inputs[0].shape, 4) is None:
+            return "the key cache: not written by a plain ScatterND into a cache of static shape"
+        ctx = static_dims(write.inputs[0].shape)[2]
+        pos = self._mask_positions(graph, mask, b, s, ctx)
+        if isinstance(pos, str):
+            return pos
+        positions = None
+        if s > 1:
+            # A chunk of a prompt: GroupQueryAttention writes token i at slot p0 + i (p0: the chunk's first position).
+            positions = _row_value(graph, pos, b, b * s)
+            if not any(x is positions for x in graph.inputs) or static_dims(positions.shape) != [b, s]:
+                return "the mask's positions are not the graph's [B, S] position input"
+            if ctx % s:
+                return f"the cache's {ctx} slots are not a whole number of {s}-token chunks: the last chunk could run past it"
         caches = []
         for role, t in (("key", ins[1]), ("value", ins[2])):
-            found = self._cache(graph, t, anchor, [b, heads, h])
+            found = self._cache(graph, t, anchor, [b, s, heads, h], positions)
             if isinstance(found, str):
                 return f"the {role} cache: {found}"
             caches.append(found)
         (key_write, past_k, k), (value_write, past_v, v) = caches
         if key_write.inputs[1] is not value_write.inputs[1]:
             return "the key and value caches are written at different indices"
-        ctx = int(past_k.shape[2])
         if list(past_v.shape) != list(past_k.shape):
             return "the key and value caches differ in shape"
-        slot = self._slot(graph, key_write.inputs[1], [b, heads])
+        slot = self._slot(graph, key_write.inputs[1], [b, heads, s])
         if isinstance(slot, str):
             return slot
-        pos = self._mask_positions(graph, mask, b, ctx)
-        if isinstance(pos, str):
-            return pos
-        if not _equal_when_valid(graph, slot, pos, b):
+        if not _equal_when_valid(graph, slot, pos, b, b * s):
             return "the slot written is not shown to be the position the mask uses"
         split = graph.producer(q)
         packed = None
         if (is_onnx_op(split, "Split") and len(split.outputs) == 3 and all(a is b for a, b in zip(split.outputs, (q, k, v))) and int(split.attrs.get("axis", 0)) in (-1, 2)
-                and static_dims(split.inputs[0].shape) == [b, 1, 3 * d]):  # fmt: skip
+                and static_dims(split.inputs[0].shape) == [b, s, 3 * d]):  # fmt: skip
             packed = split.inputs[0]
-        values = {"heads": heads, "batch": b, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
-                  "past_k": past_k, "past_v": past_v}  # fmt: skip
+        values = {"heads": heads, "batch": b, "tokens": s, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
+                  "positions": positions, "past_k": past_k, "past_v": past_v}  # fmt: skip
         return Match([anchor, key_write, value_write], values)
 
     @staticmethod
-    def _cache(graph: Graph, t: Tensor, anchor: Node, bnh: list[int]) -> tuple[Node, Tensor, Tensor] | str:
-        """(the ScatterND, the past input, the [B, 1, D] keys or values written) of a cache read by ``anchor``."""
+    def _cache(graph: Graph, t: Tensor, anchor: Node, bsnh: list[int], positions: Tensor | None) -> tuple[Node, Tensor, Tensor] | str:
+        """(the ScatterND, the past input, the [B, S, D] keys or values written) of a cache read by ``anchor``."""
         write = graph.producer(t)
         if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
             return "not written by a plain ScatterND"
         if not graph.is_graph_output(t) or not only_consumer(t, anchor):
             return "the updated cache is not a graph output read by this attention alone"
         past = write.inputs[0]
-        b, n, h = bnh
+        b, s, n, h = bsnh
         shape = static_dims(past.shape, 4)
         if not any(x is past for x in graph.inputs) or not only_consumer(past, write):
             return "the cache written is not a graph input read by its ScatterND alone"
@@ -144,40 +182,55 @@ class FuseDecodeAttention(FusionPass):
             return f"the cache has shape {past.shape}, not [{b}, {n}, C, {h}]"
         if tensor_dtype(graph, past) != TensorProto.FLOAT:
             return "the cache is not float32"
-        heads = graph.producer(write.inputs[2])  # the head split of one token moves no element
-        if not is_onnx_op(heads, "Reshape", "Unsqueeze") or static_dims(write.inputs[2].shape) != [b, n, 1, h]:
-            return "the step's values are not a Reshape to [B, N, 1, H]"
+        if s == 1:
+            heads = graph.producer(write.inputs[2])  # the head split of one token moves no element
+            if not is_onnx_op(heads, "Reshape", "Unsqueeze") or static_dims(write.inputs[2].shape) != [b, n, 1, h]:
+                return "the step's values are not a Reshape to [B, N, 1, H]"
+        else:
+            written = write.inputs[2]
+            copy = graph.producer(written)
+            if is_onnx_op(copy, "Gather"):  # retain-kv-cache's padding copy: token i itself wherever p[i] >= 0
+                if int(copy.attrs.get("axis", 0)) not in (2, -2) or not _identity_when_valid(graph, copy.inputs[1], positions, s):
+                    return "the values written go through a Gather that is not shown to keep every valid token in place"
+                written = copy.inputs[0]
+            swap = graph.producer(written)
+            if (not is_onnx_op(swap, "Transpose") or list(swap.attrs.get("perm", [])) != [0, 2, 1, 3]
+                    or static_dims(written.shape) != [b, n, s, h]):  # fmt: skip
+                return "the chunk's values are not a head split [B, S, N, H] transposed to [B, N, S, H]"
+            heads = graph.producer(swap.inputs[0])
+            if not is_onnx_op(heads, "Reshape") or static_dims(swap.inputs[0].shape) != [b, s, n, h]:
+                return "the chunk's values are not a Reshape to [B, S, N, H]"
         src = heads.inputs[0]
-        if static_dims(src.shape) != [b, 1, n * h]:
-            return f"the head split reads shape {src.shape}, not [{b}, 1, {n * h}]"
+        if static_dims(src.shape) != [b, s, n * h]:
+            return f"the head split reads shape {src.shape}, not [{b}, {s}, {n * h}]"
         return write, past, src
 
     @staticmethod
-    def _slot(graph: Graph, indices: Tensor, bn: list[int]) -> Tensor | str:
-        """The per-row slot t ([B, 1, 1, 1]) of indices I[b, h, 0] = (b, h, t[b])."""
-        b, n = bn
+    def _slot(graph: Graph, indices: Tensor, bns: list[int]) -> Tensor | str:
+        """The per-token slot t ([B, 1, S, 1]) of indices I[b, h, i] = (b, h, t[b, i])."""
+        b, n, s = bns
         concat = graph.producer(indices)
         if (not is_onnx_op(concat, "Concat") or int(concat.attrs.get("axis", 0)) not in (-1, 3) or len(concat.inputs) != 3
-                or static_dims(indices.shape) != [b, n, 1, 3]):  # fmt: skip
-            return "the scatter indices are not a Concat of (row, head, slot) of shape [B, N, 1, 3]"
-        grids = np.meshgrid(np.arange(b), np.arange(n), indexing="ij")
+                or static_dims(indices.shape) != [b, n, s, 3]):  # fmt: skip
+            return f"the scatter indices are not a Concat of (row, head, slot) of shape [B, N, {s}, 3]"
+        grids = np.meshgrid(np.arange(b), np.arange(n), np.arange(s), indexing="ij")[:2]
         for part, grid in zip(concat.inputs[:2], grids):
             value = graph.const_value(part)
-            if value is None or value.size != b * n or not np.array_equal(value.reshape(b, n), grid):
-                return "the row and head indices are not the constant grids of a write per row and head"
+            if value is None or value.size != b * n * s or not np.array_equal(value.reshape(b, n, s), grid):
+                return "the row and head indices are not the constant grids of a write per row, head and token"
         slot = concat.inputs[2]
         if is_onnx_op(expand := graph.producer(slot), "Expand"):
             slot = expand.inputs[0]
-        if static_dims(slot.shape) != [b, 1, 1, 1]:
-            return "the slot index is not one value per row (expanded over the heads)"
+        if static_dims(slot.shape) != [b, 1, s, 1]:
+            return "the slot index is not one value per token (expanded over the heads)"
         return slot
 
     @staticmethod
-    def _mask_positions(graph: Graph, mask: Tensor, b: int, ctx: int) -> Tensor | str:
-        """p ([B, 1, 1, 1]) of the mask M[b, 0, 0, j] = 0 if j <= p[b] else hidden."""
+    def _mask_positions(graph: Graph, mask: Tensor, b: int, s: int, ctx: int) -> Tensor | str:
+        """p ([B, 1, S, 1]) of the mask M[b, 0, i, j] = 0 if j <= p[b, i] else hidden."""
         where = graph.producer(mask)
-        if static_dims(mask.shape) != [b, 1, 1, ctx] or not is_onnx_op(where, "Where"):
-            return f"the attention bias is not a Where of shape [{b}, 1, 1, {ctx}]"
+        if static_dims(mask.shape) != [b, 1, s, ctx] or not is_onnx_op(where, "Where"):
+            return f"the attention bias is not a Where of shape [{b}, 1, {s}, {ctx}]"
         shown, hidden = graph.const_value(where.inputs[1]), graph.const_value(where.inputs[2])
         if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > MASK_VALUE):
             return "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
@@ -188,20 +241,29 @@ class FuseDecodeAttention(FusionPass):
         if slots is None or slots.size != ctx or slots.shape[-1] != ctx or not np.array_equal(slots.reshape(-1), np.arange(ctx)):
             return "the shown slots are not compared against 0..C-1"
         pos = compare.inputs[1]
-        if static_dims(pos.shape) != [b, 1, 1, 1]:
-            return f"the mask's positions have shape {pos.shape}, not [{b}, 1, 1, 1]"
+        if static_dims(pos.shape) != [b, 1, s, 1]:
+            return f"the mask's positions have shape {pos.shape}, not [{b}, 1, {s}, 1]"
         return pos
 
     def rewrite(self, graph: Graph, m: Match) -> None:
         mha, key_write, value_write = m.nodes
         v: dict[str, Any] = m.values
         b = v["batch"]
-        seqlens = self._seqlens.get(id(v["slot"]))
+        key = v["positions"] if v["tokens"] > 1 else v["slot"]
+        seqlens = self._seqlens.get(id(key))
         if seqlens is None:
-            rows = graph.add_node("Reshape", [v["slot"], graph.constant(self.name, np.array([b], np.int64))], 1,
-                                  prefix=self.name, before=mha).outputs[0]  # fmt: skip
+            if v["tokens"] > 1:  # the chunk's last slot: its first position + S - 1
+                first = graph.add_node("Gather", [key, graph.constant(self.name, np.array([0], np.int64))], 1, {"axis": 1},
+                                       prefix=self.name, before=mha).outputs[0]  # fmt: skip
+                last = graph.add_node("Add", [first, graph.constant(self.name, np.array([v["tokens"] - 1], np.int64))], 1,
+                                      prefix=self.name, before=mha).outputs[0]  # fmt: skip
+                rows = graph.add_node("Reshape", [last, graph.constant(self.name, np.array([b], np.int64))], 1,
+                                      prefix=self.name, before=mha).outputs[0]  # fmt: skip
+            else:
+                rows = graph.add_node("Reshape", [key, graph.constant(self.name, np.array([b], np.int64))], 1,
+                                      prefix=self.name, before=mha).outputs[0]  # fmt: skip
             seqlens = graph.add_node("Cast", [rows], 1, {"to": TensorProto.INT32}, prefix=self.name, before=mha).outputs[0]
-            self._seqlens[id(v["slot"])] = seqlens
+            self._seqlens[id(key)] = seqlens
         packed = v["packed"]
         if packed is None:
             packed = graph.add_node("Concat", [v["q"], v["k"], v["v"]], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
@@ -215,22 +277,41 @@ class FuseDecodeAttention(FusionPass):
         graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
 
 
-def _row_value(graph: Graph, t: Tensor, b: int) -> Tensor:
-    """``t`` with views that keep its B per-row values (Unsqueeze, Reshape, ...) stripped off."""
+def _row_value(graph: Graph, t: Tensor, b: int, count: int) -> Tensor:
+    """``t`` with views that keep its ``count`` values in B rows (Unsqueeze, Reshape, ...) stripped off."""
     while True:
         prod = graph.producer(t)
         if prod is None or not is_onnx_op(prod, *_ROW_VIEW_OPS):
             return t
         src = prod.inputs[0]
         dims = static_dims(src.shape)
-        if dims is None or int(np.prod(dims)) != b or (dims and dims[0] != b):
+        if dims is None or int(np.prod(dims)) != count or (dims and dims[0] != b):
             return t
         t = src
 
 
-def _equal_when_valid(graph: Graph, t: Tensor, p: Tensor, b: int, depth: int = 8) -> bool:
-    """True if ``t`` provably equals ``p`` wherever p >= 0 (both one value per row)."""
-    t, p = _row_value(graph, t, b), _row_value(graph, p, b)
+def _identity_when_valid(graph: Graph, idx: Tensor, positions: Tensor | None, s: int) -> bool:
+    """True if the gather indices ``idx`` provably pick token i at i wherever positions[0, i] >= 0 (one row of S).
+
+    retain-kv-cache's padding copy: ``Where(p >= 0, [0, 1, ..., S-1], last)``, reshaped.
+    """
+    if positions is None:
+        return False
+    where = graph.producer(_row_value(graph, idx, 1, s))
+    if not is_onnx_op(where, "Where"):
+        return False
+    test = graph.producer(where.inputs[0])
+    if not is_onnx_op(test, "GreaterOrEqual") or graph.scalar(test.inputs[1]) != 0:
+        return False
+    if _row_value(graph, test.inputs[0], 1, s) is not positions:
+        return False
+    steps = graph.const_value(where.inputs[1])
+    return steps is not None and steps.size == s and np.array_equal(steps.reshape(-1), np.arange(s))
+
+
+def _equal_when_valid(graph: Graph, t: Tensor, p: Tensor, b: int, count: int, depth: int = 8) -> bool:
+    """True if ``t`` provably equals ``p`` wherever p >= 0 (both ``count`` values in B rows)."""
+    t, p = _row_value(graph, t, b, count), _row_value(graph, p, b, count)
     if t is p:
         return True
     where = graph.producer(t)
@@ -241,7 +322,7 @@ def _equal_when_valid(graph: Graph, t: Tensor, p: Tensor, b: int, depth: int = 8
     if test is None or graph.scalar(test.inputs[1]) != 0:
         return False
     if is_onnx_op(test, "GreaterOrEqual") and test.inputs[0] is x:  # Where(x >= 0, x, _) is x when x >= 0
-        return _equal_when_valid(graph, x, p, b, depth - 1)
+        return _equal_when_valid(graph, x, p, b, count, depth - 1)
     if is_onnx_op(test, "Less") and test.inputs[0] is y:  # Where(x < 0, _, x) is x when x >= 0
-        return _equal_when_valid(graph, y, p, b, depth - 1)
+        return _equal_when_valid(graph, y, p, b, count, depth - 1)
     return False

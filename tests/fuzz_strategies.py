@@ -956,7 +956,13 @@ def skip_layer_norm_cases(draw: Any) -> Case:
 
 @st.composite
 def decode_attention_cases(draw: Any) -> Case:
-    """One-token attention over a retained cache, as retain-kv-cache and fuse-attention leave it, with near misses."""
+    """Attention over a retained cache, as retain-kv-cache and fuse-attention leave it, with near misses.
+
+    One token (decode), or a chunk of S tokens in one row (prefill) whose feeds
+    hold consecutive positions from a multiple of S, as the runtime feeds them:
+    the rewrite's contract at prefill (the pass cannot see positions). A chunk
+    in two rows, or a cache that is not a whole number of chunks, is declined.
+    """
     from passes import FuseDecodeAttention
 
     opset = draw(st.sampled_from([17, 18]))
@@ -966,6 +972,12 @@ def decode_attention_cases(draw: Any) -> Case:
     bsz, heads, ctx = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(4, 9))
     h = 4 if bad == "head4" else draw(st.sampled_from([8, 16]))
     s_len = 2 if bad == "two_tokens" else 1
+    if bad == "two_tokens" and bsz == 1 and ctx % 2 == 0:
+        ctx += 1  # one row would be a chunk: declined for two rows or a cache of an odd number of slots
+    chunk = bad != "two_tokens" and draw(st.booleans())
+    if chunk:  # one row, a cache of whole chunks
+        s_len = draw(st.sampled_from([2, 4]))
+        bsz, ctx = 1, s_len * draw(st.integers(1, 3))
     d = heads * h
     tags = [f"B={bsz} N={heads} H={h} C={ctx} S={s_len}", f"bad={bad}"]
     pos = b.input("position_ids", I64, [bsz, s_len])
@@ -1006,9 +1018,17 @@ def decode_attention_cases(draw: Any) -> Case:
     else:
         q, k, v = (b.input(n, F32, [bsz, s_len, d]) for n in ("q", "k", "v"))
     outs = {}
+    copy = None
+    if chunk and draw(st.booleans()):  # retain-kv-cache's padding copy: each padding token takes the last valid one's values
+        steps = b.const(np.arange(s_len).reshape(1, s_len), np.int64)
+        last = b.op("ArgMax", [pos], axis=1, keepdims=1)
+        copy = b.op("Reshape", [b.op("Where", [b.op("GreaterOrEqual", [pos, zero]), steps, last]), b.const([s_len], np.int64)])
+        tags.append("padding-copy")
     for role, x, idx in (("key", k, indices), ("value", v, value_indices)):
         if s_len > 1:  # the head split of several tokens moves elements
             x4 = b.op("Transpose", [b.op("Reshape", [x, b.const([bsz, s_len, heads, h], np.int64)])], perm=[0, 2, 1, 3])
+            if copy is not None:
+                x4 = b.op("Gather", [x4, copy], axis=2)
         elif heads == 1 and draw(st.booleans()):
             x4 = b.unsqueeze(x, [1])
         else:
@@ -1027,6 +1047,10 @@ def decode_attention_cases(draw: Any) -> Case:
     positions = rng.integers(0, ctx - 1, (bsz, s_len)) if bad == "shifted_mask" else rng.integers(0, ctx, (bsz, s_len))
     if s_len > 1:
         positions = np.sort(positions, axis=1)
+    if chunk:  # the runtime's chunks: consecutive positions from a multiple of S
+        positions = (s_len * rng.integers(0, ctx // s_len) + np.arange(s_len)).reshape(1, s_len)
+        if bad == "shifted_mask":  # the shifted mask must not reach past the cache
+            positions = np.minimum(positions, ctx - 2)
     return Case("fuse-decode-attention", b.model(), FuseDecodeAttention, tuple(tags), atol=1e-4, rtol=1e-3,
                 feeds={"position_ids": positions.astype(np.int64)}, shared_state=True)  # fmt: skip
 

@@ -78,12 +78,14 @@ def assert_same_outputs(
     seed: int = 0,
     dims: dict[str, int] | None = None,
     shared_state: bool = False,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Run both graphs on the same random inputs and compare every output.
 
-    ``shared_state``: run ``b`` with its caches updated in place (:func:`run_shared_state`)."""
+    ``shared_state``: run ``b`` with its caches updated in place (:func:`run_shared_state`).
+    ``feeds``: inputs to use instead of random ones."""
     sa, sb = session(a), session(b)
-    feeds = random_feeds(sa, seed, dims)
+    feeds = random_feeds(sa, seed, dims) | (feeds or {})
     names = [o.name for o in sa.get_outputs()]
     ra = sa.run(names, feeds)
     feeds_b = {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}}
@@ -108,8 +110,11 @@ def check_case(
     expect_stats: dict[str, Any] | None = None,
     atol: float = 1e-5,
     shared_state: bool = False,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> Graph:
-    """The standard pass test for ``tests/golden/<pass>/<case>``; returns the result."""
+    """The standard pass test for ``tests/golden/<pass>/<case>``; returns the result.
+
+    ``feeds``: inputs to use instead of random ones (the rest stay random)."""
     p = make_pass()
     before_path = GOLDEN_DIR / p.name / f"{case}.before.onnxtxt"
     before = Graph.parse(before_path.read_text())
@@ -125,7 +130,7 @@ def check_case(
     golden.check(out, f"{p.name}/{case}.after.onnxtxt")
     if not expect_modified:
         assert canonical_text(out) == canonical_text(before), "a pass that reports no change must not change the graph"
-    assert_same_outputs(before, out, atol=atol, shared_state=shared_state)
+    assert_same_outputs(before, out, atol=atol, shared_state=shared_state, feeds=feeds)
     again = run_pass(make_pass(), out)
     assert again.modified is False, f"{p.name} is not idempotent on {case}: second run stats {again.stats}"
     return out

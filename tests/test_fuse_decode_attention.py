@@ -89,3 +89,54 @@ def test_a_slot_past_the_cache_fails_as_the_scatter_did() -> None:
             assert "out of" in str(e) or "invalid" in str(e).lower(), e
         else:
             raise AssertionError(f"{graph.name} ran with position 8 in an 8-slot cache")
+
+
+# -- a chunk of a prompt (prefill): one row, consecutive positions from a multiple of S, as the runtime feeds them
+
+
+def test_a_prompt_chunk_becomes_group_query_attention_after_the_chunks_before_it(golden: Any) -> None:
+    second_chunk = {"position_ids": np.array([[4, 5, 6, 7]], np.int64)}  # slots 0..3 hold the first chunk
+    out = check_case(FuseDecodeAttention, "gpt2_prefill", golden, expect_modified=True, expect_stats={"decode_attention": 1},
+                     shared_state=True, feeds=second_chunk)  # fmt: skip
+    assert not {"ScatterND", "MultiHeadAttention", "Split", "Transpose", "LessOrEqual", "ArgMax"} & set(out.op_counts())
+    (gqa,) = out.nodes_by_op("GroupQueryAttention")
+    assert gqa.inputs[0].name == "qkv" and out.scalar(gqa.inputs[6]) == 8
+    # seqlens_k: the chunk's first position + 3, the last slot it writes
+    cast = out.producer(gqa.inputs[5])
+    add = out.producer(out.producer(cast.inputs[0]).inputs[0])
+    assert add.op == "Add" and out.scalar(add.inputs[1]) == 3
+    gather = out.producer(add.inputs[0])
+    assert gather.op == "Gather" and gather.inputs[0].name == "position_ids" and out.scalar(gather.inputs[1]) == 0
+
+
+def test_the_first_chunk_and_a_padded_last_chunk_match_on_every_valid_token() -> None:
+    before, after = _before_and_after("gpt2_prefill")
+    for positions, valid in (([0, 1, 2, 3], 4), ([4, 5, -1, -1], 2), ([0, -1, -1, -1], 1)):
+        feeds = _feeds(before, positions, seed=valid)
+        ref = dict(zip([o.name for o in before.outputs], session(before).run(None, feeds)))
+        got = dict(zip([o.name for o in after.outputs], run_shared_state(session(after), feeds)))
+        np.testing.assert_allclose(got["y"][:, :valid], ref["y"][:, :valid], atol=1e-5)
+        last = positions[valid - 1]
+        for name in ("past_key.0_RetainedState", "past_value.0_RetainedState"):
+            # Slots up to the last valid position; padding tokens land after it, where no step reads before writing.
+            np.testing.assert_allclose(got[name][:, :, : last + 1], ref[name][:, :, : last + 1], atol=1e-6)
+
+
+def test_a_chunk_past_the_cache_fails() -> None:
+    before, after = _before_and_after("gpt2_prefill")
+    feeds = _feeds(before, [6, 7, 8, 9])  # only a driver that ignores the chunk contract sends this
+    for graph in (before, after):
+        try:
+            run_shared_state(session(graph), feeds)
+        except Exception as e:
+            assert "out of" in str(e) or "invalid" in str(e).lower(), e
+        else:
+            raise AssertionError(f"{graph.name} ran with positions 6..9 in an 8-slot cache")
+
+
+def test_prompt_chunks_that_are_not_the_runtimes_are_declined(golden: Any) -> None:
+    reasons = declined_reasons(FuseDecodeAttention, "prefill_near_misses", golden)
+    assert len(reasons) == 3, reasons
+    joined = "\n".join(reasons)
+    for expected in ("2 query tokens in 2 rows", "not a whole number of 4-token chunks", "not shown to keep every valid token in place"):
+        assert expected in joined, (expected, reasons)

@@ -181,7 +181,7 @@ def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any
         passes = [*cpu.legalize_passes({}), "simplify-shapes", "fuse-skip-layer-norm", *cpu.final_passes({}), "cleanup"]
         report = optimize(g, passes, check=True)
         ops = g.op_counts()
-        # Prefill keeps MultiHeadAttention; at one token each layer's attention and cache writes are one op.
+        # Prefill at batch 2 keeps MultiHeadAttention; at one token each layer's attention and cache writes are one op.
         fused = "GroupQueryAttention" if seq == 1 else "MultiHeadAttention"
         assert ops[fused] == model.config.n_layer and "Softmax" not in ops, report.table()
         assert ("ScatterND" in ops) is (seq > 1), report.table()
@@ -192,3 +192,30 @@ def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any
         graphs[kind] = g
     diff = _pinned_max_diff(graphs, model)
     assert diff < ATOL, f"{source} with fused attention: max |logits - HF| = {diff}"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_prompt_chunks_at_batch_one_match_hugging_face(sources: dict[str, tuple[Path, Any]], source: str) -> None:
+    """At batch 1 the cpu target's fuse-decode-attention also rewrites the prefill: each prompt chunk's cache
+    writes and attention become GroupQueryAttention. Prompts of one chunk, two chunks (the last padded) and
+    exactly two chunks, driven as the runtime chunks them, through separate buffers (slots after the last
+    valid position are undefined there): same logits as HF."""
+    path, model = sources[source]
+    cpu = get_target("cpu")
+    graphs = {}
+    for kind, seq in (("prefill", PREFILL), ("decode", 1)):
+        g = Graph.load(path)
+        optimize(g, ctx_len=CTX, batch_size=1, seq_len=seq)
+        report = optimize(g, [*cpu.legalize_passes({}), "simplify-shapes", *cpu.final_passes({}), "cleanup"], check=True)
+        ops = g.op_counts()
+        assert ops["GroupQueryAttention"] == model.config.n_layer, report.table()
+        assert not {"ScatterND", "MultiHeadAttention", "Softmax"} & set(ops), report.table()
+        graphs[kind] = g
+    prompts, conts = _case(model.config.vocab_size)
+    prompts.append(list(range(1, 2 * PREFILL + 1)))
+    conts.append(conts[0])
+    for prompt, cont in zip(prompts, conts):
+        got = teacher_forced_logits(_session(graphs["prefill"]), _session(graphs["decode"]), _cache(graphs["decode"], 1),
+                                    [prompt], [cont], PREFILL)  # fmt: skip
+        diff = _max_diff(got, _hf_logits(model, [prompt], [cont]))
+        assert diff < ATOL, f"{source}, prompt of {len(prompt)} at batch 1: max |logits - HF| = {diff}"

@@ -59,7 +59,8 @@ def test_artifact_layout(artifact: Path) -> None:
     for spec in ("prefill", "decode"):  # the cpu target's fuse-attention ran on both
         assert [p["name"] for p in m.pass_reports[spec]["passes"]][2:4] == ["fuse-attention", "simplify-shapes"]
         ops = [n.op_type for n in onnx.load(str(artifact / f"{spec}.onnx"), load_external_data=False).graph.node]
-        # One token a step: fuse-decode-attention turned each layer's cache writes and attention into one op.
+        # One token a step: fuse-decode-attention turned each layer's cache writes and attention into one op
+        # (a prefill chunk of two rows is declined: at batch 1 the prefill gets GroupQueryAttention too, below).
         fused = "GroupQueryAttention" if spec == "decode" else "MultiHeadAttention"
         assert ops.count(fused) == 2 and "Softmax" not in ops
         assert ("ScatterND" in ops) is (spec == "prefill")
@@ -105,6 +106,20 @@ def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifa
     table = s.table()
     for key in ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_tokens_per_s", "e2e_s"):
         assert key in table and key in s.to_dict()
+
+
+def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf: tuple[Any, Path], tmp_path: Path) -> None:
+    """One row: fuse-decode-attention rewrites the prefill too; prompts of one chunk, two chunks (the last
+    padded) and ctx_len - 1 tokens match HF greedy, with the caches in place and double-buffered."""
+    art = compile_model(hf[1], "cpu", tmp_path / "cpu1", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=1)
+    ops = [n.op_type for n in onnx.load(str(art / "prefill.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and not {"ScatterND", "MultiHeadAttention"} & set(ops)
+    long = [(7 * i) % 211 for i in range(CTX - 1)]  # fills the cache: the last chunk ends at its last slot
+    for inplace in (True, False):
+        rt = Runtime(art, inplace=inplace)
+        for prompt in (PROMPTS[0], PROMPTS[1], long):
+            n = min(6, CTX - len(prompt))
+            assert rt.generate([prompt], max_new_tokens=n).tokens[0] == _hf_greedy(hf[0], prompt, n), (inplace, len(prompt))
 
 
 def test_worker_threads_stop_spinning_when_a_step_returns(artifact: Path) -> None:
