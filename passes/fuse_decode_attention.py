@@ -43,8 +43,9 @@ valid token then writes and reads exactly what it did; padding tokens write
 their own values after the last valid slot (instead of the last valid token's
 values at its slot), where no later step reads before it writes, and their
 outputs (which nothing reads) change. Positions past the cache fail, as before.
-Several rows are declined: a row that has finished its prompt gets a chunk of
-padding only, with no slot GroupQueryAttention could write harmlessly.
+Several rows are declined: ONNX Runtime's CPU kernel refuses a chunk over a
+cache in more than one row ("batch_size must be 1 when sequence_length > 1 and
+past context is given", found by testing).
 
 Per layer this is one kernel instead of eight to twelve (Split, the head
 Reshapes and Transposes, the padding copy, two ScatterND, the mask's use,
@@ -118,8 +119,8 @@ class FuseDecodeAttention(FusionPass):
             return f"the query has no static shape [B, S, D] ({q.shape})"
         b, s, d = qs
         if s > 1 and b > 1:
-            return (f"{s} query tokens in {b} rows: a row that has finished its prompt gets a chunk of padding, "
-                    "which GroupQueryAttention would write after the row's last position, possibly past the cache")  # fmt: skip
+            # ONNX Runtime 1.32 refuses it at run time: "batch_size must be 1 when sequence_length > 1 and past context is given".
+            return f"{s} query tokens in {b} rows: GroupQueryAttention's CPU kernel takes a chunk over a cache in one row only"
         if heads <= 0 or d % heads:
             return f"{heads} heads do not divide the hidden size {d}"
         h = d // heads
