@@ -6,7 +6,11 @@ applies the target's legalization passes, hands each graph to the target's
 compiler, and writes an artifact directory:
 
 * ``manifest.json``: qgraph version, target and options, specializations with
-  their files and shapes, the IO contract, the pass reports, content hashes;
+  their files and shapes, the IO contract, the pass reports, content hashes,
+  and ``prefill_positions``: ``"consecutive"`` where the prefill graph takes
+  the runtime's chunks only (``fuse-decode-attention`` rewrote it: in each row,
+  consecutive positions from the chunk's first token, padding -1 only after
+  them, and the first position + prefill_seq_len <= ctx_len), else ``"any"``;
 * the compiled graph of each specialization;
 * ``weights.data``: the weights, stored once and shared by the specializations.
 
@@ -81,6 +85,8 @@ class Manifest:
     format: int = FORMAT_VERSION
     #: weights the runtime binds as inputs (cpu: large MatMul weights): name -> file, offset, length, shape, dtype.
     fed_weights: dict[str, Any] = field(default_factory=dict)
+    #: "consecutive" if the prefill graph takes the runtime's chunks only (see the module docstring), else "any".
+    prefill_positions: str = "any"
 
     def spec(self, name: str) -> Specialization:
         for s in self.specializations:
@@ -224,6 +230,7 @@ def compile_model(
             model=info,
             pass_reports=reports,
             fed_weights=extra.get("fed_weights", {}),
+            prefill_positions="consecutive" if _rewrote_chunks(reports.get("prefill", {})) else "any",
         )
         manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(manifest.to_json())
@@ -233,6 +240,12 @@ def compile_model(
         raise
     _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _rewrote_chunks(report: dict[str, Any]) -> bool:
+    """True if fuse-decode-attention turned a prompt chunk's attention into GroupQueryAttention (a prefill's report)."""
+    return any(r.get("name") == "fuse-decode-attention" and r.get("stats", {}).get("decode_attention", 0) > 0
+               for r in report.get("passes", []))  # fmt: skip
 
 
 def _process_alive(name: str, prefix: str) -> bool:

@@ -197,6 +197,8 @@ class Runtime:
 
     def step(self, spec: str, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run one specialization; returns logits [batch, 1, vocab] (a view, valid until the next step)."""
+        if spec == "prefill" and self.manifest.prefill_positions == "consecutive":
+            self._check_chunk(np.asarray(position_ids))
         flipped = getattr(self, "_flipped", False)
         b = self._binding(spec, flipped)
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -205,6 +207,17 @@ class Runtime:
         if not self.inplace:
             self._flipped = not flipped
         return self._logits.numpy()
+
+    def _check_chunk(self, pos: np.ndarray) -> None:
+        """The chunk contract of a prefill graph that fuse-decode-attention rewrote (see qgraph.compile)."""
+        for b, row in enumerate(pos.reshape(pos.shape[0], -1)):
+            n = int((row >= 0).sum())
+            if n == 0 or not (row[:n] == row[0] + np.arange(n)).all() or (row[n:] != -1).any() or row[0] + len(row) > self.ctx_len:
+                raise GenerationError(
+                    f"row {b} of this prefill chunk has positions {row.tolist()}; this artifact's prefill graph takes the "
+                    f"runtime's chunks only: consecutive positions from the chunk's first token, -1 (padding) only after "
+                    f"them, and the first position + {len(row)} <= ctx_len {self.ctx_len}"
+                )
 
     def cache(self) -> dict[str, np.ndarray]:
         """A copy of the current caches (for tests and debugging)."""

@@ -114,6 +114,13 @@ def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf
     art = compile_model(hf[1], "cpu", tmp_path / "cpu1", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=1)
     ops = [n.op_type for n in onnx.load(str(art / "prefill.onnx"), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and not {"ScatterND", "MultiHeadAttention"} & set(ops)
+    assert Manifest.load(art).prefill_positions == "consecutive"
+    rt = Runtime(art)
+    rt.reset()
+    ids = np.zeros((1, PREFILL), np.int64)
+    for bad in ([0, 1, 3, 4, 5, 6, 7, 8], [-1, 0, 1, 2, 3, 4, 5, 6], [2, 3, -1, 4, -1, -1, -1, -1], [CTX - 4 + i for i in range(PREFILL)]):
+        with pytest.raises(GenerationError, match="takes the runtime's chunks only"):
+            rt.step("prefill", ids, np.array([bad], np.int64))
     long = [(7 * i) % 211 for i in range(CTX - 1)]  # fills the cache: the last chunk ends at its last slot
     for inplace in (True, False):
         rt = Runtime(art, inplace=inplace)
@@ -215,4 +222,5 @@ def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:
 
 
 def test_manifest_is_json(artifact: Path) -> None:
-    json.loads((artifact / "manifest.json").read_text())
+    data = json.loads((artifact / "manifest.json").read_text())
+    assert data["prefill_positions"] == "any"  # batch 2: the prefill keeps the general graph, any positions
