@@ -126,13 +126,10 @@ class FuseDecodeAttention(FusionPass):
         h = d // heads
         if h % 8:
             return f"the head size {h} is not a multiple of 8, which GroupQueryAttention's CPU kernel needs"
-        write = graph.producer(ins[1])
-        if not is_onnx_op(write, "ScatterND") or static_dims(write.inputs[0].shape, 4) is None:
-            return "the key cache: not written by a plain ScatterND into a cache of static shape"
-        ctx = static_dims(write.inputs[0].shape)[2]
-        pos = self._mask_positions(graph, mask, b, s, ctx)
-        if isinstance(pos, str):
-            return pos
+        found_pos = self._mask_positions(graph, mask, b, s)
+        if isinstance(found_pos, str):
+            return found_pos
+        pos, ctx = found_pos
         positions = None
         if s > 1:
             # A chunk of a prompt: GroupQueryAttention writes token i at slot p0 + i (p0: the chunk's first position).
@@ -143,15 +140,13 @@ class FuseDecodeAttention(FusionPass):
                 return f"the cache's {ctx} slots are not a whole number of {s}-token chunks: the last chunk could run past it"
         caches = []
         for role, t in (("key", ins[1]), ("value", ins[2])):
-            found = self._cache(graph, t, anchor, [b, s, heads, h], positions)
+            found = self._cache(graph, t, anchor, [b, s, heads, h], ctx, positions)
             if isinstance(found, str):
                 return f"the {role} cache: {found}"
             caches.append(found)
         (key_write, past_k, k), (value_write, past_v, v) = caches
         if key_write.inputs[1] is not value_write.inputs[1]:
             return "the key and value caches are written at different indices"
-        if list(past_v.shape) != list(past_k.shape):
-            return "the key and value caches differ in shape"
         slot = self._slot(graph, key_write.inputs[1], [b, heads, s])
         if isinstance(slot, str):
             return slot
@@ -167,7 +162,9 @@ class FuseDecodeAttention(FusionPass):
         return Match([anchor, key_write, value_write], values)
 
     @staticmethod
-    def _cache(graph: Graph, t: Tensor, anchor: Node, bsnh: list[int], positions: Tensor | None) -> tuple[Node, Tensor, Tensor] | str:
+    def _cache(
+        graph: Graph, t: Tensor, anchor: Node, bsnh: list[int], ctx: int, positions: Tensor | None
+    ) -> tuple[Node, Tensor, Tensor] | str:
         """(the ScatterND, the past input, the [B, S, D] keys or values written) of a cache read by ``anchor``."""
         write = graph.producer(t)
         if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
@@ -179,8 +176,8 @@ class FuseDecodeAttention(FusionPass):
         shape = static_dims(past.shape, 4)
         if not any(x is past for x in graph.inputs) or not only_consumer(past, write):
             return "the cache written is not a graph input read by its ScatterND alone"
-        if shape is None or shape[:2] != [b, n] or shape[3] != h:
-            return f"the cache has shape {past.shape}, not [{b}, {n}, C, {h}]"
+        if shape != [b, n, ctx, h]:
+            return f"the cache has shape {past.shape}, not [{b}, {n}, {ctx}, {h}] (the mask's {ctx} slots)"
         if tensor_dtype(graph, past) != TensorProto.FLOAT:
             return "the cache is not float32"
         if s == 1:
@@ -227,11 +224,13 @@ class FuseDecodeAttention(FusionPass):
         return slot
 
     @staticmethod
-    def _mask_positions(graph: Graph, mask: Tensor, b: int, s: int, ctx: int) -> Tensor | str:
-        """p ([B, 1, S, 1]) of the mask M[b, 0, i, j] = 0 if j <= p[b, i] else hidden."""
+    def _mask_positions(graph: Graph, mask: Tensor, b: int, s: int) -> tuple[Tensor, int] | str:
+        """(p ([B, 1, S, 1]), C) of the mask M[b, 0, i, j] = 0 if j <= p[b, i] else hidden, j < C."""
         where = graph.producer(mask)
-        if static_dims(mask.shape) != [b, 1, s, ctx] or not is_onnx_op(where, "Where"):
-            return f"the attention bias is not a Where of shape [{b}, 1, {s}, {ctx}]"
+        dims = static_dims(mask.shape, 4)
+        if dims is None or dims[:3] != [b, 1, s] or not is_onnx_op(where, "Where"):
+            return f"the attention bias is not a Where of shape [{b}, 1, {s}, C]"
+        ctx = dims[3]
         shown, hidden = graph.const_value(where.inputs[1]), graph.const_value(where.inputs[2])
         if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > MASK_VALUE):
             return "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
@@ -244,7 +243,7 @@ class FuseDecodeAttention(FusionPass):
         pos = compare.inputs[1]
         if static_dims(pos.shape) != [b, 1, s, 1]:
             return f"the mask's positions have shape {pos.shape}, not [{b}, 1, {s}, 1]"
-        return pos
+        return pos, ctx
 
     def rewrite(self, graph: Graph, m: Match) -> None:
         mha, key_write, value_write = m.nodes
@@ -253,16 +252,14 @@ class FuseDecodeAttention(FusionPass):
         key = v["positions"] if v["tokens"] > 1 else v["slot"]
         seqlens = self._seqlens.get(id(key))
         if seqlens is None:
-            if v["tokens"] > 1:  # the chunk's last slot: its first position + S - 1
+            last = key  # one token: its slot; a chunk: its first position + S - 1, the last slot it writes
+            if v["tokens"] > 1:
                 first = graph.add_node("Gather", [key, graph.constant(self.name, np.array([0], np.int64))], 1, {"axis": 1},
                                        prefix=self.name, before=mha).outputs[0]  # fmt: skip
                 last = graph.add_node("Add", [first, graph.constant(self.name, np.array([v["tokens"] - 1], np.int64))], 1,
                                       prefix=self.name, before=mha).outputs[0]  # fmt: skip
-                rows = graph.add_node("Reshape", [last, graph.constant(self.name, np.array([b], np.int64))], 1,
-                                      prefix=self.name, before=mha).outputs[0]  # fmt: skip
-            else:
-                rows = graph.add_node("Reshape", [key, graph.constant(self.name, np.array([b], np.int64))], 1,
-                                      prefix=self.name, before=mha).outputs[0]  # fmt: skip
+            rows = graph.add_node("Reshape", [last, graph.constant(self.name, np.array([b], np.int64))], 1,
+                                  prefix=self.name, before=mha).outputs[0]  # fmt: skip
             seqlens = graph.add_node("Cast", [rows], 1, {"to": TensorProto.INT32}, prefix=self.name, before=mha).outputs[0]
             self._seqlens[id(key)] = seqlens
         packed = v["packed"]

@@ -31,13 +31,14 @@ and plain ONNX Runtime's prefills taken in turn, 40 times.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,11 +160,15 @@ def _bound_product(mib: int = 512) -> tuple[Any, dict[str, np.ndarray]]:
     return model, {"x": np.ones((1, k), np.float32), "w": w}
 
 
-def bandwidth_by_engine(mib: int = 512, repeats: int = 8, threads: int = 2) -> dict[str, float]:
-    """Best read rate (bytes/s) of the bound's product in ONNX Runtime and in numpy (its BLAS), each engine apart."""
+def bandwidth_by_engine(
+    mib: int = 512, repeats: int = 8, threads: int = 2, product: tuple[Any, dict[str, np.ndarray]] | None = None
+) -> dict[str, float]:
+    """Best read rate (bytes/s) of the bound's product in ONNX Runtime and in numpy (its BLAS), each engine apart.
+
+    ``product``: a (model, feeds) of :func:`_bound_product` to reuse instead of building one of ``mib`` MiB."""
     import onnxruntime as ort
 
-    model, feeds = _bound_product(mib)
+    model, feeds = product or _bound_product(mib)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -382,18 +387,18 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         out = rt.generate([prompt], max_new_tokens=new_tokens)
         return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
 
-    def ort_first() -> tuple[float, float, list[int]]:
-        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, 1)
+    def ort_ttft() -> float:
+        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, 1)[0]
 
-    def qgraph_first() -> tuple[float, float, list[int]]:
-        out = rt.generate([prompt], max_new_tokens=1)
-        return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
+    def qgraph_ttft() -> float:
+        return rt.generate([prompt], max_new_tokens=1).stats.ttft_s
 
     contenders: list[tuple[str, Callable[[], tuple[float, float, list[int]]]]] = [
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
     bandwidths, engines, ceiling = [], [], []
+    bound_model, bound_feeds = _bound_product()  # 512 MiB of random weights, built once for every measurement of the bound
 
     def ceiling_run() -> float:
         t = time.perf_counter()
@@ -406,7 +411,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     ceiling_run()
     for r in range(rounds):
         say(f"round {r + 1}/{rounds}")
-        engines.append(bandwidth_by_engine(threads=threads))
+        engines.append(bandwidth_by_engine(threads=threads, product=(bound_model, bound_feeds)))
         bandwidths.append(max(engines[-1].values()))
         for name, fn in contenders:
             # Let the previous contender's spinning worker threads go idle first.
@@ -417,21 +422,22 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         time.sleep(0.5)
         ceiling.append(ceiling_run())
     say(f"alternating {PAIRS} decode steps, kernel-ceiling runs and runs of the bound's product")
-    bound_model, bound_feeds = _bound_product()
     bound_path = tmp / "bound-product.onnx"
     onnx.save(bound_model, str(bound_path))
     # The runtime's session settings, so that no engine's idle threads slow the next one down.
     bound_sess = rt.target.create_session(bound_path, rt.manifest.target_options, threads=threads)
     bound_path.unlink()
     step_s, ceil_s, prod_s = _paired_in_time(rt, [(ceiling_sess, ceiling_feeds), (bound_sess, bound_feeds)], prompt_len, ctx)
+    bound_bytes = bound_feeds["w"].nbytes
     del bound_sess, bound_feeds
     say(f"alternating {ttft_pairs} qgraph and plain ONNX Runtime prefills")
-    q_ttft, o_ttft = _paired_ttft(lambda: qgraph_first()[0], lambda: ort_first()[0], ttft_pairs)
+    # A time to first token is one prefill, so the rounds give one sample per contender each; pairs within a
+    # second steady the ratio. Each prefill waits TTFT_PAUSE_S first, as the contenders of a round do.
+    q_ttft, o_ttft = in_turn([qgraph_ttft, ort_ttft], max(1, ttft_pairs), pause_s=TTFT_PAUSE_S)
     overhead_ms = statistics.median(s - c for s, c in zip(step_s, ceil_s)) * 1e3
     # ONNX Runtime runs the bound's product in the pairs; where numpy's BLAS streamed it faster in the rounds,
     # the bound is scaled up by that factor (never down), so the paired bound is as strict as the rounds' one.
     factor = statistics.median(max(1.0, e["numpy"] / e["onnxruntime"]) for e in engines)
-    bound_bytes = bound_model.graph.input[1].type.tensor_type.shape.dim[0].dim_value ** 2 * 4
     in_time_bound = [weight_bytes * p / bound_bytes / factor for p in prod_s]
     in_time = {
         "qgraph decode / bandwidth bound": statistics.median(b / s for b, s in zip(in_time_bound, step_s)),
@@ -478,51 +484,48 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
                        [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time)  # fmt: skip
 
 
-def _paired_ttft(qgraph_ttft: Callable[[], float], ort_ttft: Callable[[], float], pairs: int) -> tuple[list[float], list[float]]:
-    """TTFT of qgraph and of plain ONNX Runtime, one of each in turn ``pairs`` times, the first alternating.
+def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+    """``fn`` made to return the seconds it took."""
 
-    A time to first token is one prefill, so the rounds give one sample per
-    contender each; pairing them, each pair within a second, steadies the
-    ratio on a noisy machine. Each prefill waits ``TTFT_PAUSE_S`` first, as
-    the contenders of a round do, so that no engine's idle workers slow the other.
+    def run() -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    return run
+
+
+def in_turn(sides: Sequence[Callable[[], float]], count: int, pause_s: float = 0.0) -> list[list[float]]:
+    """What each side returns, the sides taken in turn ``count`` times; one list per side.
+
+    Each turn runs within a short time, so a slow minute on a shared machine
+    slows every side alike; the order of the sides goes through all their
+    permutations (two sides: the first alternates), as the second of two
+    back-to-back runs may gain or lose from the first. ``pause_s``: a sleep
+    before each run. Take differences and ratios within each turn.
     """
-    q, o = [], []
-    for i in range(max(1, pairs)):
-        for fn, out in ((qgraph_ttft, q), (ort_ttft, o)) if i % 2 == 0 else ((ort_ttft, o), (qgraph_ttft, q)):
-            time.sleep(TTFT_PAUSE_S)
-            out.append(fn())
-    return q, o
+    orders = list(itertools.permutations(range(len(sides))))
+    out: list[list[float]] = [[] for _ in sides]
+    for i in range(count):
+        for side in orders[i % len(orders)]:
+            if pause_s:
+                time.sleep(pause_s)
+            out[side].append(sides[side]())
+    return out
 
 
 def _paired_in_time(rt: Any, others: list[tuple[Any, dict[str, np.ndarray]]], prompt_len: int, ctx: int) -> list[list[float]]:
-    """Seconds of one qgraph decode step and of one run of each other session, taken in turn ``PAIRS`` times.
-
-    Returns one list per side (the decode step first). Each alternation runs
-    within tens of milliseconds, so a slow minute on a shared machine slows
-    every side alike; the order of the sides goes through all their
-    permutations, as the second of two back-to-back runs may gain or lose from
-    the first. Differences and ratios are taken within each alternation.
-    """
-    import itertools
-
+    """Seconds of one qgraph decode step and of one run of each other session, taken in turn ``PAIRS`` times
+    (:func:`in_turn`); one list per side, the decode step first. The step's position moves on each turn."""
     ids = np.zeros((rt.batch_size, 1), np.int64)
-    sides = len(others) + 1
-    orders = list(itertools.permutations(range(sides)))
-    times: list[list[float]] = [[] for _ in range(sides)]
-    for i in range(PAIRS):
-        pos = np.full((rt.batch_size, 1), prompt_len + i % max(1, ctx - prompt_len), np.int64)
-        took = [0.0] * sides
-        for side in orders[i % len(orders)]:
-            t = time.perf_counter()
-            if side == 0:
-                rt.step("decode", ids, pos)
-            else:
-                sess, feeds = others[side - 1]
-                sess.run(None, feeds)
-            took[side] = time.perf_counter() - t
-        for side in range(sides):
-            times[side].append(took[side])
-    return times
+    turns = itertools.count()
+
+    def step() -> None:
+        pos = np.full((rt.batch_size, 1), prompt_len + next(turns) % max(1, ctx - prompt_len), np.int64)
+        rt.step("decode", ids, pos)
+
+    runs = [timed(lambda sess=sess, feeds=feeds: sess.run(None, feeds)) for sess, feeds in others]
+    return in_turn([timed(step), *runs], PAIRS)
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:

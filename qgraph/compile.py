@@ -204,6 +204,7 @@ def compile_model(
         base = tmp / "optimized.onnx"
         graph.save(base, external=True)
         specs = [Specialization("prefill", batch_size, prefill_seq_len, ctx_len), Specialization("decode", batch_size, 1, ctx_len)]
+        chunked = False
         for spec in specs:
             _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {ctx_len})")
             g = Graph.load(base)
@@ -211,6 +212,8 @@ def compile_model(
                                   *impl.final_passes(options), "cleanup"],
                               ctx_len=ctx_len, batch_size=spec.batch_size, seq_len=spec.seq_len)  # fmt: skip
             reports[spec.name] = report.to_dict()
+            # GroupQueryAttention over several tokens places them at consecutive slots (fuse-decode-attention's chunks).
+            chunked = chunked or (spec.seq_len > 1 and "GroupQueryAttention" in g.op_counts())
             _say(progress, f"compiling {spec.name} for {target}")
             impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
         extra = impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress) or {}
@@ -230,7 +233,7 @@ def compile_model(
             model=info,
             pass_reports=reports,
             fed_weights=extra.get("fed_weights", {}),
-            prefill_positions="consecutive" if _rewrote_chunks(reports.get("prefill", {})) else "any",
+            prefill_positions="consecutive" if chunked else "any",
         )
         manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(manifest.to_json())
@@ -240,12 +243,6 @@ def compile_model(
         raise
     _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return out
-
-
-def _rewrote_chunks(report: dict[str, Any]) -> bool:
-    """True if fuse-decode-attention turned a prompt chunk's attention into GroupQueryAttention (a prefill's report)."""
-    return any(r.get("name") == "fuse-decode-attention" and r.get("stats", {}).get("decode_attention", 0) > 0
-               for r in report.get("passes", []))  # fmt: skip
 
 
 def _process_alive(name: str, prefix: str) -> bool:

@@ -79,16 +79,21 @@ def test_without_shared_buffers_the_slots_up_to_the_step_are_right() -> None:
         np.testing.assert_allclose(got[name][:, :, :4], ref[name][:, :, :4], atol=1e-6)  # slots 0..3; later ones undefined
 
 
-def test_a_slot_past_the_cache_fails_as_the_scatter_did() -> None:
-    before, after = _before_and_after("gpt2_decode")
-    feeds = _feeds(before, [8])
+def _both_refuse(case: str, positions: list[int]) -> None:
+    """The graph before and after the pass both fail on ``positions`` (past the 8-slot cache)."""
+    before, after = _before_and_after(case)
+    feeds = _feeds(before, positions)
     for graph in (before, after):
         try:
             run_shared_state(session(graph), feeds)
         except Exception as e:  # ONNX Runtime's own error: ScatterND's index or GroupQueryAttention's seqlens_k
             assert "out of" in str(e) or "invalid" in str(e).lower(), e
         else:
-            raise AssertionError(f"{graph.name} ran with position 8 in an 8-slot cache")
+            raise AssertionError(f"{graph.name} ran with positions {positions} in an 8-slot cache")
+
+
+def test_a_slot_past_the_cache_fails_as_the_scatter_did() -> None:
+    _both_refuse("gpt2_decode", [8])
 
 
 # -- a chunk of a prompt (prefill): one row, consecutive positions from a multiple of S, as the runtime feeds them
@@ -123,15 +128,7 @@ def test_the_first_chunk_and_a_padded_last_chunk_match_on_every_valid_token() ->
 
 
 def test_a_chunk_past_the_cache_fails() -> None:
-    before, after = _before_and_after("gpt2_prefill")
-    feeds = _feeds(before, [6, 7, 8, 9])  # only a driver that ignores the chunk contract sends this
-    for graph in (before, after):
-        try:
-            run_shared_state(session(graph), feeds)
-        except Exception as e:
-            assert "out of" in str(e) or "invalid" in str(e).lower(), e
-        else:
-            raise AssertionError(f"{graph.name} ran with positions 6..9 in an 8-slot cache")
+    _both_refuse("gpt2_prefill", [6, 7, 8, 9])  # only a driver that ignores the chunk contract sends this
 
 
 def test_prompt_chunks_that_are_not_the_runtimes_are_declined(golden: Any) -> None:

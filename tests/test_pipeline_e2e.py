@@ -165,6 +165,19 @@ def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[P
     assert diff < ATOL, f"{source} pinned: max |logits - HF| = {diff}"
 
 
+def _cpu_pinned(path: Path, batch: int, extra: tuple[str, ...] = ()) -> dict[str, tuple[Graph, Any]]:
+    """Prefill and decode pinned at ``batch``, then the cpu target's pinned passes (``extra`` after simplify-shapes):
+    kind -> (graph, report)."""
+    cpu = get_target("cpu")
+    out = {}
+    for kind, seq in (("prefill", PREFILL), ("decode", 1)):
+        g = Graph.load(path)
+        optimize(g, ctx_len=CTX, batch_size=batch, seq_len=seq)
+        passes = [*cpu.legalize_passes({}), "simplify-shapes", *extra, *cpu.final_passes({}), "cleanup"]
+        out[kind] = (g, optimize(g, passes, check=True))
+    return out
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any]], source: str) -> None:
     """The cpu target's pinned passes (fuse-attention, simplify-shapes with its 2-D rows, fuse-decode-attention)
@@ -173,13 +186,9 @@ def test_fused_attention_matches_hugging_face(sources: dict[str, tuple[Path, Any
     The caches are fed back through separate buffers here (plain ``session.run``), the case in which
     GroupQueryAttention leaves the slots after the step's undefined: no later step may read them."""
     path, model = sources[source]
-    cpu = get_target("cpu")
     graphs = {}
-    for kind, seq in (("prefill", PREFILL), ("decode", 1)):
-        g = Graph.load(path)
-        optimize(g, ctx_len=CTX, batch_size=2, seq_len=seq)
-        passes = [*cpu.legalize_passes({}), "simplify-shapes", "fuse-skip-layer-norm", *cpu.final_passes({}), "cleanup"]
-        report = optimize(g, passes, check=True)
+    for kind, (g, report) in _cpu_pinned(path, 2, ("fuse-skip-layer-norm",)).items():
+        seq = 1 if kind == "decode" else PREFILL
         ops = g.op_counts()
         # Prefill at batch 2 keeps MultiHeadAttention; at one token each layer's attention and cache writes are one op.
         fused = "GroupQueryAttention" if seq == 1 else "MultiHeadAttention"
@@ -201,12 +210,8 @@ def test_prompt_chunks_at_batch_one_match_hugging_face(sources: dict[str, tuple[
     exactly two chunks, driven as the runtime chunks them, through separate buffers (slots after the last
     valid position are undefined there): same logits as HF."""
     path, model = sources[source]
-    cpu = get_target("cpu")
     graphs = {}
-    for kind, seq in (("prefill", PREFILL), ("decode", 1)):
-        g = Graph.load(path)
-        optimize(g, ctx_len=CTX, batch_size=1, seq_len=seq)
-        report = optimize(g, [*cpu.legalize_passes({}), "simplify-shapes", *cpu.final_passes({}), "cleanup"], check=True)
+    for kind, (g, report) in _cpu_pinned(path, 1).items():
         ops = g.op_counts()
         assert ops["GroupQueryAttention"] == model.config.n_layer, report.table()
         assert not {"ScatterND", "MultiHeadAttention", "Softmax"} & set(ops), report.table()

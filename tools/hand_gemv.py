@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -162,19 +161,8 @@ def ort_products(weights: list[np.ndarray], threads: int, workdir: Path, feed_mi
     return sess, feeds
 
 
-def pair(a, b, alternations: int) -> tuple[list[float], list[float]]:
-    """Seconds of ``a()`` and ``b()``, one of each in turn, the first of each pair alternating."""
-    ta, tb = [], []
-    for i in range(alternations):
-        for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return ta, tb
-
-
 def main() -> None:
-    from qgraph.bench import RANDOM_SHAPES
+    from qgraph.bench import RANDOM_SHAPES, in_turn, timed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gpt2", choices=sorted(RANDOM_SHAPES))
@@ -193,20 +181,20 @@ def main() -> None:
         want = sess.run(None, feeds)
         worst = max(float(np.max(np.abs(g - w[0]))) for g, w in zip(got, want))
         print(f"{len(weights)} products, {nbytes / 1e6:.1f} MB; hand kernel against ONNX Runtime: max |diff| {worst:.2e}")
-        t_ort, t_hand = pair(lambda: sess.run(None, feeds), lambda: hand.run(x), args.alternations)
+        t_ort, t_hand = in_turn([timed(lambda: sess.run(None, feeds)), timed(lambda: hand.run(x))], args.alternations)
         ratio = statistics.median(o / h for o, h in zip(t_ort, t_hand))
         print(f"ONNX Runtime {statistics.median(t_ort) * 1e3:.2f} ms ({nbytes / statistics.median(t_ort) / 1e9:.1f} GB/s), "
               f"hand kernel {statistics.median(t_hand) * 1e3:.2f} ms ({nbytes / statistics.median(t_hand) / 1e9:.1f} GB/s); "
               f"ONNX Runtime / hand, paired: {ratio:.3f}")  # fmt: skip
-        hand.close()
         k = int(np.sqrt(args.bound_mib * 1024 * 1024 / 4))
         big = HandGemv([np.random.default_rng(1).standard_normal((k, k), dtype=np.float32)], args.threads, Path(tmp))
-        hand = HandGemv(weights, args.threads, Path(tmp))
         xb = np.ones(k, np.float32)
-        t_small, t_big = pair(lambda: hand.run(x), lambda: big.run(xb), args.alternations)
+        t_small, t_big = in_turn([timed(lambda: hand.run(x)), timed(lambda: big.run(xb))], args.alternations)
         rates = [(nbytes / s) / (k * k * 4 / b) for s, b in zip(t_small, t_big)]
         print(f"hand kernel: the {len(weights)} products at {statistics.median(rates):.3f}x the rate of its own "
               f"{args.bound_mib} MiB product (paired; {k * k * 4 / statistics.median(t_big) / 1e9:.1f} GB/s there)")  # fmt: skip
+        hand.close()
+        big.close()
 
 
 if __name__ == "__main__":
