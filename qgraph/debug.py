@@ -38,8 +38,10 @@ graph is driven depends on its signature, so the comparison survives
   graph's pinned ``seq_len`` (else the whole prompt), then decode. A graph
   pinned to ``seq_len`` S > 1 decodes with the token padded to width S
   (position -1 marks padding in the contract), so every stage runs at its own
-  pinned shape without re-pinning. Logits of the last valid position of each
-  step only.
+  pinned shape without re-pinning. Such a step fills slots p .. p+S-1, as a
+  prompt chunk does, so the fixed inputs stop S-1 tokens short of the cache's
+  end (the chunk contract of fuse-decode-attention's rewrite). Logits of the
+  last valid position of each step only.
 * anything else (generic): every input gets fixed values (floats uniform in
   [0.5, 1.5), integers 0, symbolic dims 2) and every output is compared by
   name; there is no top-1 token.
@@ -398,8 +400,14 @@ def fixed_inputs(
     prompt_len: int = PROMPT_LEN,
     decode_steps: int = DECODE_STEPS,
     seed: int = 0,
+    seq_len: int | None = None,
 ) -> FixedInputs:
-    """Deterministic inputs derived from the input graph's signature."""
+    """Deterministic inputs derived from the input graph's signature.
+
+    ``seq_len`` is the width a pipeline pins (else the input graph's own pinned
+    width, if any): a pinned graph of width S decodes position p as a chunk of
+    S slots, so the inputs end S-1 tokens before the cache does.
+    """
     rng = np.random.default_rng(seed)
     if sig.kind == "generic":
         feeds: dict[str, np.ndarray] = {}
@@ -422,9 +430,13 @@ def fixed_inputs(
         if not shape or not isinstance(shape[2], int):
             raise GraphCheckError(f"the cache '{sig.pasts[0]}' has no fixed length (dim 2); it is not a retained-state graph")
         ctx_len = int(shape[2])
-    limit = min(ctx_len, model_max_length(graph) or ctx_len)
+    if seq_len is None and ids.shape and len(ids.shape) > 1 and isinstance(ids.shape[1], int):
+        seq_len = int(ids.shape[1])
+    room = ctx_len - (seq_len - 1 if seq_len and seq_len > 1 else 0)
+    limit = min(room, model_max_length(graph) or room)
     if limit < 2:
-        raise GraphCheckError(f"a context of {limit} tokens is too short to prefill and decode; raise --ctx-len")
+        pinned = f" with chunks of {seq_len} slots (seq_len)" if room < ctx_len else ""
+        raise GraphCheckError(f"a context of {ctx_len} tokens is too short to prefill and decode{pinned}; raise --ctx-len")
     decode_steps = max(1, min(decode_steps, limit // 2))
     prompt_len = max(1, min(prompt_len, limit - decode_steps))
     prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
@@ -832,7 +844,8 @@ def debug_passes(
     validate_order(instances)
 
     sig = signature(graph)
-    fixed = fixed_inputs(graph, sig, batch_size=batch_size, ctx_len=opts.ctx_len, prompt_len=prompt_len, decode_steps=decode_steps)
+    fixed = fixed_inputs(graph, sig, batch_size=batch_size, ctx_len=opts.ctx_len, prompt_len=prompt_len, decode_steps=decode_steps,
+                         seq_len=seq_len)  # fmt: skip
     say(f"reference: the input graph ({graph.node_count()} nodes, {sig.kind}) on {_inputs_text(fixed)}")
     t0 = time.perf_counter()
     try:

@@ -20,7 +20,7 @@ from builders import random_gpt2
 from passes import FoldConstants, FuseLayerNorm
 from qgraph import Graph, Pass, PassResult
 from qgraph.debug import debug_passes, load_pass_module
-from qgraph.errors import UnknownPassError
+from qgraph.errors import GraphCheckError, UnknownPassError
 from qgraph.fusion import Match
 
 pytest.importorskip("torch")
@@ -102,6 +102,21 @@ def test_pinned_pipeline_and_a_retained_reference(model: Path, tmp_path: Path) -
     again = debug_passes(path, ["cleanup"], out_dir=None, atol=ATOL, threads=1)
     assert again.reference["signature"] == "retained" and again.inputs["batch"] == 2
     assert again.first_bad_pass is None and again.stages[0].max_abs_diff == 0.0, again.table()
+
+
+def test_pinned_chunks_stay_inside_a_tight_cache(model: Path) -> None:
+    # The cpu target's passes at batch 1: fuse-decode-attention's GroupQueryAttention fills slots p .. p+S-1 of a
+    # padded decode step, and refuses a slot past the cache. With ctx 12 and S 4 the default 7 + 3 tokens would
+    # decode position 9 over slots 9..12; the fixed inputs stop early instead of blaming the pass.
+    passes = DEFAULT + ["pin-static-shapes", "cleanup", "fuse-attention", "simplify-shapes", "fuse-decode-attention"]
+    report = debug_passes(model, passes, ctx_len=12, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
+    assert report.first_bad_pass is None, report.table()
+    fused = report["fuse-decode-attention"]
+    assert fused.stats.get("decode_attention") == 2 and fused.max_abs_diff < ATOL
+    last = report.inputs["prompt_len"] + report.inputs["decode_steps"] - 1
+    assert last + 4 <= 12 and report.inputs["decode_steps"] == 3
+    with pytest.raises(GraphCheckError, match="chunks of 4 slots"):
+        debug_passes(model, passes, ctx_len=4, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
 
 
 @pytest.mark.parametrize("position", [1, 5], ids=["before-retain", "after-retain"])
