@@ -65,6 +65,15 @@ PAIRS = 120
 TTFT_PAIRS = 40
 TTFT_PAUSE_S = 0.2
 
+#: The project's performance targets (issue 6): (what, ratio key, "at least"/"at most", value, the contender the
+#: decode target is relative to: its ms/token over the value is the time per token that meets it).
+TARGETS: list[tuple[str, str, str, float, str]] = [
+    ("decode vs Hugging Face eager", "qgraph decode / huggingface decode", "at least", 2.0, "huggingface-eager"),
+    ("decode vs ONNX Runtime on the plain export", "qgraph decode / onnxruntime decode", "at least", 1.0, "onnxruntime-plain-export"),
+    ("decode vs the bandwidth bound", "qgraph decode / bandwidth bound", "at least", 0.9, "bound"),
+    ("TTFT vs ONNX Runtime on the plain export", "qgraph TTFT / onnxruntime TTFT", "at most", 1.0, ""),
+]
+
 
 @dataclass
 class Result:
@@ -104,7 +113,30 @@ class BenchReport:
     in_time: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "targets": self.targets()}
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Each of :data:`TARGETS` with the table's, the per-round and the in-time figure, and whether each meets it.
+
+        ``met`` is the table's verdict. A decode target also gives ``needs_ms_per_token`` (the time per token that
+        meets it) and ``needs_x_bound`` (that time as a multiple of the bound's speed: above 1 means reading the
+        weights faster than the bound does).
+        """
+        ms = {r.name: r.ms_per_token for r in self.results} | {"bound": self.bound_ms_per_token}
+        out = []
+        for what, key, sense, value, rel in TARGETS:
+            if key not in self.ratios:
+                continue
+            figures = {"table": self.ratios[key], "per_round": self.paired_ratios.get(key), "in_time": self.in_time.get(key)}
+            t: dict[str, Any] = {"target": what, "ratio": key, sense.replace(" ", "_"): value, **figures}
+            for name, v in figures.items():
+                t[f"met_{name}" if name != "table" else "met"] = None if v is None else (v >= value if sense == "at least" else v <= value)
+            if rel in ms:
+                t["needs_ms_per_token"] = ms[rel] / value
+                if rel != "bound":
+                    t["needs_x_bound"] = self.bound_ms_per_token / t["needs_ms_per_token"]
+            out.append(t)
+        return out
 
     def table(self) -> str:
         lines = [
@@ -142,6 +174,16 @@ class BenchReport:
         lines += [f"{k}: {v:.2f}" + (f" (per round: {self.paired_ratios[k]:.2f})" if k in self.paired_ratios else "")
                   for k, v in self.ratios.items()]  # fmt: skip
         lines.append(f"greedy tokens identical across contenders: {'yes' if self.tokens_agree else 'NO'}")
+        lines += ["", "targets (met or missed by the table's figure; per round and in time beside it):"]
+        for t in self.targets():
+            sense, value = ("at least", t["at_least"]) if "at_least" in t else ("at most", t["at_most"])
+            extra = ", ".join(f"{k.replace('_', ' ')} {t[k]:.2f}" for k in ("per_round", "in_time") if t[k] is not None)
+            line = f"  {t['target']}, {sense} {value:g}x: {t['table']:.2f}" + (f" ({extra})" if extra else "")
+            line += " met" if t["met"] else " missed"
+            if not t["met"] and "needs_ms_per_token" in t:
+                line += f"; needs {t['needs_ms_per_token']:.2f} ms/token"
+                line += f", {t['needs_x_bound']:.2f}x the bound's speed" if "needs_x_bound" in t else ""
+            lines.append(line)
         return "\n".join(lines)
 
 

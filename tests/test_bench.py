@@ -81,6 +81,37 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
     assert all(v > 0 for v in report.paired_ratios.values())
 
 
+def test_targets_are_judged_from_the_reported_figures(bench: tuple[BenchReport, Path]) -> None:
+    from qgraph.bench import Result
+
+    # Made-up figures, to check the verdicts and the time per token each decode target needs.
+    results = [Result("huggingface-eager", 0.09, 1000 / 34.0, 34.0), Result("onnxruntime-plain-export", 0.065, 1000 / 26.0, 26.0),
+               Result("qgraph-cpu", 0.052, 1000 / 24.0, 24.0)]  # fmt: skip
+    ratios = {"qgraph decode / huggingface decode": 34 / 24, "qgraph decode / onnxruntime decode": 26 / 24,
+              "qgraph decode / bandwidth bound": 20 / 24, "qgraph TTFT / onnxruntime TTFT": 0.8}  # fmt: skip
+    in_time = {"qgraph decode / bandwidth bound": 0.91, "kernel ceiling / bandwidth bound": 0.95, "bound ms per token": 21.0,
+               "qgraph decode step ms": 23.0, "engine factor": 1.0, "alternations": 120.0}  # fmt: skip
+    r = BenchReport("m", 32, 64, 2, 494_000_000, 24.7, 20.0, results, ratios, True,
+                    paired_ratios={"qgraph decode / bandwidth bound": 0.88}, in_time=in_time)  # fmt: skip
+    t = {x["ratio"]: x for x in r.targets()}
+    hf, ort_, bound, ttft = (t[k] for k in ratios)
+    assert hf["at_least"] == 2.0 and not hf["met"] and hf["needs_ms_per_token"] == pytest.approx(17.0)
+    assert hf["needs_x_bound"] == pytest.approx(20 / 17)  # faster than the bound: out of reach by reading weights once
+    assert ort_["met"] and ort_["needs_ms_per_token"] == pytest.approx(26.0)
+    assert not bound["met"] and bound["met_per_round"] is False and bound["met_in_time"] is True
+    assert bound["needs_ms_per_token"] == pytest.approx(20 / 0.9) and bound["in_time"] == 0.91 and "needs_x_bound" not in bound
+    assert ttft["at_most"] == 1.0 and ttft["met"] and ttft["per_round"] is None and "needs_ms_per_token" not in ttft
+    table = r.table()
+    assert "decode vs Hugging Face eager, at least 2x: 1.42 missed; needs 17.00 ms/token, 1.18x the bound's speed" in table
+    assert "decode vs the bandwidth bound, at least 0.9x: 0.83 (per round 0.88, in time 0.91) missed; needs 22.22 ms/token\n" in table
+    assert "TTFT vs ONNX Runtime on the plain export, at most 1x: 0.80 met" in table
+    # The bench's own report carries all four, in its JSON too.
+    report, _ = bench
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [x["ratio"] for x in data["targets"]] == list(ratios)
+    assert all(isinstance(x["met"], bool) and x["in_time"] is not None for x in data["targets"][2:])
+
+
 def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:
     report, work = bench
     # Four per layer (qkv, attention output, MLP in and out) and the vocabulary projection.
