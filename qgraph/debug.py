@@ -432,11 +432,14 @@ def fixed_inputs(
         ctx_len = int(shape[2])
     if seq_len is None and ids.shape and len(ids.shape) > 1 and isinstance(ids.shape[1], int):
         seq_len = int(ids.shape[1])
-    room = ctx_len - (seq_len - 1 if seq_len and seq_len > 1 else 0)
-    limit = min(room, model_max_length(graph) or room)
+    context = min(ctx_len, model_max_length(graph) or ctx_len)
+    if context < 2:
+        raise GraphCheckError(f"a context of {context} tokens is too short to prefill and decode; raise --ctx-len")
+    width = seq_len or 1
+    limit = min(context, ctx_len - (width - 1))
     if limit < 2:
-        pinned = f" with chunks of {seq_len} slots (seq_len)" if room < ctx_len else ""
-        raise GraphCheckError(f"a context of {ctx_len} tokens is too short to prefill and decode{pinned}; raise --ctx-len")
+        raise GraphCheckError(f"a cache of {ctx_len} slots is too short to decode through chunks of {width} (seq_len); "
+                              f"raise --ctx-len to at least {width + 1}")  # fmt: skip
     decode_steps = max(1, min(decode_steps, limit // 2))
     prompt_len = max(1, min(prompt_len, limit - decode_steps))
     prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()

@@ -115,7 +115,7 @@ def test_pinned_chunks_stay_inside_a_tight_cache(model: Path) -> None:
     assert fused.stats.get("decode_attention") == 2 and fused.max_abs_diff < ATOL
     last = report.inputs["prompt_len"] + report.inputs["decode_steps"] - 1
     assert last + 4 <= 12 and report.inputs["decode_steps"] == 3
-    with pytest.raises(GraphCheckError, match="chunks of 4 slots"):
+    with pytest.raises(GraphCheckError, match=r"chunks of 4 \(seq_len\); raise --ctx-len to at least 5"):
         debug_passes(model, passes, ctx_len=4, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
 
 
