@@ -1,4 +1,4 @@
-"""Small builders shared by the tests: random-weight models and an ONNX Runtime runner.
+"""Small builders shared by the tests: random-weight models, an ONNX Runtime runner, the tools' modules.
 
 Everything here is offline and tiny, so a test can build what it needs in
 well under a second.
@@ -6,11 +6,27 @@ well under a second.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as module ``name`` (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
 
 #: A tiny GPT-2 with an odd head count and a vocabulary that is not a power of two.
 TINY_GPT2: dict[str, Any] = dict(n_layer=2, n_head=3, n_embd=48, vocab_size=397, n_positions=64)

@@ -7,15 +7,12 @@ numpy's and ONNX Runtime's, and each instance keeps its own weights.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "hand_gemv.py"
+from builders import load_tool
 
 if shutil.which("gcc") is None:  # the tool compiles its kernel; without a compiler there is nothing to test
     pytest.skip("tools/hand_gemv.py needs gcc", allow_module_level=True)
@@ -23,11 +20,7 @@ if shutil.which("gcc") is None:  # the tool compiles its kernel; without a compi
 
 @pytest.fixture(scope="module")
 def hand_gemv():
-    spec = importlib.util.spec_from_file_location("hand_gemv", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["hand_gemv"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("hand_gemv")
 
 
 def test_kernel_matches_numpy_and_onnx_runtime(hand_gemv, tmp_path: Path) -> None:

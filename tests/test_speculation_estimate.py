@@ -7,22 +7,13 @@ those timings into the estimate.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "speculation_estimate.py"
+from builders import load_tool
 
 
 @pytest.fixture(scope="module")
 def spec():
-    s = importlib.util.spec_from_file_location("speculation_estimate", TOOL)
-    mod = importlib.util.module_from_spec(s)
-    sys.modules["speculation_estimate"] = mod
-    s.loader.exec_module(mod)
-    return mod
+    return load_tool("speculation_estimate")
 
 
 def test_draft_copies_after_the_longest_earlier_ngram(spec):
