@@ -15,7 +15,7 @@ from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
 from passes.retain_kv_cache import RetainKvCache
 from passes.simplify_shapes import SimplifyShapes
-from qgraph.pass_manager import Pass
+from qgraph.pipeline.manager import Pass
 
 #: Every built-in pass, by command-line name.
 ALL_PASSES: dict[str, type[Pass]] = {

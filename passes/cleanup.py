@@ -6,8 +6,8 @@ passes leave dead nodes behind and rely on it.
 
 from __future__ import annotations
 
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import Pass, PassResult
 
 
 class Cleanup(Pass):

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.graph import Constant, Graph, Node
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Constant, Graph, Node
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

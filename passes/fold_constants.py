@@ -37,8 +37,8 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from qgraph.errors import GraphCheckError
-from qgraph.graph import Constant, Graph, Node, Tensor
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Constant, Graph, Node, Tensor
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from onnx import TensorProto
 
 from passes.fold_constants import static_dims
 from passes.fuse_layer_norm import const_operand, dtype_name, leak, sole_consumer, tensor_dtype
-from qgraph.fusion import FusionPass, Match
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import PassResult
-from qgraph.validate import is_onnx_op
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.fusion import FusionPass, Match
+from qgraph.pipeline.manager import PassResult
 
 #: The domain and version of ONNX Runtime's contrib ops.
 MS_DOMAIN, MS_VERSION = "com.microsoft", 1

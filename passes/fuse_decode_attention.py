@@ -79,10 +79,10 @@ from passes.fold_constants import static_dims
 from passes.fuse_attention import MS_DOMAIN, MS_VERSION
 from passes.fuse_layer_norm import tensor_dtype
 from passes.retain_kv_cache import MASK_VALUE
-from qgraph.fusion import FusionPass, Match, only_consumer
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import PassResult
-from qgraph.validate import is_onnx_op
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.fusion import FusionPass, Match, only_consumer
+from qgraph.pipeline.manager import PassResult
 
 # Ops that move a per-row value between [B, 1] and [B, 1, 1, 1] without changing it.
 _ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 from passes.fuse_layer_norm import OpsetFusionPass, close, const_operand, last_in_order, leak, scalar, sole_consumer
-from qgraph.fusion import Match
-from qgraph.graph import Graph, Node, Tensor
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.pipeline.fusion import Match
 
 GELU_OPSET = 20
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608

@@ -49,9 +49,9 @@ from typing import Any, ClassVar
 import numpy as np
 from onnx import TensorProto, helper
 
-from qgraph.fusion import FusionPass, Match
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import PassResult
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.pipeline.fusion import FusionPass, Match
+from qgraph.pipeline.manager import PassResult
 
 log = logging.getLogger(__name__)
 

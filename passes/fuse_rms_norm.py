@@ -39,8 +39,8 @@ from passes.fuse_layer_norm import (
     skip_up,
     tensor_dtype,
 )
-from qgraph.fusion import Match
-from qgraph.graph import Graph, Node
+from qgraph.ir.graph import Graph, Node
+from qgraph.pipeline.fusion import Match
 
 RMS_NORM_OPSET = 23
 

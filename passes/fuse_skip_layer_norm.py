@@ -29,10 +29,10 @@ from onnx import TensorProto
 from passes.fold_constants import static_dims
 from passes.fuse_attention import MS_DOMAIN, MS_VERSION
 from passes.fuse_layer_norm import tensor_dtype
-from qgraph.fusion import FusionPass, Match
-from qgraph.graph import Graph, Node
-from qgraph.pass_manager import PassResult
-from qgraph.validate import is_onnx_op
+from qgraph.ir.graph import Graph, Node
+from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.fusion import FusionPass, Match
+from qgraph.pipeline.manager import PassResult
 
 
 class FuseSkipLayerNorm(FusionPass):

@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ from typing import Any
 
 from passes.fold_constants import MAX_FOLD_BYTES, fold_constants
 from qgraph.errors import GraphCheckError, StaticShapeError
-from qgraph.graph import Constant, Graph, Tensor
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Constant, Graph, Tensor
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

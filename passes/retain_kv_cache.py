@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from qgraph.errors import RewriteError
-from qgraph.graph import Graph, Node, Tensor, live_node_ids
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Graph, Node, Tensor, live_node_ids
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 
 from passes.fold_constants import static_dims
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import Pass, PassResult
-from qgraph.validate import is_onnx_op
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

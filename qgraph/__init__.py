@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from qgraph.errors import QGraphError
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass, PassManager, PassRecord, PassResult, Report
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import Pass, PassManager, PassRecord, PassResult, Report
 
 __version__ = "0.1.0"
 
@@ -16,7 +16,7 @@ def __getattr__(name: str) -> object:
 
         return AutoModelForCausalLM
     if name == "optimize":
-        from qgraph.pipeline import optimize
+        from qgraph.pipeline.optimize import optimize
 
         return optimize
     if name == "Runtime":

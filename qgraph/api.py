@@ -134,7 +134,7 @@ class AutoModelForCausalLM:
         cls, model: str = "tiny-gpt2", *, trust_remote_code: bool = False, progress: Progress | None = None
     ) -> AutoModelForCausalLM:
         """Name a model: a hub id, a local Hugging Face folder, or ``tiny-gpt2``."""
-        from qgraph.hf import resolve_model
+        from qgraph.frontend.hf import resolve_model
 
         return cls(resolve_model(model), trust_remote_code=trust_remote_code, progress=progress)
 
@@ -146,7 +146,7 @@ class AutoModelForCausalLM:
     @property
     def config(self) -> Any:
         if self._config is None:
-            from qgraph.hf import check_supported, load_config
+            from qgraph.frontend.hf import check_supported, load_config
 
             self._config = load_config(self.source, trust_remote_code=self.trust_remote_code)
             check_supported(self._config, str(self.source))
@@ -172,7 +172,7 @@ class AutoModelForCausalLM:
 
     def export(self, *, exporter: str = "dynamo", opset: int | None = None, out: str | Path | None = None) -> Path:
         """Export the plain model to ONNX (cached); returns the file."""
-        from qgraph.export import export_model
+        from qgraph.frontend.export import export_model
 
         if out is not None:
             self.onnx_path = export_model(self.source, out, exporter=exporter, opset=opset, progress=self.progress).path
@@ -200,7 +200,7 @@ class AutoModelForCausalLM:
     ) -> Path:
         """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory."""
         from qgraph.compile import compile_model
-        from qgraph.pipeline import DEFAULT_PIPELINE
+        from qgraph.pipeline.optimize import DEFAULT_PIPELINE
         from qgraph.targets import get_target
 
         # Everything that can be checked before the (slow) export is.
@@ -260,7 +260,7 @@ class AutoModelForCausalLM:
             if any(not p for p in prompts):
                 raise GenerationError("a prompt is empty; give some text to continue")
             if tokenizer is None:
-                from qgraph.hf import load_tokenizer
+                from qgraph.frontend.hf import load_tokenizer
 
                 tokenizer = load_tokenizer(self.source, trust_remote_code=self.trust_remote_code)
             ids = [list(tokenizer(p)["input_ids"]) for p in prompts]

@@ -34,8 +34,8 @@ def _progress(msg: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from qgraph.export import export_model
-    from qgraph.inspect import human_bytes
+    from qgraph.frontend.export import export_model
+    from qgraph.ir.inspect import human_bytes
 
     res = export_model(args.model, args.output, exporter=args.exporter, opset=args.opset, progress=_progress)
     print(f"wrote {res.path} ({human_bytes(res.size_bytes)}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)")
@@ -43,8 +43,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from qgraph.graph import Graph
-    from qgraph.inspect import format_summary, summarize
+    from qgraph.ir.graph import Graph
+    from qgraph.ir.inspect import format_summary, summarize
 
     summary = summarize(Graph.load(args.file))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -56,9 +56,9 @@ def _pass_list(text: str | None) -> list[str] | None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from qgraph.graph import Graph
-    from qgraph.inspect import human_bytes
-    from qgraph.pipeline import optimize
+    from qgraph.ir.graph import Graph
+    from qgraph.ir.inspect import human_bytes
+    from qgraph.pipeline.optimize import optimize
 
     if (args.batch_size is None) != (args.seq_len is None):
         from qgraph.errors import QGraphError
@@ -126,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model.config  # noqa: B018 (a missing or unsupported model fails here, before any work)
     tokenizer = None
     if args.prompt:
-        from qgraph.hf import load_tokenizer
+        from qgraph.frontend.hf import load_tokenizer
 
         tokenizer = load_tokenizer(model.source)
         check_prompts([tokenizer(p)["input_ids"] for p in args.prompt], args.ctx_len)
@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from qgraph.bench import run_bench, save_plot, write_json
+    from qgraph.devtools.bench import run_bench, save_plot, write_json
 
     report = run_bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
                        workdir=args.workdir, progress=_progress)  # fmt: skip

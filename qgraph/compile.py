@@ -23,94 +23,31 @@ old and their process is gone.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qgraph.artifact.atomic import remove_stale_temps, replace_dir
+from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, sha256_file
 from qgraph.errors import QGraphError
-from qgraph.graph import Graph, remove_model_files
-from qgraph.pipeline import optimize
+from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.pipeline.optimize import optimize
+from qgraph.targets import get_target
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.data"
-FORMAT_VERSION = 1
-TARGETS = ("cpu", "qnn", "qaic")
-#: Temporary folders older than this are left from a killed run and are removed.
-STALE_TEMP_S = 3600
 
 Progress = Callable[[str], None]
 
 
 class CompileError(QGraphError):
     """A compile could not be done with these inputs or options."""
-
-
-@dataclass
-class Specialization:
-    name: str
-    batch_size: int
-    seq_len: int
-    ctx_len: int
-    file: str = ""
-    extra_files: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Manifest:
-    """What ``manifest.json`` holds (see the module docstring)."""
-
-    qgraph_version: str
-    target: str
-    target_options: dict[str, Any]
-    batch_size: int
-    ctx_len: int
-    prefill_seq_len: int
-    specializations: list[Specialization]
-    io: dict[str, Any]
-    model: dict[str, Any]
-    pass_reports: dict[str, Any]
-    hashes: dict[str, str] = field(default_factory=dict)
-    format: int = FORMAT_VERSION
-    #: weights the runtime binds as inputs (cpu: large MatMul weights): name -> file, offset, length, shape, dtype.
-    fed_weights: dict[str, Any] = field(default_factory=dict)
-    #: "consecutive" if the prefill graph takes the runtime's chunks only (see the module docstring), else "any".
-    prefill_positions: str = "any"
-
-    def spec(self, name: str) -> Specialization:
-        for s in self.specializations:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
-
-    @classmethod
-    def load(cls, artifact_dir: str | Path) -> Manifest:
-        path = Path(artifact_dir) / MANIFEST
-        if not path.is_file():
-            raise CompileError(f"{artifact_dir} is not a qgraph artifact directory (no {MANIFEST}); run qgraph compile first")
-        try:
-            data = json.loads(path.read_text())
-            data["specializations"] = [Specialization(**s) for s in data["specializations"]]
-            manifest = cls(**data)
-        except (ValueError, TypeError, KeyError) as e:
-            raise CompileError(f"{path} is not a valid manifest ({e}); recompile the artifact") from None
-        if manifest.format != FORMAT_VERSION:
-            raise CompileError(f"{path} has format {manifest.format}, this qgraph reads {FORMAT_VERSION}; recompile the artifact")
-        return manifest
 
 
 def is_retained(graph: Graph) -> bool:
@@ -142,14 +79,6 @@ def model_info(graph: Graph) -> dict[str, Any]:
     }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _say(progress: Progress | None, msg: str) -> None:
     log.info("%s", msg)
     if progress is not None:
@@ -169,8 +98,6 @@ def compile_model(
     progress: Progress | None = None,
 ) -> Path:
     """Compile ``source`` for ``target`` into ``out_dir``; returns the directory."""
-    from qgraph.targets import get_target
-
     impl = get_target(target)
     options = impl.check_options(dict(options or {}))
     if batch_size < 1:
@@ -237,73 +164,9 @@ def compile_model(
         )
         manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(manifest.to_json())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return out
-
-
-def _process_alive(name: str, prefix: str) -> bool:
-    """True if the name says ``<prefix><pid>-...`` and that process still runs (on this machine)."""
-    pid = name[len(prefix) :].split("-", 1)[0]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, owned by someone else
-    return True
-
-
-def remove_stale_temps(folder: Path, prefixes: tuple[str, ...], max_age_s: float = STALE_TEMP_S) -> list[Path]:
-    """Remove what a killed run left in ``folder``: entries named ``<prefix>*``, older than
-    ``max_age_s``, whose process (when the name gives one) is gone. Returns them."""
-    removed: list[Path] = []
-    now = time.time()
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
-        if prefix is None or _process_alive(p.name, prefix):
-            continue
-        try:
-            if now - p.lstat().st_mtime < max_age_s:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-        except OSError:
-            continue
-        log.info("removed %s, left by a killed run", p)
-        removed.append(p)
-    return removed
-
-
-def _replace_dir(new: Path, dst: Path, attempts: int = 5) -> None:
-    """Move a finished directory into place; an old one is swapped out, then removed.
-
-    Another process may put its own directory at ``dst`` at the same moment
-    (two compiles into one ``--artifacts`` folder): then the rename is retried,
-    and the last complete directory wins.
-    """
-    for attempt in range(attempts):
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{attempt}")
-        try:
-            if dst.exists():
-                os.replace(dst, old)
-            os.replace(new, dst)
-        except OSError:
-            if attempt == attempts - 1:
-                raise
-            continue
-        finally:
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
-        return

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from qgraph.golden import compare_or_update
+from qgraph.devtools.golden import compare_or_update
 
 pytest_plugins = ["pytester"]
 

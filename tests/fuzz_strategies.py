@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from passcheck import assert_same_outputs, run_shared_state, session
 
+from qgraph.devtools.golden import canonical_text
 from qgraph.errors import QGraphError
-from qgraph.golden import canonical_text
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import Pass
 
 F32, F16, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 NP = {F32: np.float32, F16: np.float16, F64: np.float64, I64: np.int64, BOOL: np.bool_}

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from qgraph.contract import RETAINED_SUFFIX
-from qgraph.golden import canonical_text
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.devtools.golden import canonical_text
+from qgraph.ir.contract import RETAINED_SUFFIX
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import Pass, PassResult
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 

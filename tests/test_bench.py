@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from qgraph.bench import BenchReport, run_bench, write_products_only  # noqa: E402
+from qgraph.devtools.bench import BenchReport, run_bench, write_products_only  # noqa: E402
 from qgraph.errors import QGraphError  # noqa: E402
 
 N_LAYER = 4  # the bundled tiny-gpt2
@@ -82,7 +82,7 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
 
 
 def test_targets_are_judged_from_the_reported_figures(bench: tuple[BenchReport, Path]) -> None:
-    from qgraph.bench import Result
+    from qgraph.devtools.bench import Result
 
     # Made-up figures, to check the verdicts and the time per token each decode target needs.
     results = [Result("huggingface-eager", 0.09, 1000 / 34.0, 34.0), Result("onnxruntime-plain-export", 0.065, 1000 / 26.0, 26.0),

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from passcheck import check_case
 
 from passes.clip_fp16 import FP16_MAX, ClipFp16, clip_fp16_values
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 
 def test_clamps_finite_values_and_keeps_infinities() -> None:

@@ -19,9 +19,9 @@ from builders import random_gpt2
 
 from passes import FoldConstants, FuseLayerNorm
 from qgraph import Graph, Pass, PassResult
-from qgraph.debug import debug_passes, load_pass_module
+from qgraph.devtools.debug import debug_passes, load_pass_module
 from qgraph.errors import GraphCheckError, UnknownPassError
-from qgraph.fusion import Match
+from qgraph.pipeline.fusion import Match
 
 pytest.importorskip("torch")
 
@@ -33,7 +33,7 @@ ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qgraph.export import export_model
+    from qgraph.frontend.export import export_model
 
     _, hf = random_gpt2(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
     return export_model(hf, tmp_path_factory.mktemp("debug") / "ts14.onnx", exporter="torchscript", opset=14).path
@@ -273,7 +273,7 @@ def test_pass_module_errors(tmp_path: Path) -> None:
 
 
 def test_generic_inputs_are_fixed() -> None:
-    from qgraph.debug import fixed_inputs, signature
+    from qgraph.devtools.debug import fixed_inputs, signature
 
     g = Graph.parse(LN_TEXT)
     a = fixed_inputs(g, signature(g), batch_size=None, ctx_len=CTX)

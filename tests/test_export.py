@@ -1,4 +1,4 @@
-"""Tests of the raw export (qgraph.export) and model sources (qgraph.hf).
+"""Tests of the raw export (qgraph.frontend.export) and model sources (qgraph.frontend.hf).
 
 Each exporter configuration exports one random tiny GPT-2 once per module; the
 tests check the IO contract and that ONNX Runtime matches Hugging Face PyTorch
@@ -19,10 +19,10 @@ import pytest
 import torch
 from builders import ort_run, random_gpt2
 
-import qgraph.graph
+import qgraph.ir.graph
 from qgraph.errors import ExportError, ModelSourceError
-from qgraph.export import ExportResult, export_model, io_names
-from qgraph.hf import BUNDLED_DIR, check_supported, load_config, load_model, resolve_model
+from qgraph.frontend.export import ExportResult, export_model, io_names
+from qgraph.frontend.hf import BUNDLED_DIR, check_supported, load_config, load_model, resolve_model
 
 ATOL = 1e-4
 BATCH, SEQ = 2, 5
@@ -156,7 +156,7 @@ def test_local_folder_export_with_external_data(tmp_path: Path, monkeypatch: pyt
     loaded = load_model(source)
     assert not loaded.training
     # Every weight over 1 KB goes to <name>.onnx.data when the model is "large".
-    monkeypatch.setattr(qgraph.graph, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(qgraph.ir.graph, "EXTERNAL_DATA_THRESHOLD", 0)
     result = export_model(str(folder), tmp_path / "out" / "model.onnx", exporter="torchscript")
     data = result.path.with_name("model.onnx.data")
     assert data.is_file() and result.size_bytes == result.path.stat().st_size + data.stat().st_size
@@ -172,6 +172,6 @@ def test_local_folder_export_with_external_data(tmp_path: Path, monkeypatch: pyt
 
 
 def test_modules_import_without_torch() -> None:
-    code = "import sys, qgraph.hf, qgraph.export; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, qgraph.frontend.hf, qgraph.frontend.export; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -13,7 +13,7 @@ from onnx.reference import ReferenceEvaluator
 from passcheck import check_case, run_pass
 
 from passes.fold_constants import KERNELS, FoldConstants, fold_constants
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 
 def test_shape_math_folds(golden: Any) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, run_shared_state, session
 
 from passes import FuseDecodeAttention
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 CASES = GOLDEN_DIR / "fuse-decode-attention"
 

@@ -8,7 +8,7 @@ import pytest
 from passcheck import check_case, declined_reasons
 
 from passes import FuseGelu
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 
 def fused(case: str, kind: str, golden: Any, atol: float = 1e-5) -> Graph:

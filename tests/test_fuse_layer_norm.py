@@ -8,7 +8,7 @@ import pytest
 from passcheck import GOLDEN_DIR, check_case, declined_reasons
 
 from passes import FuseLayerNorm
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 FP16_ATOL = 1e-2  # float16 outputs: the fused node rounds once instead of several times
 

@@ -9,7 +9,7 @@ import pytest
 from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, session
 
 from passes import FuseRmsNorm
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 FP16_ATOL = 1e-2
 

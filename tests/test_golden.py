@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from qgraph.golden import GoldenMismatch, canonical_text, compare_or_update
-from qgraph.graph import Graph
+from qgraph.devtools.golden import GoldenMismatch, canonical_text, compare_or_update
+from qgraph.ir.graph import Graph
 
 A = """
 <ir_version: 10, opset_import: ["" : 17]>
@@ -65,7 +65,7 @@ def test_update_golden_flag_end_to_end(pytester: pytest.Pytester) -> None:
     shutil.copy(Path(__file__).parent / "conftest.py", pytester.path / "conftest.py")
     pytester.makepyfile(
         test_case=f'''
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 def test_g(golden):
     golden.check(Graph.parse("""{A}"""), "p/case.after.onnxtxt")
 '''

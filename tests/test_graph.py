@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.errors import GraphCheckError, ModelLoadError
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 TEXT = """
 <ir_version: 10, opset_import: ["" : 17]>

@@ -14,8 +14,8 @@ from passes.cleanup import Cleanup
 from passes.fold_constants import FoldConstants
 from passes.pin_static_shapes import PinStaticShapes, dim_size
 from qgraph.errors import StaticShapeError
-from qgraph.export import export_model
-from qgraph.graph import Graph
+from qgraph.frontend.export import export_model
+from qgraph.ir.graph import Graph
 
 CASES = GOLDEN_DIR / "pin-static-shapes"
 OPTIMUM = Path(__file__).parent / "data" / "optimum-gpt2-2l" / "model.onnx"

@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 from builders import random_gpt2
 
-from qgraph.contract import CacheSpec, teacher_forced_logits
-from qgraph.graph import Graph
-from qgraph.pipeline import optimize
+from qgraph.ir.contract import CacheSpec, teacher_forced_logits
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.optimize import optimize
 from qgraph.targets import get_target
 
 torch = pytest.importorskip("torch")
@@ -67,7 +67,7 @@ def _rename_to_optimum(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sources(hf_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
-    from qgraph.export import export_model
+    from qgraph.frontend.export import export_model
 
     d = tmp_path_factory.mktemp("exports")
     out = {

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qgraph.compile import Manifest, compile_model
+from qgraph.artifact.manifest import Manifest
+from qgraph.compile import compile_model
 from qgraph.targets import TargetError
 
 RAW = Path(__file__).parent / "data" / "optimum-gpt2-2l" / "model.onnx"
@@ -37,7 +38,7 @@ def test_dry_run_keeps_the_symbolic_graph(dry_run: Path) -> None:
     m = Manifest.load(dry_run)
     assert m.target == "qaic" and m.target_options["num_cores"] == 14
     assert (dry_run / "model.onnx").is_file()
-    from qgraph.graph import Graph
+    from qgraph.ir.graph import Graph
 
     g = Graph.load(dry_run / "model.onnx")
     assert g.inputs[0].shape[0] == "batch_size" and g.inputs[0].shape[1] == "sequence_length"

@@ -30,11 +30,11 @@ import pytest
 from builders import random_gpt2
 
 from passes.legalize_qnn import LegalizeQnn
-from qgraph.contract import CacheSpec, teacher_forced_logits
 from qgraph.errors import MissingDependencyError, PlacementError, StaticShapeError
-from qgraph.graph import Graph
-from qgraph.pass_manager import PassManager
-from qgraph.pipeline import optimize
+from qgraph.ir.contract import CacheSpec, teacher_forced_logits
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import PassManager
+from qgraph.pipeline.optimize import optimize
 from qgraph.targets import qnn
 
 needs_qnn = pytest.mark.skipif(not qnn.qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'qgraph[qnn]')")
@@ -148,7 +148,7 @@ def test_legalize_qnn_is_idempotent(text: str) -> None:
 def gpt2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny random GPT-2, exported, optimized and pinned (prefill and decode), legalized."""
     pytest.importorskip("torch")
-    from qgraph.export import export_model
+    from qgraph.frontend.export import export_model
 
     d = tmp_path_factory.mktemp("qnn-gpt2")
     _, model = random_gpt2(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=CTX)
@@ -365,8 +365,8 @@ def test_bundled_model_gives_the_same_tokens_on_qnn_and_cpu(tmp_path: Path) -> N
     import torch
 
     from qgraph.compile import compile_model
-    from qgraph.export import export_model
-    from qgraph.hf import load_model, load_tokenizer
+    from qgraph.frontend.export import export_model
+    from qgraph.frontend.hf import load_model, load_tokenizer
     from qgraph.runtime import Runtime
 
     tok = load_tokenizer("tiny-gpt2")

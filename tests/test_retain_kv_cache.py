@@ -10,7 +10,7 @@ from passcheck import GOLDEN_DIR, run_pass, session
 
 from passes.retain_kv_cache import RetainKvCache
 from qgraph.errors import RewriteError
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 CASES = GOLDEN_DIR / "retain-kv-cache"
 CTX = 8

@@ -27,8 +27,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.errors import InvalidModelError, ModelLoadError, ModelSourceError
-from qgraph.graph import Graph
-from qgraph.validate import validate_model
+from qgraph.ir.graph import Graph
+from qgraph.ir.validate import validate_model
 
 ROOT = Path(__file__).parent.parent
 OPTIMUM = Path(__file__).parent / "data" / "optimum-gpt2-2l" / "model.onnx"
@@ -482,7 +482,7 @@ def test_bad_optimize_arguments_and_paths_are_one_line_errors(tmp_path: Path) ->
 
 
 def test_a_custom_op_named_like_an_onnx_op_is_not_fused() -> None:
-    from qgraph.pipeline import optimize
+    from qgraph.pipeline.optimize import optimize
 
     # A LayerNorm whose Sqrt is com.example.Sqrt (not ONNX's): fuse-layer-norm must leave it.
     text = """
@@ -630,7 +630,7 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
     art = Path(ra["artifact"])
     assert sorted(p.name for p in art.parent.iterdir()) == sorted([art.name, art.name + ".lock"])
     manifest = json.loads((art / "manifest.json").read_text())
-    from qgraph.compile import sha256_file
+    from qgraph.artifact.manifest import sha256_file
 
     assert all(sha256_file(art / name) == digest for name, digest in manifest["hashes"].items())
     exports = Path(ra["onnx"]).parent
@@ -677,7 +677,7 @@ def test_a_gpt2_folder_with_auto_map_loads_without_its_code(tmp_path: Path) -> N
     pytest.importorskip("torch")
     from builders import random_gpt2
 
-    from qgraph.hf import load_model
+    from qgraph.frontend.hf import load_model
 
     marker = tmp_path / "MARKER"
     folder = tmp_path / "gpt2"
@@ -693,7 +693,7 @@ def test_pickle_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from builders import random_gpt2
     from safetensors.torch import load_file
 
-    from qgraph.hf import load_model
+    from qgraph.frontend.hf import load_model
 
     folder = tmp_path / "bin"
     random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=32)

@@ -13,7 +13,8 @@ import onnx
 import pytest
 from builders import random_gpt2
 
-from qgraph.compile import CompileError, Manifest, compile_model
+from qgraph.artifact.manifest import Manifest
+from qgraph.compile import CompileError, compile_model
 from qgraph.runtime import GenerationError, Runtime, Sampling
 
 torch = pytest.importorskip("torch")
@@ -24,7 +25,7 @@ CTX = 48
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    from qgraph.export import export_model
+    from qgraph.frontend.export import export_model
 
     config, model = random_gpt2(n_layer=2, n_head=3, n_embd=24, vocab_size=211, n_positions=64, seed=5)
     path = export_model(model, tmp_path_factory.mktemp("export") / "raw.onnx", exporter="torchscript").path

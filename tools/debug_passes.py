@@ -8,7 +8,7 @@ Writes ``DIR/NNN_<pass>.onnxtxt`` (ONNX text without weights) and
 ``DIR/NNN_<pass>.json`` after every pass, compares each stage's logits with the
 input graph's on fixed inputs, names the first pass that exceeds ``--atol``
 (and, inside it, the match site that breaks the numbers), and lists the near
-misses of the fusions. The logic is :mod:`qgraph.debug`; this is its command
+misses of the fusions. The logic is :mod:`qgraph.devtools.debug`; this is its command
 line. ``--json`` prints one JSON object on stdout; progress goes to stderr.
 Exit status: 0 when the report was made (whether or not a pass is bad), 2 for
 an error a user can cause (printed as one line).
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     try:
-        from qgraph.debug import debug_passes
+        from qgraph.devtools.debug import debug_passes
 
         report = debug_passes(
             args.input, passes, pass_modules=args.pass_module, ctx_len=args.ctx_len, batch_size=args.batch_size,

@@ -30,7 +30,7 @@ def stage(name: str, shape: str, work: Path) -> dict[str, float]:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from qgraph.bench import RANDOM_SHAPES
+        from qgraph.devtools.bench import RANDOM_SHAPES
 
         torch.manual_seed(0)
         with torch.device("meta"):
@@ -41,12 +41,12 @@ def stage(name: str, shape: str, work: Path) -> dict[str, float]:
                 p.normal_(0, 0.02)
         model.save_pretrained(folder)
     elif name == "export":
-        from qgraph.export import export_model
+        from qgraph.frontend.export import export_model
 
         export_model(str(folder), raw, exporter="dynamo")
     elif name == "optimize":
-        from qgraph.graph import Graph
-        from qgraph.pipeline import optimize
+        from qgraph.ir.graph import Graph
+        from qgraph.pipeline.optimize import optimize
 
         g = Graph.load(raw)
         out["weight_bytes"] = g.weights_nbytes()

@@ -96,7 +96,7 @@ def vocab_product(hidden: int, vocab: int, threads: int) -> Any:
 
 def extra_rows_s(product: Any, rows: int, pairs: int) -> float:
     """Median seconds ``product`` (:func:`vocab_product`) takes on ``rows`` rows over one row, taken in turn."""
-    from qgraph.bench import in_turn, timed
+    from qgraph.devtools.bench import in_turn, timed
 
     hidden = int(product.get_inputs()[0].shape[1])
     feeds = [{"x": np.ones((m, hidden), np.float32)} for m in (1, rows)]
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from qgraph.bench import in_turn, timed
+    from qgraph.devtools.bench import in_turn, timed
     from qgraph.runtime import Runtime
 
     widths = [int(w) for w in args.widths.split(",")]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from qgraph.graph import Graph
-from qgraph.pipeline import optimize
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.optimize import optimize
 
 
 def main() -> None:

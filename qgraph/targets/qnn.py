@@ -40,9 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import MissingDependencyError, PlacementError, StaticShapeError
+from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.targets.base import Target
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from qgraph.artifact.manifest import Specialization
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +291,34 @@ def create_session(
     if on_cpu and not allow_cpu_fallback:
         raise _placement_error(path, len(on_qnn), on_cpu)
     return session
+
+
+class QnnTarget(Target):
+    """Qualcomm QNN HTP through onnxruntime-qnn: one EP-context model per specialization."""
+
+    name = "qnn"
+    inplace_kv = False
+    defaults: dict[str, Any] = {"soc_model": None, "fp16": False, "allow_cpu_fallback": False}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        opts = super().check_options(options)
+        if opts["soc_model"] is None:
+            opts["soc_model"] = DEFAULT_SOC_MODEL
+        return opts
+
+    def legalize_passes(self, options: dict[str, Any]) -> list[str]:
+        return ["legalize-qnn"]
+
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+        src = out_dir / f"{spec.name}.src.onnx"
+        graph.save(src, external=True)
+        ctx = out_dir / f"{spec.name}.onnx"
+        compile_context(src, ctx, soc_model=int(options["soc_model"]), fp16=bool(options["fp16"]),
+                            allow_cpu_fallback=bool(options["allow_cpu_fallback"]))  # fmt: skip
+        remove_model_files(src)
+        spec.file = ctx.name
+        spec.extra_files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(spec.name) and p.name != ctx.name)
+
+    def create_session(self, path: Path, options: dict[str, Any], *, threads: int | None = None) -> ort.InferenceSession:
+        return create_session(path, soc_model=int(options["soc_model"]), fp16=bool(options["fp16"]),
+                                  allow_cpu_fallback=bool(options["allow_cpu_fallback"]))  # fmt: skip

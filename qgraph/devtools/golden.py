@@ -18,12 +18,12 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 MAX_INLINE = 16
 
 
-def _toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def proto_toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Kahn's algorithm with ties broken by original position (deterministic)."""
     produced_by: dict[str, int] = {}
     for i, n in enumerate(graph.node):
@@ -61,7 +61,7 @@ def canonical_model(model: onnx.ModelProto) -> onnx.ModelProto:
     n_t = n_c = 0
     for name in keep:
         rename[name] = name
-    nodes = _toposort(src)
+    nodes = proto_toposort(src)
     for n in nodes:
         for x in n.input:
             if x not in rename and x in inits:

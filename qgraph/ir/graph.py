@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qgraph.errors import GraphCheckError, ModelLoadError, QGraphError
-from qgraph.validate import external_refs, resolve_external_path, validate_model  # noqa: F401 (resolve_external_path: re-exported)
+from qgraph.ir.validate import external_refs, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ class Graph:
                         f.write(b"\0" * pad)
                         offset = f.tell()
                         if src is not None:
-                            _copy_range(src.path, src.offset, src.length, f)
+                            copy_range(src.path, src.offset, src.length, f)
                         else:
                             f.write(t.raw_data)
                             t.ClearField("raw_data")
@@ -588,7 +588,7 @@ class Graph:
         except Exception as e:
             raise GraphCheckError(f"shape inference: {str(e).strip().splitlines()[0]}") from None
         g = Graph.from_proto(inferred, base_dir=self.base_dir, validate=False)
-        self._adopt(g)
+        self.adopt(g)
         return self
 
     def try_infer_shapes(self) -> str | None:
@@ -607,7 +607,8 @@ class Graph:
         if any(t.shape is None for t in tensors) and (problem := self.try_infer_shapes()) is not None:
             log.info("%s: %s; sites without shapes are left", who, problem)
 
-    def _adopt(self, other: Graph) -> None:
+    def adopt(self, other: Graph) -> None:
+        """Take ``other``'s graph in place of this one's (a pass returned a new graph)."""
         # Keep lazily loaded values from this graph (import builds fresh ones).
         mine = self._file_values()
         for t in other._gs.tensors().values():
@@ -684,7 +685,8 @@ def _toposorted(nodes: list[Node]) -> list[Node]:
     return order
 
 
-def _copy_range(src: Path, offset: int, length: int, dst: Any) -> None:
+def copy_range(src: Path, offset: int, length: int, dst: Any) -> None:
+    """Stream ``length`` bytes of ``src`` from ``offset`` into the open file ``dst``."""
     with open(src, "rb") as f:
         f.seek(offset)
         left = length

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from qgraph.errors import GraphCheckError, PassError, PassOrderError, QGraphError
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qgraph.errors import QGraphError, UnknownPassError
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass, PassManager, Report
-from qgraph.validate import is_custom_domain
+from qgraph.ir.graph import Graph
+from qgraph.ir.validate import is_custom_domain
+from qgraph.pipeline.manager import Pass, PassManager, Report
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def optimize(
     custom = collections.Counter(f"{n.domain}.{n.op}" for n in graph.nodes if is_custom_domain(n.domain))
     result, report = PassManager(instances, check=check).run(graph)
     if result is not graph:
-        graph._adopt(result)
+        graph.adopt(result)
     if custom:
         # Custom ops are legal ONNX: every pass leaves them alone, and the user should know.
         ops = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(custom.items()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qgraph.graph import Graph
+from qgraph.ir.graph import Graph
 
 
 def _dims(t: Any) -> list[int | str | None]:

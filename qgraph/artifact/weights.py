@@ -14,7 +14,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from qgraph.graph import _copy_range, resolve_external_path
+from qgraph.ir.graph import copy_range
+from qgraph.ir.validate import resolve_external_path
 
 _ALIGN = 64
 
@@ -41,7 +42,7 @@ def share_weights(folder: Path, models: list[Path], name: str) -> dict[str, int]
                 if digest not in seen:
                     out.write(b"\0" * ((-out.tell()) % _ALIGN))
                     seen[digest] = (out.tell(), length)
-                    _copy_range(src, offset, length, out)
+                    copy_range(src, offset, length, out)
                 new_offset, _ = seen[digest]
                 del t.external_data[:]
                 for k, v in (("location", name), ("offset", str(new_offset)), ("length", str(length))):

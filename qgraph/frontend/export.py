@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import ExportError
-from qgraph.hf import ModelSource, check_supported, load_model, require_hf
+from qgraph.frontend.hf import ModelSource, check_supported, load_model, require_hf
 
 if TYPE_CHECKING:
     import torch
 
-    from qgraph.graph import Graph
+    from qgraph.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def export_model(
     defaults to the exporter's own default. Weights over 64 MB go to
     ``<out>.data``. Both files are written under temporary names and renamed.
     """
-    from qgraph.graph import EXTERNAL_DATA_THRESHOLD, Graph
+    from qgraph.ir.graph import EXTERNAL_DATA_THRESHOLD, Graph
 
     def say(line: str) -> None:
         log.info("%s", line)
@@ -267,7 +267,7 @@ def export_model(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from qgraph.compile import remove_stale_temps
+    from qgraph.artifact.atomic import remove_stale_temps
 
     remove_stale_temps(out.parent, (".qgraph-export-",))  # left by a killed export
     was_training = model.training

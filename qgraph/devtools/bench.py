@@ -384,9 +384,9 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     import onnxruntime as ort
 
     from qgraph.compile import compile_model
-    from qgraph.export import export_model
-    from qgraph.graph import remove_model_files
-    from qgraph.hf import load_model
+    from qgraph.frontend.export import export_model
+    from qgraph.frontend.hf import load_model
+    from qgraph.ir.graph import remove_model_files
     from qgraph.runtime import Runtime
 
     if new_tokens < 2:

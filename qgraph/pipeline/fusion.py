@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from qgraph.graph import Graph, Node, Tensor
-from qgraph.pass_manager import Pass, PassResult
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 

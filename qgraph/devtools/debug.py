@@ -83,12 +83,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from qgraph.contract import RETAINED_SUFFIX, CacheSpec, teacher_forced_logits
+from qgraph.devtools.golden import MAX_INLINE, proto_toposort
 from qgraph.errors import GraphCheckError, PassError, QGraphError, UnknownPassError
-from qgraph.golden import MAX_INLINE, _toposort
-from qgraph.graph import Graph
-from qgraph.pass_manager import Pass, PassResult, validate_order
-from qgraph.pipeline import Options, build_passes, default_ctx_len, model_max_length, register_pass
+from qgraph.ir.contract import RETAINED_SUFFIX, CacheSpec, teacher_forced_logits
+from qgraph.ir.graph import Graph
+from qgraph.pipeline.manager import Pass, PassResult, validate_order
+from qgraph.pipeline.optimize import Options, build_passes, default_ctx_len, model_max_length, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def runnable_model(graph: Graph) -> onnx.ModelProto:
     """
     model = graph.to_proto()
     g = model.graph
-    nodes = _toposort(g)
+    nodes = proto_toposort(g)
     live = {o.name for o in g.output}
     keep = []
     for n in reversed(nodes):
@@ -913,7 +913,7 @@ def debug_passes(
                 entry["bisection"] = report.bisection.to_dict()
             (out / f"{i:03d}_{_file_part(p.name)}.json").write_text(json.dumps(_jsonable(entry), indent=2))
     if isinstance(model, Graph) and graph is not model:
-        model._adopt(graph)
+        model.adopt(graph)
     if out is not None:
         (out / "report.json").write_text(report.to_json())
         (out / "report.txt").write_text(report.table() + "\n")

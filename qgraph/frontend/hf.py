@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).parent / "models"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
 BUNDLED_MODELS = ("tiny-gpt2",)
 #: Architectures qgraph can export and rewrite (``config.model_type``).
 SUPPORTED_MODEL_TYPES = ("gpt2",)

@@ -1,0 +1,1 @@
+"""The artifact directory: its manifest, the weights stored once, atomic writes."""

@@ -1,0 +1,60 @@
+"""The interface every device target implements.
+
+A target turns each pinned specialization graph into files in the artifact
+directory (``compile_spec``), finishes the directory (``finish``: e.g. one
+shared weights file), and later opens a session on a compiled file
+(``create_session``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qgraph.errors import QGraphError
+from qgraph.ir.graph import Graph
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from qgraph.artifact.manifest import Specialization
+
+
+class TargetError(QGraphError):
+    """A target was unknown, given bad options, or could not build or run."""
+
+
+class Target:
+    """The interface every target implements."""
+
+    name = ""
+    #: The runtime may bind each past input and its _RetainedState output to one buffer.
+    inplace_kv = True
+    #: The symbolic optimized graph stays in the artifact (qaic compiles it itself).
+    keeps_base = False
+    defaults: dict[str, Any] = {}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TargetError(f"unknown option(s) {unknown} for target {self.name}; it takes {sorted(self.defaults)}")
+        return {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
+
+    def legalize_passes(self, options: dict[str, Any]) -> list[str]:
+        """Passes run on each pinned specialization before simplify-shapes."""
+        return []
+
+    def final_passes(self, options: dict[str, Any]) -> list[str]:
+        """Passes run on each pinned specialization after simplify-shapes (on its 2-D rows)."""
+        return []
+
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+        raise NotImplementedError
+
+    def finish(self, out_dir: Path, base: Path, specs: list[Specialization], options: dict[str, Any], *, dry_run: bool,
+               progress: Callable[[str], None] | None) -> dict[str, Any] | None:  # fmt: skip
+        """Called once after every specialization is compiled; may return extra manifest fields (``fed_weights``)."""
+
+    def create_session(self, path: Path, options: dict[str, Any], *, threads: int | None = None) -> ort.InferenceSession:
+        raise TargetError(f"target {self.name} has no runtime in qgraph")
