@@ -81,6 +81,7 @@ from passes.fuse_layer_norm import tensor_dtype
 from passes.retain_kv_cache import MASK_VALUE
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE
 from qgraph.pipeline.fusion import FusionPass, Match, only_consumer
 from qgraph.pipeline.manager import PassResult
 
@@ -99,7 +100,12 @@ class FuseDecodeAttention(FusionPass):
         self._seqlens: dict[int, Tensor] = {}
         candidates = [n for n in graph.nodes if n.op == "MultiHeadAttention"]
         graph.infer_shapes_if_missing((t for n in candidates for t in n.inputs if t.name), self.name)
-        return super().run(graph)
+        self._chunks = 0
+        result = super().run(graph)
+        if self._chunks:
+            # GroupQueryAttention over several tokens writes them at consecutive slots: the graph takes the runtime's chunks only.
+            result.facts = (PREFILL_CHUNKS_CONSECUTIVE,)
+        return result
 
     def prepare(self, graph: Graph) -> None:
         graph.import_domain(MS_DOMAIN, MS_VERSION)
@@ -249,6 +255,7 @@ class FuseDecodeAttention(FusionPass):
         mha, key_write, value_write = m.nodes
         v: dict[str, Any] = m.values
         b = v["batch"]
+        self._chunks += v["tokens"] > 1
         key = v["positions"] if v["tokens"] > 1 else v["slot"]
         seqlens = self._seqlens.get(id(key))
         if seqlens is None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from qgraph.errors import QGraphError
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.manager import Pass, PassManager, PassRecord, PassResult, Report
-
-__version__ = "0.1.0"
+from qgraph.version import __version__
 
 
 def __getattr__(name: str) -> object:

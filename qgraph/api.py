@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qgraph.errors import QGraphError
+from qgraph.frontend.families import ModelSpec, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,9 @@ def qgraph_home() -> Path:
 def code_digest() -> str:
     """A hash of qgraph's and the passes' source: a changed pass changes every key."""
     import passes
-    import qgraph
 
     h = hashlib.sha256()
-    for pkg in (qgraph, passes):
-        root = Path(pkg.__file__).parent
+    for root in (Path(__file__).parent, Path(passes.__file__).parent):
         for f in sorted(root.rglob("*.py")):
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
@@ -126,6 +125,7 @@ class AutoModelForCausalLM:
         self.artifact_dir: Path | None = None
         self._runtime: Any = None
         self._config: Any = None
+        self._spec: ModelSpec | None = None
         self._digest: str | None = None
         self._ctx_len: int | None = None
 
@@ -146,11 +146,18 @@ class AutoModelForCausalLM:
     @property
     def config(self) -> Any:
         if self._config is None:
-            from qgraph.frontend.hf import check_supported, load_config
+            from qgraph.frontend.hf import load_config
 
             self._config = load_config(self.source, trust_remote_code=self.trust_remote_code)
-            check_supported(self._config, str(self.source))
+            self._spec = spec_of(self._config, str(self.source))
         return self._config
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's shape (layers, heads, positions, vocabulary, EOS ids), read by its family module."""
+        if self._spec is None:
+            self.config  # noqa: B018 (reads it)
+        return self._spec  # type: ignore[return-value]
 
     def _model_digest(self) -> str:
         # Hashing the weights reads them all; export and compile share one digest.
@@ -206,7 +213,7 @@ class AutoModelForCausalLM:
         # Everything that can be checked before the (slow) export is.
         check_generate_options(prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size)
         get_target(target).check_options(dict(target_options))
-        n_pos = int(getattr(self.config, "n_positions", ctx_len) or ctx_len)
+        n_pos = self.spec.max_positions
         if ctx_len > n_pos:
             raise QGraphError(f"ctx_len {ctx_len} is larger than the model's maximum length {n_pos}; use --ctx-len {n_pos} or less")
         if prefill_seq_len > ctx_len:
@@ -269,7 +276,8 @@ class AutoModelForCausalLM:
         if not ids:
             raise GenerationError("no prompts given")
         check_prompts(ids, self._ctx_len or 128)
-        eos = getattr(self.config, "eos_token_id", None)
-        out = self.runtime.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, sampling=Sampling(**sampling), streamer=streamer)
+        out = self.runtime.generate(
+            ids, max_new_tokens=max_new_tokens, eos_token_id=self.spec.eos_token_ids, sampling=Sampling(**sampling), streamer=streamer
+        )
         text = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens] if tokenizer is not None else None
         return GenerateResult(out.tokens, text, out.stats, out.finish_reasons)

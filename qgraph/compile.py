@@ -38,8 +38,10 @@ from qgraph.artifact.atomic import remove_stale_temps, replace_dir
 from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, sha256_file
 from qgraph.errors import QGraphError
 from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE
 from qgraph.pipeline.optimize import optimize
 from qgraph.targets import get_target
+from qgraph.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +141,12 @@ def compile_model(
                                   *impl.final_passes(options), "cleanup"],
                               ctx_len=ctx_len, batch_size=spec.batch_size, seq_len=spec.seq_len)  # fmt: skip
             reports[spec.name] = report.to_dict()
-            # GroupQueryAttention over several tokens places them at consecutive slots (fuse-decode-attention's chunks).
-            chunked = chunked or (spec.seq_len > 1 and "GroupQueryAttention" in g.op_counts())
+            chunked = chunked or PREFILL_CHUNKS_CONSECUTIVE in report.facts
             _say(progress, f"compiling {spec.name} for {target}")
             impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
         extra = impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress) or {}
         if not impl.keeps_base:
             remove_model_files(base)
-        from qgraph import __version__
-
         manifest = Manifest(
             qgraph_version=__version__,
             target=target,

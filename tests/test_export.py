@@ -61,7 +61,7 @@ def _hf_step(model: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cac
 def test_contract(exported: tuple[ExportResult, list[str]], gpt2: tuple[Any, Any]) -> None:
     result, lines = exported
     config = gpt2[0]
-    assert (result.n_layer, result.n_head, result.head_dim, result.vocab_size) == (2, 3, 16, 397)
+    assert (result.spec.num_layers, result.spec.num_kv_heads, result.spec.head_dim, result.spec.vocab_size) == (2, 3, 16, 397)
     model = onnx.load(str(result.path))
     assert result.opset == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     assert result.size_bytes == result.path.stat().st_size

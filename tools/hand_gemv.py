@@ -162,7 +162,8 @@ def ort_products(weights: list[np.ndarray], threads: int, workdir: Path, feed_mi
 
 
 def main() -> None:
-    from qgraph.devtools.bench import RANDOM_SHAPES, in_turn, timed
+    from qgraph.devtools.bench import in_turn, timed
+    from qgraph.frontend.families.gpt2 import RANDOM_SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gpt2", choices=sorted(RANDOM_SHAPES))

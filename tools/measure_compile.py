@@ -30,7 +30,7 @@ def stage(name: str, shape: str, work: Path) -> dict[str, float]:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from qgraph.devtools.bench import RANDOM_SHAPES
+        from qgraph.frontend.families.gpt2 import RANDOM_SHAPES
 
         torch.manual_seed(0)
         with torch.device("meta"):

@@ -46,16 +46,9 @@ from typing import Any
 import numpy as np
 
 from qgraph.errors import QGraphError
+from qgraph.frontend.families import ModelSpec, family_of, random_family, random_shapes, spec_of
 
 log = logging.getLogger(__name__)
-
-#: Shapes for ``random:NAME`` models (random weights, for machines without the hub).
-RANDOM_SHAPES: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
 
 #: Alternations of one decode step, one kernel-ceiling run and one run of the bound's product (the three
 #: taken in turn in each of their six orders), for the figures paired in time.
@@ -314,9 +307,10 @@ def _time_hf(model: Any, prompt: list[int], n: int) -> tuple[float, float, list[
         return ttft, time.perf_counter() - t1, toks
 
 
-def _time_ort_raw(sess: Any, n_layer: int, n_head: int, head_dim: int, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+def _time_ort_raw(sess: Any, spec: ModelSpec, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     names = [o.name for o in sess.get_outputs()]
-    past = {f"past_{kv}.{i}": np.zeros((1, n_head, 0, head_dim), np.float32) for i in range(n_layer) for kv in ("key", "value")}
+    past = {f"past_{kv}.{i}": np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+            for i in range(spec.num_layers) for kv in ("key", "value")}  # fmt: skip
     t0 = time.perf_counter()
     ids = np.array([prompt], np.int64)
     length = len(prompt)
@@ -341,16 +335,11 @@ def _model_folder(model: str, workdir: Path) -> str:
     """A hub id / folder / tiny-gpt2 as is; ``random:NAME`` saved to a folder with random weights."""
     if not model.startswith("random:"):
         return model
-    shape = RANDOM_SHAPES.get(model.split(":", 1)[1])
-    if shape is None:
-        raise QGraphError(f"unknown random model '{model}'; choose random:{'|random:'.join(RANDOM_SHAPES)}")
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    folder = workdir / model.replace(":", "-")
-    GPT2LMHeadModel(GPT2Config(**shape)).eval().save_pretrained(folder)
-    return str(folder)
+    found = random_family(model.split(":", 1)[1])
+    if found is None:
+        raise QGraphError(f"unknown random model '{model}'; choose random:{'|random:'.join(random_shapes())}")
+    family, shape = found
+    return str(family.save_random(shape, workdir / model.replace(":", "-")))
 
 
 def run_bench(
@@ -396,10 +385,9 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     tmp.mkdir(parents=True, exist_ok=True)
     folder = _model_folder(model, tmp)
     hf = load_model(folder)
-    cfg = hf.config
-    n_layer, n_head, head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - hf.transformer.wpe.weight.nbytes
-    ctx = min(int(cfg.n_positions), max(128, prompt_len + new_tokens))
+    spec = spec_of(hf.config)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - family_of(hf.config).unread_weight_bytes(hf)
+    ctx = min(spec.max_positions, max(128, prompt_len + new_tokens))
     raw = tmp / "raw.onnx"
     if not raw.is_file():
         say("exporting the plain model")
@@ -417,20 +405,20 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     ceiling_feeds, n_products, ceiling_bytes = write_products_only(art / rt.manifest.spec("decode").file, ceiling_path)
     ceiling_sess = rt.target.create_session(ceiling_path, rt.manifest.target_options, threads=threads)
     remove_model_files(ceiling_path)  # the session holds its own (pre-packed) copy
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, prompt_len).tolist()
+    prompt = np.random.default_rng(0).integers(0, spec.vocab_size, prompt_len).tolist()
 
     def hf_run() -> tuple[float, float, list[int]]:
         return _time_hf(hf, prompt, new_tokens)
 
     def ort_run() -> tuple[float, float, list[int]]:
-        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, new_tokens)
+        return _time_ort_raw(raw_sess, spec, prompt, new_tokens)
 
     def qgraph_run() -> tuple[float, float, list[int]]:
         out = rt.generate([prompt], max_new_tokens=new_tokens)
         return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
 
     def ort_ttft() -> float:
-        return _time_ort_raw(raw_sess, n_layer, n_head, head_dim, prompt, 1)[0]
+        return _time_ort_raw(raw_sess, spec, prompt, 1)[0]
 
     def qgraph_ttft() -> float:
         return rt.generate([prompt], max_new_tokens=1).stats.ttft_s

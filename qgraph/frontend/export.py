@@ -3,11 +3,11 @@
 The raw export is the plain model with a concat-grown KV cache and these IOs:
 
 * inputs ``input_ids``, ``attention_mask``, ``position_ids`` (int64), then
-  ``past_key.{i}``, ``past_value.{i}`` per layer ([batch, n_head, past_len, head_dim]);
+  ``past_key.{i}``, ``past_value.{i}`` per layer ([batch, num_kv_heads, past_len, head_dim]);
   ``input_ids`` and ``position_ids`` are [batch, seq_len], ``attention_mask`` is
   [batch, total_len] with total_len = past_len + seq_len, as Hugging Face takes it;
 * outputs ``logits`` [batch, seq_len, vocab], then ``present_key.{i}``,
-  ``present_value.{i}`` per layer ([batch, n_head, total_len, head_dim]).
+  ``present_value.{i}`` per layer ([batch, num_kv_heads, total_len, head_dim]).
 
 Every input and output dimension is either a number or one of ``batch``,
 ``seq_len``, ``past_len``, ``total_len``: the exporters name some dimensions
@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import ExportError
-from qgraph.frontend.hf import ModelSource, check_supported, load_model, require_hf
+from qgraph.frontend.families import ModelSpec, spec_of
+from qgraph.frontend.hf import ModelSource, load_model, require_hf
 
 if TYPE_CHECKING:
     import torch
@@ -64,34 +65,31 @@ class ExportResult:
     size_bytes: int  # graph file plus its external data file, if any
     exporter: str
     opset: int
-    n_layer: int
-    n_head: int
-    head_dim: int
-    vocab_size: int
+    spec: ModelSpec
     seconds: float
 
 
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Input and output names of the raw export, in order."""
-    kv = [f"{kv}.{i}" for i in range(n_layer) for kv in ("key", "value")]
+    kv = [f"{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids"] + [f"past_{n}" for n in kv], ["logits"] + [f"present_{n}" for n in kv]
 
 
-def io_shapes(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> dict[str, list[int | str]]:
+def io_shapes(num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int) -> dict[str, list[int | str]]:
     """The contract's shape of every input and output, by name."""
-    inputs, outputs = io_names(n_layer)
+    inputs, outputs = io_names(num_layers)
     shapes: dict[str, list[int | str]] = {
         "input_ids": ["batch", "seq_len"],
         "attention_mask": ["batch", "total_len"],
         "position_ids": ["batch", "seq_len"],
         "logits": ["batch", "seq_len", vocab_size],
     }
-    shapes.update({n: ["batch", n_head, "past_len", head_dim] for n in inputs[3:]})
-    shapes.update({n: ["batch", n_head, "total_len", head_dim] for n in outputs[1:]})
+    shapes.update({n: ["batch", num_kv_heads, "past_len", head_dim] for n in inputs[3:]})
+    shapes.update({n: ["batch", num_kv_heads, "total_len", head_dim] for n in outputs[1:]})
     return shapes
 
 
-def _flat_cache_wrapper(model: torch.nn.Module, n_layer: int) -> torch.nn.Module:
+def _flat_cache_wrapper(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     """A module taking flat past tensors and returning (logits, *flat presents)."""
     torch, transformers = require_hf()
 
@@ -102,7 +100,7 @@ def _flat_cache_wrapper(model: torch.nn.Module, n_layer: int) -> torch.nn.Module
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
             cache = transformers.DynamicCache(config=self.model.config)
-            for i in range(n_layer):
+            for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(
                 input_ids=input_ids,
@@ -112,7 +110,7 @@ def _flat_cache_wrapper(model: torch.nn.Module, n_layer: int) -> torch.nn.Module
                 use_cache=True,
                 return_dict=True,
             )
-            presents = [t for layer in out.past_key_values.layers[:n_layer] for t in (layer.keys, layer.values)]
+            presents = [t for layer in out.past_key_values.layers[:num_layers] for t in (layer.keys, layer.values)]
             return (out.logits, *presents)
 
     return FlatCacheLM().eval()
@@ -155,10 +153,10 @@ def _run_exporter(
     path: Path,
     exporter: str,
     opset: int | None,
-    n_layer: int,
+    num_layers: int,
 ) -> None:
     torch, _ = require_hf()
-    inputs, outputs = io_names(n_layer)
+    inputs, outputs = io_names(num_layers)
     if exporter == "dynamo":
         Dim = torch.export.Dim
         batch, seq, past = Dim("batch", min=1), Dim("seq_len", min=1), Dim("past_len", min=0)
@@ -168,14 +166,14 @@ def _run_exporter(
             "input_ids": {0: batch, 1: seq},
             "attention_mask": {0: batch, 1: Dim.DYNAMIC},
             "position_ids": {0: batch, 1: seq},
-            "past": tuple({0: batch, 2: past} for _ in range(2 * n_layer)),
+            "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)),
         }
         torch.onnx.export(
             wrapper, example, str(path), dynamo=True, opset_version=opset, verbose=False,
             input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes,
         )  # fmt: skip
     else:
-        shapes = io_shapes(n_layer, 0, 0, 0)
+        shapes = io_shapes(num_layers, 0, 0, 0)
         dynamic_axes = {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for name, dims in shapes.items()}
         torch.onnx.export(
             wrapper, example, str(path), dynamo=False, opset_version=opset, verbose=False,
@@ -249,21 +247,19 @@ def export_model(
     if isinstance(model, (str, ModelSource)):
         say(f"loading model {model}")
         model = load_model(model)
-    config = getattr(model, "config", None)
-    check_supported(config, f"the {type(model).__name__}")
-    n_layer, n_head, vocab = int(config.n_layer), int(config.n_head), int(config.vocab_size)
-    head_dim = int(config.n_embd) // n_head
+    spec = spec_of(getattr(model, "config", None), f"the {type(model).__name__}")
+    num_layers, num_kv_heads, head_dim, vocab = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size
     dtype = next(model.parameters()).dtype
-    if int(getattr(config, "n_positions", _PAST + _SEQ)) < _PAST + _SEQ:
+    if spec.max_positions < _PAST + _SEQ:
         raise ExportError(
-            f"the model has n_positions={config.n_positions}; export traces {_PAST + _SEQ} positions, so it needs at least that many"
+            f"the model has {spec.max_positions} positions; export traces {_PAST + _SEQ} positions, so it needs at least that many"
         )
 
     example = (
         torch.zeros(_BATCH, _SEQ, dtype=torch.int64),
         torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64),
         torch.arange(_PAST, _PAST + _SEQ, dtype=torch.int64).expand(_BATCH, _SEQ).contiguous(),
-        *(torch.zeros(_BATCH, n_head, _PAST, head_dim, dtype=dtype) for _ in range(2 * n_layer)),
+        *(torch.zeros(_BATCH, num_kv_heads, _PAST, head_dim, dtype=dtype) for _ in range(2 * num_layers)),
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +272,7 @@ def export_model(
         say(f"exporting with the {exporter} exporter (opset {opset or 'default'})")
         try:
             with _quiet(), torch.no_grad():
-                _run_exporter(_flat_cache_wrapper(model.eval(), n_layer), example, raw, exporter, opset, n_layer)
+                _run_exporter(_flat_cache_wrapper(model.eval(), num_layers), example, raw, exporter, opset, num_layers)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             other = "torchscript" if exporter == "dynamo" else "dynamo"
@@ -289,7 +285,7 @@ def export_model(
         if opset is not None and got_opset != opset:
             raise ExportError(f"the {exporter} exporter wrote opset {got_opset}, not the opset {opset} asked for; try another opset")
         say("naming dimensions " + ", ".join(DIM_NAMES))
-        renames = fix_dim_names(graph, io_shapes(n_layer, n_head, head_dim, vocab))
+        renames = fix_dim_names(graph, io_shapes(num_layers, num_kv_heads, head_dim, vocab))
         log.debug("renamed dimensions %s", renames)
         external = graph.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
         say(f"saving {out}" + (f" (weights in {out.name}.data)" if external else ""))
@@ -298,6 +294,6 @@ def export_model(
     if not external:
         data.unlink(missing_ok=True)  # left by an earlier, larger export to this path
     size = out.stat().st_size + (data.stat().st_size if external else 0)
-    result = ExportResult(out, size, exporter, int(got_opset or 0), n_layer, n_head, head_dim, vocab, time.perf_counter() - start)
+    result = ExportResult(out, size, exporter, int(got_opset or 0), spec, time.perf_counter() - start)
     log.info("exported %s: %.1f MB, opset %s, %.1f s", out, size / 1e6, result.opset, result.seconds)
     return result

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from qgraph.errors import MissingDependencyError, ModelSourceError
+from qgraph.frontend.families import family_of
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
 BUNDLED_MODELS = ("tiny-gpt2",)
-#: Architectures qgraph can export and rewrite (``config.model_type``).
-SUPPORTED_MODEL_TYPES = ("gpt2",)
 # A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -116,13 +115,8 @@ def load_config(source: ModelSource | str, *, trust_remote_code: bool = False) -
 
 
 def check_supported(config: Any, name: str = "the model") -> None:
-    """Raise :class:`ModelSourceError` unless ``config`` is a GPT-2-like causal LM."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(
-            f"{name} is a '{model_type}' model; qgraph supports GPT-2-like causal LMs "
-            f"(model_type {', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)}); pass a GPT-2 model"
-        )
+    """Raise :class:`ModelSourceError` unless a family module knows ``config``'s architecture."""
+    family_of(config, name)
 
 
 def load_model(

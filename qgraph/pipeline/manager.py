@@ -30,6 +30,9 @@ class PassResult:
     graph: Graph
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    #: Facts this run established about the graph beyond the pass's declared ``produces``
+    #: (e.g. fuse-decode-attention's "prefill_chunks_consecutive" when it rewrote a prompt chunk).
+    facts: tuple[str, ...] = ()
 
 
 class Pass:
@@ -83,6 +86,8 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     #: Things a user should know that are not errors (e.g. custom-domain ops left untouched).
     notes: list[str] = field(default_factory=list)
+    #: What holds of the graph after the run: the declared ``produces`` and the reported ``facts`` of the passes that ran.
+    facts: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -99,7 +104,7 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passes": [asdict(r) for r in self.records], "seconds": self.seconds, "notes": list(self.notes)}
+        return {"passes": [asdict(r) for r in self.records], "seconds": self.seconds, "notes": list(self.notes), "facts": list(self.facts)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -189,6 +194,8 @@ class PassManager:
                 rec.checked = True
             report.records.append(rec)
             done.append(p.name)
+            facts = (set(report.facts) - set(p.invalidates)) | set(p.produces) | set(result.facts)
+            report.facts = sorted(facts)
             log.info(
                 "%s: %s, %d -> %d nodes, %.1f ms %s",
                 p.name,
