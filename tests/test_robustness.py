@@ -617,7 +617,7 @@ print(json.dumps({"artifact": str(art), "onnx": str(model.onnx_path), "tokens": 
 
 def test_two_processes_share_one_cache(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from builders import random_gpt2
+    from helpers import random_gpt2
 
     folder = tmp_path / "model"
     random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=32)
@@ -675,7 +675,7 @@ def test_remote_code_in_a_model_folder_never_runs(tmp_path: Path) -> None:
 
 def test_a_gpt2_folder_with_auto_map_loads_without_its_code(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from builders import random_gpt2
+    from helpers import random_gpt2
 
     from qgraph.frontend.hf import load_model
 
@@ -690,7 +690,7 @@ def test_a_gpt2_folder_with_auto_map_loads_without_its_code(tmp_path: Path) -> N
 
 def test_pickle_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
-    from builders import random_gpt2
+    from helpers import random_gpt2
     from safetensors.torch import load_file
 
     from qgraph.frontend.hf import load_model
