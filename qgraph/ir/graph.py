@@ -1,8 +1,8 @@
 """The graph core: a thin wrapper over onnx-graphsurgeon.
 
-Only this package (this module and :mod:`qgraph.ir.files`) imports
-onnx-graphsurgeon. Passes use the small typed API below; a third-party pass
-may edit ``graph.gs`` directly.
+Only this package imports onnx-graphsurgeon (this module,
+:mod:`qgraph.ir.files` and :mod:`qgraph.ir.structure`). Passes use the small
+typed API below; a third-party pass may edit ``graph.gs`` directly.
 
 Weights stay where they are: a model is loaded with its external data left on
 disk, and each weight is read only when a pass asks for that one tensor's
@@ -415,6 +415,7 @@ class Graph:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         if external is None:
+            # This module's name for the threshold: export reads it from here too, and a test lowers it here.
             external = self.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
         lazy = file_values(self._gs)
         model = self.to_proto()
