@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from helpers import assert_same_outputs, run_shared_state, session
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from passcheck import assert_same_outputs, run_shared_state, session
 
 from qgraph.devtools.golden import canonical_text
 from qgraph.errors import QGraphError

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import random_gpt2
+from helpers import random_gpt2
 
 import qgraph.api as api
 from qgraph import AutoModelForCausalLM

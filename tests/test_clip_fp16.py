@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from helpers import check_case
 from onnx import TensorProto, helper, numpy_helper
-from passcheck import check_case
 
 from passes.clip_fp16 import FP16_MAX, ClipFp16, clip_fp16_values
 from qgraph.ir.graph import Graph

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from builders import random_gpt2
+from helpers import random_gpt2
 
 from passes import FoldConstants, FuseLayerNorm
 from qgraph import Graph, Pass, PassResult

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import ort_run, random_gpt2
+from helpers import ort_run, random_gpt2
 
 import qgraph.ir.graph
 from qgraph.errors import ExportError, ModelSourceError

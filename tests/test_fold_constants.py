@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from helpers import check_case, run_pass
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from passcheck import check_case, run_pass
 
 from passes.fold_constants import KERNELS, FoldConstants, fold_constants
 from qgraph.ir.graph import Graph

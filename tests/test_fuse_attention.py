@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from passcheck import check_case, declined_reasons
+from helpers import check_case, declined_reasons
 
 from passes import FuseAttention
 from qgraph.ir.graph import Graph

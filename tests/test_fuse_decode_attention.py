@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, run_shared_state, session
+from helpers import GOLDEN_DIR, check_case, declined_reasons, run_pass, run_shared_state, session
 
 from passes import FuseDecodeAttention
 from qgraph.ir.graph import Graph

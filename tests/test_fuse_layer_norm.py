@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from passcheck import GOLDEN_DIR, check_case, declined_reasons
+from helpers import GOLDEN_DIR, check_case, declined_reasons
 
 from passes import FuseLayerNorm
 from qgraph.ir.graph import Graph

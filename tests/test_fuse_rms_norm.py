@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from passcheck import GOLDEN_DIR, check_case, declined_reasons, run_pass, session
+from helpers import GOLDEN_DIR, check_case, declined_reasons, run_pass, session
 
 from passes import FuseRmsNorm
 from qgraph.ir.graph import Graph

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from passcheck import session
+from helpers import session
 
 from passes import Cleanup, FuseGelu, FuseLayerNorm
 from qgraph import Graph, PassManager, Report

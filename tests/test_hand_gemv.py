@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import load_tool
+from helpers import load_tool
 
 if shutil.which("gcc") is None:  # the tool compiles its kernel; without a compiler there is nothing to test
     pytest.skip("tools/hand_gemv.py needs gcc", allow_module_level=True)

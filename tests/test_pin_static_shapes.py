@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from builders import random_gpt2
-from passcheck import GOLDEN_DIR, assert_same_outputs, check_case, run_pass, session
+from helpers import GOLDEN_DIR, assert_same_outputs, check_case, random_gpt2, run_pass, session
 
 from passes.cleanup import Cleanup
 from passes.fold_constants import FoldConstants

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import random_gpt2
+from helpers import random_gpt2
 
 from qgraph.ir.contract import CacheSpec, teacher_forced_logits
 from qgraph.ir.graph import Graph

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from builders import random_gpt2
+from helpers import random_gpt2
 
 from passes.legalize_qnn import LegalizeQnn
 from qgraph.errors import MissingDependencyError, PlacementError, StaticShapeError

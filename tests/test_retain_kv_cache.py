@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from passcheck import GOLDEN_DIR, run_pass, session
+from helpers import GOLDEN_DIR, run_pass, session
 
 from passes.retain_kv_cache import RetainKvCache
 from qgraph.errors import RewriteError

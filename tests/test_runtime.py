@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from builders import random_gpt2
+from helpers import random_gpt2
 
 from qgraph.artifact.manifest import Manifest
 from qgraph.compile import CompileError, compile_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from passcheck import check_case
+from helpers import check_case
 
 from passes import SimplifyShapes
 

@@ -8,7 +8,7 @@ those timings into the estimate.
 from __future__ import annotations
 
 import pytest
-from builders import load_tool
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")

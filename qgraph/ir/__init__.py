@@ -1,1 +1,1 @@
-"""The graph and its files: the graph core (the only onnx-graphsurgeon user), validation, the IO contract, inspection."""
+"""The graph and its files: the graph core, its files and structure (the only onnx-graphsurgeon users), validation, the IO contract, inspection."""

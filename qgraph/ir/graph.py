@@ -1,24 +1,20 @@
 """The graph core: a thin wrapper over onnx-graphsurgeon.
 
-This is the only module that imports onnx-graphsurgeon. Passes use the small
+Only this package imports onnx-graphsurgeon (this module,
+:mod:`qgraph.ir.files` and :mod:`qgraph.ir.structure`). Passes use the small
 typed API below; a third-party pass may edit ``graph.gs`` directly.
 
-Weights stay where they are. A model is loaded with its external data left on
-disk: each external initializer becomes a :class:`_FileValues`, which reads
-its bytes only when a pass asks for that one tensor's values. Saving streams
-external tensors from their source file into the new weights file in chunks,
-so a large model is never held in memory twice, and the 2 GB protobuf limit
-never applies to the graph file.
+Weights stay where they are: a model is loaded with its external data left on
+disk, and each weight is read only when a pass asks for that one tensor's
+values. Reading and writing the files (external data, lazy file-backed
+values, streamed saves) is :mod:`qgraph.ir.files`.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
-import heapq
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,21 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qgraph.errors import GraphCheckError, ModelLoadError, QGraphError
+from qgraph.ir.files import (
+    EXTERNAL_DATA_THRESHOLD,
+    attach_file_values,
+    file_values,
+    inline_file_values,
+    read_model,
+    reattach_file_values,
+    write_model,
+)
+
+# Re-exported (``import x as x``): compile, the targets, the artifact and a pass import them from here.
+from qgraph.ir.files import copy_range as copy_range
+from qgraph.ir.files import remove_model_files as remove_model_files
+from qgraph.ir.structure import live_node_ids as live_node_ids
+from qgraph.ir.structure import live_nodes, onnx_checks, structure_problems, toposorted
 from qgraph.ir.validate import external_refs, validate_model
 
 log = logging.getLogger(__name__)
@@ -39,37 +50,8 @@ Tensor = gs.Tensor
 Constant = gs.Constant
 Variable = gs.Variable
 
-#: Models whose weights add up to more than this are saved with external data.
-EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
-#: Tensors smaller than this stay inline even in an external-data save.
-INLINE_TENSOR_BYTES = 1024
 #: IR version given to models built from text; the newest onnxruntime reads.
 DEFAULT_IR_VERSION = 10
-_COPY_CHUNK = 16 * 1024 * 1024
-_ALIGN = 64
-
-
-class _FileValues(LazyValues):  # type: ignore[misc]
-    """Lazy values of an external tensor, read from an already validated file."""
-
-    def __init__(self, tensor: TensorProto, path: Path, offset: int, length: int) -> None:
-        super().__init__(tensor)
-        self.path = path
-        self.offset = offset
-        self.length = length
-
-    def load(self) -> np.ndarray:
-        np_dtype = helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
-        count = self.length // np.dtype(np_dtype).itemsize
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            arr = np.fromfile(f, dtype=np_dtype, count=count)
-        return arr.reshape(tuple(self.tensor.dims))
-
-    def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.length)
 
 
 class Graph:
@@ -148,17 +130,7 @@ class Graph:
         weight is read.
         """
         p = Path(path)
-        if not p.is_file():
-            raise ModelLoadError(f"no ONNX file at {p}; check the path")
-        if p.stat().st_size == 0:
-            raise ModelLoadError(f"{p} is empty (0 bytes); it is not an ONNX model (was it written completely?)")
-        try:
-            model = onnx.load(str(p), load_external_data=False)
-        except Exception as e:  # protobuf raises several unrelated types
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelLoadError(
-                f"{p} is not a readable ONNX model ({type(e).__name__}: {first}); check that it is a complete .onnx file"
-            ) from None
+        model = read_model(p)
         try:
             return cls.from_proto(model, base_dir=p.parent)
         except ModelLoadError as e:
@@ -182,10 +154,7 @@ class Graph:
             g = gs.import_onnx(model)
         except Exception as e:
             raise ModelLoadError(f"the graph could not be imported ({type(e).__name__}: {e})") from None
-        for tensor in g.tensors().values():
-            if isinstance(tensor, gs.Constant) and tensor.name in externals and isinstance(tensor._values, LazyValues):
-                ref = externals[tensor.name]
-                tensor._values = _FileValues(tensor._values.tensor, ref.path, ref.offset, ref.length)
+        attach_file_values(g, externals)
         meta = {p.key: p.value for p in model.metadata_props}
         return cls(g, base_dir=base_dir, ir_version=model.ir_version or DEFAULT_IR_VERSION, metadata=meta)
 
@@ -410,7 +379,7 @@ class Graph:
         if g.functions or any(isinstance(v, gs.Graph) for n in g.nodes for v in n.attrs.values()):
             g.cleanup(remove_unused_graph_inputs=False).toposort()  # subgraphs: onnx-graphsurgeon's own walk
         else:
-            g.nodes = _toposorted(_live(g))
+            g.nodes = toposorted(live_nodes(g))
         self._pos = {}
 
     def copy(self) -> Graph:
@@ -432,18 +401,10 @@ class Graph:
             model.metadata_props.add(key=k, value=v)
         return model
 
-    def _file_values(self) -> dict[str, _FileValues]:
-        return {t.name: t._values for t in self._gs.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
-
     def to_proto_inline(self) -> onnx.ModelProto:
         """The ModelProto with every weight inline (for small models and ORT from bytes)."""
         model = self.to_proto()
-        lazy = self._file_values()
-        for t in model.graph.initializer:
-            if t.data_location == TensorProto.EXTERNAL and t.name in lazy:
-                t.raw_data = lazy[t.name].read_bytes()
-                t.data_location = TensorProto.DEFAULT
-                del t.external_data[:]
+        inline_file_values(model, file_values(self._gs))
         return model
 
     def save(self, path: str | os.PathLike[str], *, external: bool | None = None) -> Path:
@@ -454,61 +415,15 @@ class Graph:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         if external is None:
+            # This module's name for the threshold: export reads it from here too, and a test lowers it here.
             external = self.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
-        lazy = self._file_values()
+        lazy = file_values(self._gs)
         model = self.to_proto()
-        data_name = out.name + ".data"
-        tmp_files: list[Path] = []
-        moved: dict[str, tuple[int, int]] = {}
-        try:
-            if external:
-                fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", dir=out.parent)
-                tmp_files.append(Path(tmp_data))
-                with os.fdopen(fd, "wb") as f:
-                    for t in model.graph.initializer:
-                        src = lazy.get(t.name) if t.data_location == TensorProto.EXTERNAL else None
-                        nbytes = src.length if src is not None else len(t.raw_data)
-                        if src is None and (not t.HasField("raw_data") or nbytes < INLINE_TENSOR_BYTES):
-                            continue  # small or typed-field tensors stay inline
-                        pad = (-f.tell()) % _ALIGN
-                        f.write(b"\0" * pad)
-                        offset = f.tell()
-                        if src is not None:
-                            copy_range(src.path, src.offset, src.length, f)
-                        else:
-                            f.write(t.raw_data)
-                            t.ClearField("raw_data")
-                        t.data_location = TensorProto.EXTERNAL
-                        del t.external_data[:]
-                        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(nbytes))):
-                            t.external_data.add(key=k, value=v)
-                        moved[t.name] = (offset, nbytes)
-            else:
-                for t in model.graph.initializer:
-                    if t.data_location == TensorProto.EXTERNAL and t.name in lazy:
-                        t.raw_data = lazy[t.name].read_bytes()
-                        t.data_location = TensorProto.DEFAULT
-                        del t.external_data[:]
-            fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-            tmp_files.append(Path(tmp_model))
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            if external:
-                os.replace(tmp_files[0], out.parent / data_name)
-            os.replace(tmp_files[-1], out)
-        except BaseException:
-            for p in tmp_files:
-                p.unlink(missing_ok=True)
-            raise
+        moved = write_model(model, out, lazy, external=external)
         if external:
             # The in-memory graph now reads its weights from the new file, which
             # may have replaced the old one.
-            data_path = (out.parent / data_name).resolve()
-            by_name = {t.name: t for t in model.graph.initializer}
-            for t in self._gs.tensors().values():
-                if isinstance(t, gs.Constant) and t.name in moved:
-                    offset, nbytes = moved[t.name]
-                    t._values = _FileValues(copy.deepcopy(by_name[t.name]), data_path, offset, nbytes)
+            reattach_file_values(self._gs, model, moved, (out.parent / (out.name + ".data")).resolve())
             self.base_dir = out.parent
         log.info("saved %s (%s)", out, "external data" if external else "inline weights")
         return out
@@ -523,62 +438,11 @@ class Graph:
         problems = self.structure_problems()
         if problems:
             raise GraphCheckError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-        model = self._proto_for_checks()
-        try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as e:
-            raise GraphCheckError(f"ONNX checker: {str(e).strip().splitlines()[0]}") from None
-        if shapes:
-            try:
-                onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-            except Exception as e:
-                raise GraphCheckError(f"shape inference: {str(e).strip().splitlines()[0]}") from None
-
-    def _proto_for_checks(self) -> onnx.ModelProto:
-        """The model with external weights turned into typed inputs.
-
-        The checker would look for external files relative to the current
-        directory, and no check needs the weights' values.
-        """
-        model = self.to_proto()
-        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-        if external:
-            keep = [t for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL]
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(keep)
-            model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
-        return model
+        onnx_checks(self.to_proto(), shapes=shapes)
 
     def structure_problems(self) -> list[str]:
         """Problems with order, names and edges, without running the checker."""
-        problems: list[str] = []
-        available = {t.name for t in self._gs.inputs}
-        available |= {t.name for t in self._gs.tensors().values() if isinstance(t, gs.Constant)}
-        available.add("")  # an omitted optional input
-        produced: dict[str, str] = {}
-        names: collections.Counter[str] = collections.Counter(n.name for n in self._gs.nodes if n.name)
-        for name, count in names.items():
-            if count > 1:
-                problems.append(f"node name '{name}' is used by {count} nodes")
-        all_outputs = {t.name for n in self._gs.nodes for t in n.outputs}
-        for node in self._gs.nodes:
-            for t in node.inputs:
-                if t.name not in available:
-                    if t.name in all_outputs:
-                        problems.append(f"node '{node.name}' ({node.op}) reads '{t.name}' before it is produced (not topologically sorted)")
-                    else:
-                        problems.append(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces (dangling edge)")
-            for t in node.outputs:
-                if not t.name:
-                    continue  # an omitted optional output
-                if t.name in produced:
-                    problems.append(f"tensor '{t.name}' is produced by both '{produced[t.name]}' and '{node.name}'")
-                produced[t.name] = node.name
-                available.add(t.name)
-        for t in self._gs.outputs:
-            if t.name not in available:
-                problems.append(f"graph output '{t.name}' is not produced by any node")
-        return problems
+        return structure_problems(self._gs)
 
     def infer_shapes(self) -> Graph:
         """Run ONNX shape inference and return the graph with shapes filled in."""
@@ -610,7 +474,7 @@ class Graph:
     def adopt(self, other: Graph) -> None:
         """Take ``other``'s graph in place of this one's (a pass returned a new graph)."""
         # Keep lazily loaded values from this graph (import builds fresh ones).
-        mine = self._file_values()
+        mine = file_values(self._gs)
         for t in other._gs.tensors().values():
             if isinstance(t, gs.Constant) and t.name in mine:
                 t._values = mine[t.name]
@@ -622,77 +486,3 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {self.node_count()} nodes, {len(self._gs.inputs)} inputs, {len(self._gs.outputs)} outputs)"
-
-
-def remove_model_files(path: Path) -> None:
-    """Delete an ONNX file and the external-data file :meth:`Graph.save` writes beside it."""
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
-
-
-def live_node_ids(outputs: Iterable[Tensor]) -> set[int]:
-    """ids of the nodes that ``outputs`` depend on (walking producers backwards)."""
-    live: set[int] = set()
-    seen: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        for node in t.inputs:
-            if id(node) not in live:
-                live.add(id(node))
-                stack.extend(node.inputs)
-    return live
-
-
-def _live(g: gs.Graph) -> list[Node]:
-    """The nodes some graph output depends on, in their current order; the rest are detached."""
-    live = live_node_ids(g.outputs)
-    keep = []
-    for n in g.nodes:
-        if id(n) in live:
-            keep.append(n)
-        else:
-            n.inputs.clear()
-            n.outputs.clear()
-    return keep
-
-
-def _toposorted(nodes: list[Node]) -> list[Node]:
-    """Kahn's algorithm; ties keep the current order, so a sorted graph is unchanged."""
-    index = {id(n): i for i, n in enumerate(nodes)}
-    deps = [0] * len(nodes)
-    users: list[list[int]] = [[] for _ in nodes]
-    for i, n in enumerate(nodes):
-        producers = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index and index[id(p)] != i}
-        deps[i] = len(producers)
-        for j in producers:
-            users[j].append(i)
-    ready = [i for i, d in enumerate(deps) if d == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for u in users[i]:
-            deps[u] -= 1
-            if deps[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise GraphCheckError("the graph has a cycle; no topological order exists")
-    return order
-
-
-def copy_range(src: Path, offset: int, length: int, dst: Any) -> None:
-    """Stream ``length`` bytes of ``src`` from ``offset`` into the open file ``dst``."""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            chunk = f.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                raise ModelLoadError(f"{src} ended early while copying weights; the weights file is truncated")
-            dst.write(chunk)
-            left -= len(chunk)

@@ -1,16 +1,27 @@
-"""Shared checks for pass tests: golden before/after, numerics, no-op, idempotence.
+"""The tests' one helper module: random-weight models, ONNX Runtime runners, the pass checks, the tools and the CLI.
 
-A pass test writes its input graph as ``tests/golden/<pass>/<case>.before.onnxtxt``
-(ONNX text, hand-written or generated once) and calls :func:`check_case`, which
-runs the pass, compares the result with ``<case>.after.onnxtxt`` (rewritten by
-``pytest --update-golden``), checks the graph, compares outputs with onnxruntime
-on random inputs, and runs the pass a second time to prove it is idempotent.
+Everything here is offline and tiny, so a test can build what it needs in
+well under a second. The pytest fixtures (``golden``, ``--update-golden``)
+live in ``conftest.py``.
+
+The pass checks: a pass test writes its input graph as
+``tests/golden/<pass>/<case>.before.onnxtxt`` (ONNX text, hand-written or
+generated once) and calls :func:`check_case`, which runs the pass, compares the
+result with ``<case>.after.onnxtxt`` (rewritten by ``pytest --update-golden``),
+checks the graph, compares outputs with onnxruntime on random inputs, and runs
+the pass a second time to prove it is idempotent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -21,10 +32,66 @@ from qgraph.ir.contract import RETAINED_SUFFIX
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.manager import Pass, PassResult
 
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
 GOLDEN_DIR = Path(__file__).parent / "golden"
+#: A two-layer GPT-2 exported by Hugging Face Optimum.
+OPTIMUM = Path(__file__).parent / "data" / "optimum-gpt2-2l" / "model.onnx"
+#: The environment the CLI runs in: offline, with this checkout on the path.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+# --------------------------------------------------------------------------- the tools
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as module ``name`` (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------- models
+#: A tiny GPT-2 with an odd head count and a vocabulary that is not a power of two.
+TINY_GPT2: dict[str, Any] = dict(n_layer=2, n_head=3, n_embd=48, vocab_size=397, n_positions=64)
+
+
+def random_gpt2(path: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
+    """A random-weight ``GPT2LMHeadModel`` in eval mode and its config.
+
+    ``overrides`` change :data:`TINY_GPT2`. With ``path`` the model is also
+    saved there (``save_pretrained``), a local model folder for the loaders.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kwargs = {**TINY_GPT2, **overrides}
+    # GPT-2's default bos/eos (50256) lie outside a small vocabulary.
+    kwargs.setdefault("bos_token_id", kwargs["vocab_size"] - 1)
+    kwargs.setdefault("eos_token_id", kwargs["vocab_size"] - 1)
+    config = GPT2Config(**kwargs)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    if path is not None:
+        model.save_pretrained(path)
+    return config, model
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+def ort_run(path: str | Path, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run an ONNX file once on the CPU; returns every output (or ``outputs``) by name."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # the test machine's cores are shared
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def session(graph: Graph) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session over ``graph`` with its weights inline and no graph optimizations (the graph as written)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
@@ -94,6 +161,7 @@ def assert_same_outputs(
         np.testing.assert_allclose(y, x, atol=atol, rtol=rtol, err_msg=f"output {name} differs")
 
 
+# --------------------------------------------------------------------------- the pass checks
 def run_pass(p: Pass, graph: Graph) -> PassResult:
     """Run a pass, then the cleanup stage (as the pipeline would)."""
     result = p.run(graph)
@@ -146,3 +214,32 @@ def declined_reasons(fusion: Callable[[], Any], case: str, golden: Any) -> list[
 
     check_case(make, case, golden, expect_modified=False)
     return [m.reason for m in made[0].near_misses]
+
+
+# --------------------------------------------------------------------------- the CLI in subprocesses
+def cli_command(*args: str) -> list[str]:
+    """The command line of ``qgraph ARGS`` run from this checkout."""
+    return [sys.executable, "-m", "qgraph.cli", *args]
+
+
+def run_all(
+    commands: list[list[str]], env: dict[str, str] | None = None, timeout: float = 120, jobs: int = 3
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run commands a few at a time (the machine is small); a command that hangs fails the test."""
+    results: list[subprocess.CompletedProcess[str] | None] = [None] * len(commands)
+    running: list[tuple[int, subprocess.Popen[str], float]] = []
+    todo = list(enumerate(commands))
+    while todo or running:
+        while todo and len(running) < jobs:
+            i, cmd = todo.pop(0)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV, cwd=ROOT)
+            running.append((i, proc, time.monotonic()))
+        i, proc, started = running.pop(0)
+        try:
+            out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"{commands[i]} did not finish in {timeout} s (did it open a FIFO?)") from None
+        results[i] = subprocess.CompletedProcess(commands[i], proc.returncode, out, err)
+    return results  # type: ignore[return-value]

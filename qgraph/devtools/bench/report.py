@@ -1,0 +1,160 @@
+"""The bench's report: the contenders' figures, the ratios, the project's targets, the table, the plot and the JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qgraph.devtools.bench.timing import PAIRS, TTFT_PAUSE_S
+from qgraph.errors import QGraphError
+
+#: The project's performance targets (issue 6): (what, ratio key, "at least"/"at most", value, the contender the
+#: decode target is relative to: its ms/token over the value is the time per token that meets it).
+TARGETS: list[tuple[str, str, str, float, str]] = [
+    ("decode vs Hugging Face eager", "qgraph decode / huggingface decode", "at least", 2.0, "huggingface-eager"),
+    ("decode vs ONNX Runtime on the plain export", "qgraph decode / onnxruntime decode", "at least", 1.0, "onnxruntime-plain-export"),
+    ("decode vs the bandwidth bound", "qgraph decode / bandwidth bound", "at least", 0.9, "bound"),
+    ("TTFT vs ONNX Runtime on the plain export", "qgraph TTFT / onnxruntime TTFT", "at most", 1.0, ""),
+]
+
+
+@dataclass
+class Result:
+    name: str
+    ttft_s: float
+    decode_tokens_per_s: float
+    ms_per_token: float
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class BenchReport:
+    model: str
+    prompt_len: int
+    new_tokens: int
+    threads: int
+    weight_bytes: int
+    bandwidth_gb_s: float
+    bound_ms_per_token: float
+    results: list[Result]
+    ratios: dict[str, float]
+    tokens_agree: bool
+    #: ms per token of the decode graph's weight products alone (see the module docstring).
+    kernel_ceiling_ms_per_token: float = 0.0
+    #: how many products the ceiling runs, and their weight bytes.
+    kernel_ceiling_products: int = 0
+    kernel_ceiling_bytes: int = 0
+    #: median of (one qgraph decode step - one kernel-ceiling run) over alternating pairs: the graph's own cost.
+    graph_overhead_ms_per_token: float = 0.0
+    #: the ratios computed within each round, then their median over rounds.
+    paired_ratios: dict[str, float] = field(default_factory=dict)
+    #: each round's bandwidth measurement (bandwidth_gb_s is the best of them).
+    round_bandwidths_gb_s: list[float] = field(default_factory=list)
+    #: each round's best rate of the bound's product per engine (GB/s): {"onnxruntime": .., "numpy": ..}.
+    round_engine_bandwidths_gb_s: list[dict[str, float]] = field(default_factory=list)
+    #: the bound measured at the same moment as the decode step: ratios over PAIRS alternations (see paired_in_time).
+    in_time: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "targets": self.targets()}
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Each of :data:`TARGETS` with the table's, the per-round and the in-time figure, and whether each meets it.
+
+        ``met`` is the table's verdict. A decode target also gives ``needs_ms_per_token`` (the time per token that
+        meets it) and ``needs_x_bound`` (that time as a multiple of the bound's speed: above 1 means reading the
+        weights faster than the bound does).
+        """
+        ms = {r.name: r.ms_per_token for r in self.results} | {"bound": self.bound_ms_per_token}
+        out = []
+        for what, key, sense, value, rel in TARGETS:
+            if key not in self.ratios:
+                continue
+            figures = {"table": self.ratios[key], "per_round": self.paired_ratios.get(key), "in_time": self.in_time.get(key)}
+            t: dict[str, Any] = {"target": what, "ratio": key, sense.replace(" ", "_"): value, **figures}
+            for name, v in figures.items():
+                t[f"met_{name}" if name != "table" else "met"] = None if v is None else (v >= value if sense == "at least" else v <= value)
+            if rel in ms:
+                t["needs_ms_per_token"] = ms[rel] / value
+                if rel != "bound":
+                    t["needs_x_bound"] = self.bound_ms_per_token / t["needs_ms_per_token"]
+            out.append(t)
+        return out
+
+    def table(self) -> str:
+        lines = [
+            f"model {self.model}: {self.weight_bytes / 1e6:.1f} MB of weights, prompt {self.prompt_len}, "
+            f"{self.new_tokens} new tokens, {self.threads} threads",
+            f"memory bandwidth {self.bandwidth_gb_s:.1f} GB/s -> bound {self.bound_ms_per_token:.2f} ms/token "
+            f"({1000 / self.bound_ms_per_token:.1f} tokens/s)",
+        ]
+        if self.kernel_ceiling_ms_per_token:
+            lines.append(
+                f"kernel ceiling: the decode graph's {self.kernel_ceiling_products} weight products alone "
+                f"({self.kernel_ceiling_bytes / 1e6:.1f} MB) take {self.kernel_ceiling_ms_per_token:.2f} ms/token in ONNX Runtime "
+                f"({self.bound_ms_per_token / self.kernel_ceiling_ms_per_token:.2f}x bound); qgraph's decode step costs "
+                f"{self.graph_overhead_ms_per_token:+.2f} ms more (median of {PAIRS} alternations)"
+            )
+        if self.in_time:
+            t = self.in_time
+            lines.append(
+                f"paired in time ({PAIRS} alternations of a decode step, the products alone and the bound's product; "
+                f"the product's rate scaled by {t['engine factor']:.3f}, numpy's best over ONNX Runtime's): "
+                f"bound {t['bound ms per token']:.2f} ms/token, qgraph decode / bound {t['qgraph decode / bandwidth bound']:.2f}, "
+                f"kernel ceiling / bound {t['kernel ceiling / bandwidth bound']:.2f}"
+            )
+            if "qgraph TTFT / onnxruntime TTFT" in t:
+                lines.append(f"TTFT paired in time ({t['ttft alternations']:.0f} alternations of the two prefills, {TTFT_PAUSE_S} s apart): "
+                             f"qgraph / onnxruntime {t['qgraph TTFT / onnxruntime TTFT']:.2f}")  # fmt: skip
+        lines += [
+            "",
+            f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
+        ]
+        for r in self.results:
+            lines.append(f"{r.name:<26}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
+                         f"{self.bound_ms_per_token / r.ms_per_token:>9.2f}")  # fmt: skip
+        lines.append("")
+        lines += [f"{k}: {v:.2f}" + (f" (per round: {self.paired_ratios[k]:.2f})" if k in self.paired_ratios else "")
+                  for k, v in self.ratios.items()]  # fmt: skip
+        lines.append(f"greedy tokens identical across contenders: {'yes' if self.tokens_agree else 'NO'}")
+        lines += ["", "targets (met or missed by the table's figure; per round and in time beside it):"]
+        for t in self.targets():
+            sense, value = ("at least", t["at_least"]) if "at_least" in t else ("at most", t["at_most"])
+            extra = ", ".join(f"{k.replace('_', ' ')} {t[k]:.2f}" for k in ("per_round", "in_time") if t[k] is not None)
+            line = f"  {t['target']}, {sense} {value:g}x: {t['table']:.2f}" + (f" ({extra})" if extra else "")
+            line += " met" if t["met"] else " missed"
+            if not t["met"] and "needs_ms_per_token" in t:
+                line += f"; needs {t['needs_ms_per_token']:.2f} ms/token"
+                line += f", {t['needs_x_bound']:.2f}x the bound's speed" if "needs_x_bound" in t else ""
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def save_plot(report: BenchReport, path: str | Path) -> None:
+    """A bar chart of decode tokens/s per contender, with the bound as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QGraphError("--plot needs matplotlib: pip install matplotlib") from None
+    names = [r.name for r in report.results]
+    values = [r.decode_tokens_per_s for r in report.results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, values, color=["#999999", "#6699cc", "#cc6633"])
+    ax.axhline(1000 / report.bound_ms_per_token, color="black", linestyle="--", label="memory-bandwidth bound")
+    if report.kernel_ceiling_ms_per_token:
+        ax.axhline(1000 / report.kernel_ceiling_ms_per_token, color="gray", linestyle=":", label="kernel ceiling (products alone)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{report.model}: prompt {report.prompt_len}, {report.new_tokens} tokens, {report.threads} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(report: BenchReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))
