@@ -22,7 +22,7 @@ from qgraph.errors import GenerationError, OptionError
 
 #: Tokens the KV cache holds when not asked; capped by the model's maximum positions.
 DEFAULT_CTX_LEN = 128
-#: Tokens of a prompt chunk (the prefill specialization's width) when not asked.
+#: Tokens of a prompt chunk (the prefill specialization's width) when not asked; capped by ctx_len.
 DEFAULT_PREFILL_SEQ_LEN = 32
 #: Rows a compiled artifact runs together when not asked.
 DEFAULT_BATCH_SIZE = 1
@@ -108,7 +108,8 @@ class Options:
         """The options asked for (None: the default), made whole against the model and checked once.
 
         ``max_positions``: the model's maximum positions (None: unknown); it caps
-        the default ctx_len and refuses a larger one. ``cache_len``: the cache
+        the default ctx_len and refuses a larger one (a default is capped where
+        an asked value is refused: the prefill length by ctx_len too). ``cache_len``: the cache
         length of a graph that is already retained, the default ctx_len.
         ``target``: checks ``target_options`` and fills the target's defaults.
         Raises :class:`~qgraph.errors.OptionError` (or the target's error).
@@ -117,7 +118,7 @@ class Options:
             ctx_len = cache_len if cache_len is not None else min(DEFAULT_CTX_LEN, max_positions or DEFAULT_CTX_LEN)
         opts = cls(
             ctx_len=ctx_len,
-            prefill_seq_len=DEFAULT_PREFILL_SEQ_LEN if prefill_seq_len is None else prefill_seq_len,
+            prefill_seq_len=min(DEFAULT_PREFILL_SEQ_LEN, ctx_len) if prefill_seq_len is None else prefill_seq_len,
             batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             seq_len=seq_len,
             target_options=dict(target_options or {}),
