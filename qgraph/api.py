@@ -271,8 +271,11 @@ class AutoModelForCausalLM:
             ids = [list(map(int, row)) for row in input_ids]  # type: ignore[union-attr]
         if not ids:
             raise GenerationError("no prompts given")
-        # Before the (slow) compile that generating may start: the options it would compile with.
-        check_prompts(ids, (self._options or self.options()).ctx_len)
+        # Before the (slow) compile that generating may start: the options it compiles with.
+        opts = self._options or self.options()
+        check_prompts(ids, opts.ctx_len)
+        if self.artifact_dir is None:
+            self.compile(options=opts)
         out = self.runtime.generate(
             ids, max_new_tokens=max_new_tokens, eos_token_id=self.spec.eos_token_ids, sampling=Sampling(**sampling), streamer=streamer
         )

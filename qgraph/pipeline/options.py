@@ -15,7 +15,7 @@ only an ONNX file is given.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from qgraph.errors import GenerationError, OptionError
@@ -90,6 +90,7 @@ class Options:
     @property
     def pinned(self) -> bool:
         """True if optimize pins the shapes (both a batch size and a seq_len)."""
+        # batch_size is None where qgraph.devtools.debug builds the object itself and does not pin.
         return self.batch_size is not None and self.seq_len is not None
 
     @classmethod
@@ -109,8 +110,9 @@ class Options:
 
         ``max_positions``: the model's maximum positions (None: unknown); it caps
         the default ctx_len and refuses a larger one (a default is capped where
-        an asked value is refused: the prefill length by ctx_len too). ``cache_len``: the cache
-        length of a graph that is already retained, the default ctx_len.
+        an asked value would be refused: the prefill length by ctx_len too).
+        ``cache_len``: the cache length of a graph that is already retained,
+        the default ctx_len.
         ``target``: checks ``target_options`` and fills the target's defaults.
         Raises :class:`~qgraph.errors.OptionError` (or the target's error).
         """
@@ -125,7 +127,7 @@ class Options:
         )
         opts.validate(max_positions=max_positions)
         if target is not None:
-            opts = cls(opts.ctx_len, opts.prefill_seq_len, opts.batch_size, opts.seq_len, target.check_options(dict(opts.target_options)))
+            opts = replace(opts, target_options=target.check_options(dict(opts.target_options)))
         return opts
 
     def validate(self, *, max_positions: int | None = None) -> None:
