@@ -53,7 +53,7 @@ PIN: Stage = (
 #: One specialization's graph, pinned and built for a target.
 SPECIALIZE: Stage = (
     *PIN,  # prefill: [batch_size, prefill_seq_len]; decode: [batch_size, 1]
-    LEGALIZE,  # before simplify-shapes, which would otherwise lay out the ops the lowering replaces
+    LEGALIZE,  # on the exporters' layouts: after simplify-shapes, cpu's fuse-attention leaves no decode attention to fuse (measured)
     "simplify-shapes",  # static shapes make layout ops trivial; row-wise regions go 2-D
     FINAL,  # after simplify-shapes: its matches need the simplified layouts, and 2-D regions do not grow through fused ops
     "cleanup",  # drop what the target's passes left
