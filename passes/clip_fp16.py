@@ -54,6 +54,7 @@ class ClipFp16(Pass):
     """
 
     name = "clip-fp16"
+    produces = ("fp16_clipped",)
 
     def __init__(self, *, check_weights: bool = False) -> None:
         self.check_weights = check_weights

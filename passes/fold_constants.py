@@ -638,6 +638,8 @@ class FoldConstants(Pass):
     """
 
     name = "fold-constants"
+    produces = ("constants_folded",)
+    invalidates = ("no_dead_nodes",)
 
     def __init__(self, *, infer_shapes: bool = True, max_bytes: int = MAX_FOLD_BYTES) -> None:
         self.infer_shapes = infer_shapes

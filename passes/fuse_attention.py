@@ -104,6 +104,9 @@ class FuseAttention(FusionPass):
     """Softmax(Q K^T * s + bias) V -> ``com.microsoft.MultiHeadAttention`` (ONNX Runtime CPU)."""
 
     name = "fuse-attention"
+    requires = ("static_shapes",)
+    produces = ("attention_fused",)
+    invalidates = ("no_dead_nodes",)
     anchors = ("Softmax",)
     stat = "attention"
 

@@ -93,6 +93,9 @@ class FuseDecodeAttention(FusionPass):
     """ScatterND cache writes + MultiHeadAttention (one token, or a prompt chunk in one row) -> ``com.microsoft.GroupQueryAttention``."""
 
     name = "fuse-decode-attention"
+    requires = ("kv_retained", "static_shapes", "attention_fused", "shapes_simplified")
+    produces = ("decode_attention_fused",)
+    invalidates = ("no_dead_nodes",)
     anchors = ("MultiHeadAttention",)
     stat = "decode_attention"
 

@@ -195,6 +195,8 @@ class FuseGelu(OpsetFusionPass):
     """Decomposed GELU (tanh or erf form) -> ``Gelu(approximate="tanh" | "none")``."""
 
     name = "fuse-gelu"
+    produces = ("gelu_fused",)
+    invalidates = ("no_dead_nodes",)
     anchors = ("Tanh", "Erf")
     stat = "gelu"
     min_opset = GELU_OPSET

@@ -649,6 +649,8 @@ class FuseLayerNorm(OpsetFusionPass):
     """Decomposed LayerNorm -> ``LayerNormalization(axis=-1, epsilon)``; see the module docstring."""
 
     name = "fuse-layer-norm"
+    produces = ("layer_norm_fused",)
+    invalidates = ("no_dead_nodes",)
     anchors = ("Sqrt",)
     stat = "layer_norm"
     min_opset = LAYER_NORM_OPSET

@@ -49,6 +49,7 @@ class FuseRmsNorm(OpsetFusionPass):
     """Decomposed RMSNorm -> ``RMSNormalization(axis=-1, epsilon, stash_type=1)``."""
 
     name = "fuse-rms-norm"
+    produces = ("rms_norm_fused",)
     anchors = ("Sqrt",)
     stat = "rms_norm"
     min_opset = RMS_NORM_OPSET

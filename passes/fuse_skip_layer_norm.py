@@ -39,6 +39,8 @@ class FuseSkipLayerNorm(FusionPass):
     """Add + LayerNormalization(axis=-1) -> ``com.microsoft.SkipLayerNormalization`` (ONNX Runtime CPU)."""
 
     name = "fuse-skip-layer-norm"
+    requires = ("static_shapes",)
+    produces = ("skip_layer_norm_fused",)
     anchors = ("LayerNormalization",)
     stat = "skip_layer_norm"
 

@@ -71,6 +71,9 @@ class SimplifyShapes(Pass):
     """Drop or merge layout ops that static shapes make trivial (see the module docstring)."""
 
     name = "simplify-shapes"
+    requires = ("static_shapes",)
+    produces = ("shapes_simplified",)
+    invalidates = ("no_dead_nodes",)
 
     def run(self, graph: Graph) -> PassResult:
         graph.infer_shapes_if_missing((n.outputs[0] for n in graph.nodes if n.op in _OPS and n.outputs), self.name)

@@ -7,6 +7,10 @@ model.compile(target="cpu", prefill_seq_len=32, ctx_len=128, batch_size=1)
 out = model.generate(prompts=["Hi there!!"], tokenizer=tok, max_new_tokens=32)
 ```
 
+Options left out take their defaults (:mod:`qgraph.pipeline.options`), resolved
+once against the model's config: ``model.options(...)`` resolves and checks
+them without doing anything slow, and ``compile(options=...)`` takes the result.
+
 Exports and artifacts are cached under ``QGRAPH_HOME`` (default
 ``~/.cache/qgraph``). A cache key hashes the model's config and weights, the
 pipeline, the options and qgraph's own code, so a changed weight or a changed
@@ -23,12 +27,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qgraph.errors import QGraphError
 from qgraph.frontend.families import ModelSpec, spec_of
+from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +65,6 @@ def weights_digest(folder: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def check_generate_options(*, max_new_tokens: int | None = None, prefill_seq_len: int | None = None, ctx_len: int | None = None,
-                           batch_size: int | None = None) -> None:  # fmt: skip
-    """Raise :class:`GenerationError` for numbers that cannot work, before anything slow runs."""
-    from qgraph.runtime import GenerationError
-
-    for what, flag, value in (("max_new_tokens", "--max-new-tokens", max_new_tokens), ("the prefill length", "--prefill-seq-len", prefill_seq_len),
-                              ("ctx_len", "--ctx-len", ctx_len), ("the batch size", "--batch-size", batch_size)):  # fmt: skip
-        if value is not None and value < 1:
-            raise GenerationError(f"{what} must be at least 1, got {value}; pass {flag} 1 or more")
-    if prefill_seq_len is not None and ctx_len is not None and prefill_seq_len > ctx_len:
-        raise GenerationError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use a prefill length <= {ctx_len}")
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], ctx_len: int) -> None:
-    """Raise :class:`GenerationError` for an empty prompt or one that leaves no room in ``ctx_len``."""
-    from qgraph.runtime import GenerationError
-
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise GenerationError(f"prompt {i} is empty; give some text (or token ids) to continue")
-        if len(p) >= ctx_len:
-            raise GenerationError(
-                f"prompt {i} has {len(p)} tokens, which leaves no room to generate in ctx_len {ctx_len}; "
-                f"shorten it or compile with ctx_len {len(p) + 1} or more"
-            )
 
 
 def cache_key(*parts: Any) -> str:
@@ -127,7 +104,8 @@ class AutoModelForCausalLM:
         self._config: Any = None
         self._spec: ModelSpec | None = None
         self._digest: str | None = None
-        self._ctx_len: int | None = None
+        #: The options of the last compile (None before one).
+        self._options: Options | None = None
 
     @classmethod
     def from_pretrained(
@@ -194,46 +172,65 @@ class AutoModelForCausalLM:
         self.onnx_path = path
         return path
 
+    def options(
+        self,
+        target: str = "cpu",
+        *,
+        prefill_seq_len: int | None = None,
+        ctx_len: int | None = None,
+        batch_size: int | None = None,
+        **target_options: Any,
+    ) -> Options:
+        """The compile options asked for (None: the default), resolved against this model and checked;
+        nothing slow runs (the config is read, nothing is exported)."""
+        from qgraph.targets import get_target
+
+        impl = get_target(target)
+        return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
+                               target=impl, max_positions=self.spec.max_positions)  # fmt: skip
+
     def compile(
         self,
         target: str = "cpu",
         *,
-        prefill_seq_len: int = 32,
-        ctx_len: int = 128,
-        batch_size: int = 1,
+        prefill_seq_len: int | None = None,
+        ctx_len: int | None = None,
+        batch_size: int | None = None,
         artifacts: str | Path | None = None,
         dry_run: bool = False,
+        options: Options | None = None,
         **target_options: Any,
     ) -> Path:
-        """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory."""
-        from qgraph.compile import compile_model
-        from qgraph.pipeline.optimize import DEFAULT_PIPELINE
+        """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory.
+
+        ``options``: already resolved by :meth:`options` (then give no numbers or target options here).
+        """
+        from qgraph.compile import compile_artifact
+        from qgraph.pipeline.registry import check_order
+        from qgraph.pipeline.stages import compile_pipeline
         from qgraph.targets import get_target
 
-        # Everything that can be checked before the (slow) export is.
-        check_generate_options(prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size)
-        get_target(target).check_options(dict(target_options))
-        n_pos = self.spec.max_positions
-        if ctx_len > n_pos:
-            raise QGraphError(f"ctx_len {ctx_len} is larger than the model's maximum length {n_pos}; use --ctx-len {n_pos} or less")
-        if prefill_seq_len > ctx_len:
-            raise QGraphError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use a prefill length <= {ctx_len}")
+        if options is not None and (target_options or {prefill_seq_len, ctx_len, batch_size} != {None}):
+            raise TypeError("compile() takes resolved options or the numbers and target options to resolve, not both")
+        # Everything that can be checked before the (slow) export is: the options, and the order of every pass.
+        opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size, **target_options)
+        rewrite, specialize = compile_pipeline(get_target(target), rewrite=True)
+        check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len))
         onnx_path = self.onnx_path or self.export()
-        opts = dict(target_options)
-        args = dict(prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size, options=opts, dry_run=dry_run)
         if artifacts is not None:
             out = Path(artifacts)
-            compile_model(onnx_path, target, out, progress=self.progress, **args)  # type: ignore[arg-type]
+            compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress)
         else:
-            key = cache_key("compile", self._model_digest(), str(onnx_path), target, args, DEFAULT_PIPELINE, code_digest())
+            key = cache_key("compile", self._model_digest(), str(onnx_path), target, opts.to_dict(), dry_run, rewrite, specialize,
+                            code_digest())  # fmt: skip
             out = qgraph_home() / "artifacts" / key
             with locked(out.with_suffix(".lock")):
                 if (out / "manifest.json").is_file():
                     self._say(f"using the cached artifact {out}")
                 else:
-                    compile_model(onnx_path, target, out, progress=self.progress, **args)  # type: ignore[arg-type]
+                    compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress)
         self.artifact_dir = out
-        self._ctx_len = ctx_len
+        self._options = opts
         self._runtime = None
         return out
 
@@ -253,7 +250,7 @@ class AutoModelForCausalLM:
         tokenizer: Any = None,
         *,
         input_ids: Sequence[Sequence[int]] | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         streamer: Callable[[int, int], None] | None = None,
         **sampling: Any,
     ) -> GenerateResult:
@@ -262,10 +259,9 @@ class AutoModelForCausalLM:
 
         if (prompts is None) == (input_ids is None):
             raise GenerationError("give either prompts (with a tokenizer) or input_ids")
-        check_generate_options(max_new_tokens=max_new_tokens)
+        check_at_least_one("max_new_tokens", max_new_tokens)
         if prompts is not None:
-            if any(not p for p in prompts):
-                raise GenerationError("a prompt is empty; give some text to continue")
+            check_prompts(prompts, None)
             if tokenizer is None:
                 from qgraph.frontend.hf import load_tokenizer
 
@@ -275,7 +271,11 @@ class AutoModelForCausalLM:
             ids = [list(map(int, row)) for row in input_ids]  # type: ignore[union-attr]
         if not ids:
             raise GenerationError("no prompts given")
-        check_prompts(ids, self._ctx_len or 128)
+        # Before the (slow) compile that generating may start: the options it compiles with.
+        opts = self._options or self.options()
+        check_prompts(ids, opts.ctx_len)
+        if self.artifact_dir is None:
+            self.compile(options=opts)
         out = self.runtime.generate(
             ids, max_new_tokens=max_new_tokens, eos_token_id=self.spec.eos_token_ids, sampling=Sampling(**sampling), streamer=streamer
         )

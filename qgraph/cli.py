@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from qgraph.errors import QGraphError
+from qgraph.pipeline.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CTX_LEN,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PREFILL_SEQ_LEN,
+    check_at_least_one,
+    check_prompts,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +69,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from qgraph.pipeline.optimize import optimize
 
     if (args.batch_size is None) != (args.seq_len is None):
-        from qgraph.errors import QGraphError
-
         raise QGraphError("give both --batch-size and --seq-len to pin shapes, or neither")
     graph = Graph.load(args.input)
     _progress(f"loaded {args.input} ({graph.node_count()} nodes, weights {human_bytes(graph.weights_nbytes())})")
@@ -99,18 +105,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from qgraph.api import AutoModelForCausalLM, check_generate_options, check_prompts
-    from qgraph.errors import QGraphError
+    from qgraph.api import AutoModelForCausalLM
+    from qgraph.runtime import Sampling
 
     if args.prompt and args.input_ids:
         raise QGraphError("give either text prompts or --input-ids, not both")
     if not args.prompt and not args.input_ids:
         raise QGraphError('give a prompt (qgraph generate "Hi there!!") or --input-ids 1,2,3')
-    # Bad arguments fail here, before the (slow) export and compile.
-    check_generate_options(max_new_tokens=args.max_new_tokens, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
-                           batch_size=args.batch_size)  # fmt: skip
-    from qgraph.runtime import Sampling
-
+    # Bad arguments fail before the (slow) export and compile: these first, the options once the model's config is read.
+    check_at_least_one("max_new_tokens", args.max_new_tokens)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     Sampling(**sampling).check()
     input_ids = None
@@ -119,19 +122,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             input_ids = [[int(x) for x in row.split(",") if x.strip()] for row in args.input_ids]
         except ValueError:
             raise QGraphError("--input-ids takes comma-separated integers, e.g. --input-ids 15496,612") from None
-        check_prompts(input_ids, args.ctx_len)
-    elif any(not p for p in args.prompt):
-        check_prompts([[] for _ in args.prompt], args.ctx_len)  # names the empty prompt
+    check_prompts(input_ids or args.prompt, None)  # names an empty prompt
     model = AutoModelForCausalLM.from_pretrained(args.model, progress=_progress)
-    model.config  # noqa: B018 (a missing or unsupported model fails here, before any work)
+    # A missing or unsupported model fails here too (its config is read), before any work.
+    opts = model.options(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                         **_target_options(args))  # fmt: skip
     tokenizer = None
+    ids = input_ids or []
     if args.prompt:
         from qgraph.frontend.hf import load_tokenizer
 
         tokenizer = load_tokenizer(model.source)
-        check_prompts([tokenizer(p)["input_ids"] for p in args.prompt], args.ctx_len)
-    model.compile(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                  artifacts=args.artifacts, **_target_options(args))  # fmt: skip
+        ids = [tokenizer(p)["input_ids"] for p in args.prompt]
+    check_prompts(ids, opts.ctx_len)
+    model.compile(args.target, artifacts=args.artifacts, options=opts)
     streamer = None
     n_rows = len(args.prompt or input_ids or [])
     if tokenizer is not None and n_rows == 1 and not args.json:
@@ -189,6 +193,11 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dtype", choices=("float16", "float32"), default=None, help="qaic: KV cache precision on the device")
 
 
+CTX_HELP = f"tokens the KV cache holds (default {DEFAULT_CTX_LEN}, or the model's maximum if smaller)"
+PREFILL_HELP = f"tokens of a prompt chunk, the prefill specialization's width (default {DEFAULT_PREFILL_SEQ_LEN})"
+BATCH_HELP = f"rows run together (default {DEFAULT_BATCH_SIZE})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qgraph", description="A graph-rewriting compiler for ONNX causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -205,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="rewrite an ONNX graph with the pass pipeline")
     p.add_argument("input", type=Path, help="ONNX file (a raw export, or any GPT-2-like graph)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX file")
-    p.add_argument("--ctx-len", type=int, default=None, help="KV cache length (default 128, or the model's maximum if smaller)")
+    p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="pin the batch size (with --seq-len)")
     p.add_argument("--seq-len", type=int, default=None, help="pin the sequence length (with --batch-size)")
     p.add_argument("--passes", default=None, help="comma-separated pass names (default: the default pipeline)")
@@ -217,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="ONNX file: a raw export or an optimized (retained-state) graph")
     p.add_argument("--target", choices=("cpu", "qnn", "qaic"), required=True)
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory")
-    p.add_argument("--prefill-seq-len", type=int, default=32, help="prefill specialization length P (default 32)")
-    p.add_argument("--ctx-len", type=int, default=None, help="KV cache length (default 128, or the model's maximum)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prefill-seq-len", type=int, default=None, help=PREFILL_HELP)
+    p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--dry-run", action="store_true", help="qaic: write the compiler's inputs and print its command")
     _add_target_options(p)
     p.set_defaults(func=cmd_compile)
@@ -229,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
     p.add_argument("--input-ids", action="append", default=None, help="a prompt as token ids, e.g. 1,2,3 (repeatable)")
     p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--ctx-len", type=int, default=128)
-    p.add_argument("--prefill-seq-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens to add to each prompt (default %(default)s)")
+    p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
+    p.add_argument("--prefill-seq-len", type=int, default=None, help=PREFILL_HELP)
+    p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--artifacts", type=Path, default=None, help="keep the artifact directory here (default: the cache)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0)

@@ -1,14 +1,18 @@
 """``qgraph compile``: one pinned graph per specialization, built for a target.
 
-A compile takes an optimized graph (or a raw export, which it optimizes first),
-pins one graph per specialization (prefill: seq_len = P; decode: seq_len = 1),
-applies the target's legalization passes, hands each graph to the target's
-compiler, and writes an artifact directory:
+A compile takes an optimized graph (or a raw export, which it rewrites first
+with the declared pipeline's rewrite stage), gives each specialization
+(prefill: prefill_seq_len tokens; decode: one) its own copy, runs the declared
+specialization stage on it with the target's slots filled
+(:mod:`qgraph.pipeline.stages`), hands each graph to the target's compiler,
+and writes an artifact directory. The order of every pass is checked before
+any of them runs.
 
-* ``manifest.json``: qgraph version, target and options, specializations with
-  their files and shapes, the IO contract, the pass reports, content hashes,
-  and ``prefill_positions``: ``"consecutive"`` where the prefill graph takes
-  the runtime's chunks only (``fuse-decode-attention`` rewrote it: in each row,
+* ``manifest.json`` (:mod:`qgraph.artifact.manifest`): qgraph version, target,
+  the resolved options, specializations with their files, the IO contract,
+  the pass reports, content hashes, and ``prefill_positions``:
+  ``"consecutive"`` where the prefill graph takes the runtime's chunks only
+  (``fuse-decode-attention`` reported it rewrote a chunk: in each row,
   consecutive positions from the chunk's first token, padding -1 only after
   them, and the first position + prefill_seq_len <= ctx_len), else ``"any"``;
 * the compiled graph of each specialization;
@@ -29,32 +33,27 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
-from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, sha256_file
-from qgraph.errors import QGraphError
+from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, sha256_file, specializations
+from qgraph.errors import CompileError
 from qgraph.ir.graph import Graph, remove_model_files
-from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE
-from qgraph.pipeline.optimize import optimize
+from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
+from qgraph.pipeline.optimize import graph_max_positions, run_passes
+from qgraph.pipeline.options import Options
+from qgraph.pipeline.registry import check_order
+from qgraph.pipeline.stages import compile_pipeline
 from qgraph.targets import get_target
 from qgraph.version import __version__
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-class CompileError(QGraphError):
-    """A compile could not be done with these inputs or options."""
-
-
-def is_retained(graph: Graph) -> bool:
-    """True if the graph already follows the retained-state contract."""
-    return any(t.name.endswith("_RetainedState") for t in graph.outputs)
 
 
 def io_contract(graph: Graph) -> dict[str, Any]:
@@ -64,21 +63,13 @@ def io_contract(graph: Graph) -> dict[str, Any]:
     return {"inputs": [desc(t) for t in graph.inputs], "outputs": [desc(t) for t in graph.outputs]}
 
 
-def model_info(graph: Graph) -> dict[str, Any]:
-    """Layers, heads, head size, vocabulary and dtype, read off a retained-state graph."""
-    kv = [t for t in graph.inputs if t.name.startswith("past_key.")]
-    if not kv or kv[0].shape is None:
-        raise CompileError("the graph has no past_key.{i} inputs; it does not follow the retained-state contract")
-    shape = list(kv[0].shape)
-    logits = next((t for t in graph.outputs if t.name == "logits"), None)
-    return {
-        "n_layer": len(kv),
-        "n_head": shape[1],
-        "head_dim": shape[3],
-        "ctx_len": shape[2],
-        "vocab_size": logits.shape[-1] if logits is not None and logits.shape else None,
-        "dtype": str(np.dtype(kv[0].dtype or np.float32)),
-    }
+def retained_cache_len(graph: Graph) -> int | None:
+    """The cache length an already retained graph fixes (its past_key inputs' third dim), else None."""
+    if KV_RETAINED not in observe(graph):
+        return None
+    kv = next((t for t in graph.inputs if t.name.startswith("past_key.")), None)
+    shape = list(kv.shape or []) if kv is not None else []
+    return int(shape[2]) if len(shape) == 4 and isinstance(shape[2], int) else None
 
 
 def _say(progress: Progress | None, msg: str) -> None:
@@ -92,36 +83,50 @@ def compile_model(
     target: str,
     out_dir: str | Path,
     *,
-    prefill_seq_len: int = 32,
+    prefill_seq_len: int | None = None,
     ctx_len: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     options: dict[str, Any] | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Compile ``source`` for ``target`` into ``out_dir``; returns the directory."""
+    """Compile ``source`` for ``target`` into ``out_dir``; returns the directory.
+
+    The numbers are those asked for (None: the default) and ``options`` the
+    target's; they are resolved once against the graph (:meth:`Options.resolve`:
+    its position table caps the default ctx_len, and an already retained
+    graph's cache length is its default ctx_len).
+    """
     impl = get_target(target)
-    options = impl.check_options(dict(options or {}))
-    if batch_size < 1:
-        raise CompileError(f"batch size must be at least 1, got {batch_size}")
-    if prefill_seq_len < 1:
-        raise CompileError(f"prefill length must be at least 1, got {prefill_seq_len}")
+    graph = source if isinstance(source, Graph) else Graph.load(source)
+    opts = Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=options, target=impl,
+                           max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph))  # fmt: skip
+    return compile_artifact(graph, target, out_dir, opts, dry_run=dry_run, progress=progress)
+
+
+def compile_artifact(
+    source: str | Path | Graph, target: str, out_dir: str | Path, opts: Options, *, dry_run: bool = False, progress: Progress | None = None
+) -> Path:
+    """Compile ``source`` for ``target`` into ``out_dir`` with ``opts`` resolved for this model; returns the directory."""
+    impl = get_target(target)
     start = time.perf_counter()
     graph = source if isinstance(source, Graph) else Graph.load(source)
+    facts = observe(graph)
+    cache_len = retained_cache_len(graph)
+    if cache_len is not None:
+        opts.check_cache_len(cache_len)
+    rewrite, specialize = compile_pipeline(impl, rewrite=KV_RETAINED not in facts)
+    # Every pass of the compile, in order, before any runs (a specialization's pin width does not change the order).
+    check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len), facts)
     reports: dict[str, Any] = {}
-    if not is_retained(graph):
+    if rewrite:
         _say(progress, f"optimizing ({graph.node_count()} nodes)")
-        report = optimize(graph, ctx_len=ctx_len)
+        report = run_passes(graph, rewrite, opts, initial_facts=facts)
         reports["optimize"] = report.to_dict()
-    info = model_info(graph)
-    graph_ctx = info["ctx_len"]
-    if ctx_len is not None and ctx_len != graph_ctx:
-        raise CompileError(
-            f"the graph's cache holds {graph_ctx} tokens but ctx_len {ctx_len} was asked; re-optimize with --ctx-len {ctx_len}"
-        )
-    ctx_len = int(graph_ctx)
-    if prefill_seq_len > ctx_len:
-        raise CompileError(f"the prefill length {prefill_seq_len} is larger than ctx_len {ctx_len}; use --prefill-seq-len <= {ctx_len}")
+        facts = set(report.facts)
+    if not any(t.name.startswith("past_key.") for t in graph.inputs):
+        raise CompileError("the graph has no past_key.{i} inputs; it does not follow the retained-state contract")
+    io = io_contract(graph)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
@@ -132,31 +137,26 @@ def compile_model(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
         base = tmp / "optimized.onnx"
         graph.save(base, external=True)
-        specs = [Specialization("prefill", batch_size, prefill_seq_len, ctx_len), Specialization("decode", batch_size, 1, ctx_len)]
+        specs = specializations(opts)
         chunked = False
         for spec in specs:
-            _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {ctx_len})")
+            _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {spec.ctx_len})")
             g = Graph.load(base)
-            report = optimize(g, ["pin-static-shapes", "cleanup", *impl.legalize_passes(options), "simplify-shapes",
-                                  *impl.final_passes(options), "cleanup"],
-                              ctx_len=ctx_len, batch_size=spec.batch_size, seq_len=spec.seq_len)  # fmt: skip
+            report = run_passes(g, specialize, replace(opts, seq_len=spec.seq_len), initial_facts=facts)
             reports[spec.name] = report.to_dict()
             chunked = chunked or PREFILL_CHUNKS_CONSECUTIVE in report.facts
             _say(progress, f"compiling {spec.name} for {target}")
-            impl.compile_spec(g, tmp, spec, options, dry_run=dry_run)
-        extra = impl.finish(tmp, base, specs, options, dry_run=dry_run, progress=progress) or {}
+            impl.compile_spec(g, tmp, spec, dict(opts.target_options), dry_run=dry_run)
+        extra = impl.finish(tmp, base, specs, dict(opts.target_options), dry_run=dry_run, progress=progress) or {}
         if not impl.keeps_base:
             remove_model_files(base)
         manifest = Manifest(
             qgraph_version=__version__,
             target=target,
-            target_options=options,
-            batch_size=batch_size,
-            ctx_len=ctx_len,
-            prefill_seq_len=prefill_seq_len,
+            options=opts,
             specializations=specs,
-            io=io_contract(graph),
-            model=info,
+            io=io,
+            model=model_info(io),
             pass_reports=reports,
             fed_weights=extra.get("fed_weights", {}),
             prefill_positions="consecutive" if chunked else "any",
@@ -169,3 +169,6 @@ def compile_model(
         raise
     _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return out
+
+
+__all__ = ["CompileError", "compile_artifact", "compile_model", "io_contract", "retained_cache_len"]

@@ -65,5 +65,23 @@ class PlacementError(QGraphError):
         self.nodes: list[tuple[str, str]] = list(nodes or [])
 
 
+class CompileError(QGraphError):
+    """A compile could not be done with these inputs or options."""
+
+
+class GenerationError(QGraphError):
+    """generate() was called with arguments it cannot honour."""
+
+
+class OptionError(CompileError, GenerationError):
+    """An option (ctx_len, prefill_seq_len, batch_size, seq_len, max_new_tokens) is out of range or does not fit the model.
+
+    The options are checked once, by whichever entry point resolves them
+    (optimize, compile, the API's compile and generate, the CLI); the error is a
+    :class:`CompileError` and a :class:`GenerationError` so that callers that
+    catch the error their entry point raised before keep catching it.
+    """
+
+
 class InvalidModelError(ModelLoadError):
     """An ONNX model is malformed (no graph, a cycle, a dangling input, absurd shapes, bad data)."""

@@ -75,3 +75,23 @@ def test_artifacts_dir_and_errors(tmp_path: Path, home: Path) -> None:
     assert out == tmp_path / "mine" and (out / "manifest.json").is_file()
     with pytest.raises(QGraphError, match="either prompts"):
         model.generate()
+
+
+def test_options_are_resolved_against_the_config_before_anything_slow(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qgraph.errors import PassOrderError
+    from qgraph.targets.cpu import CpuTarget
+
+    folder = tmp_path / "model"
+    random_gpt2(folder, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=48)
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    opts = model.options()  # the config's 48 positions cap the default ctx_len
+    assert (opts.ctx_len, opts.prefill_seq_len, opts.batch_size) == (48, 32, 1)
+    assert opts.target_options == CpuTarget.defaults
+    assert model.options(ctx_len=16).prefill_seq_len == 16
+    with pytest.raises(TypeError, match="not both"):
+        model.compile(options=opts, ctx_len=16)
+    # The order of every pass of the compile is checked before the export.
+    monkeypatch.setattr(CpuTarget, "slots", {"legalize": ("fuse-decode-attention", "fuse-attention")})
+    with pytest.raises(PassOrderError, match="'fuse-decode-attention' requires 'attention_fused'"):
+        model.compile(options=opts)
+    assert not home.exists()

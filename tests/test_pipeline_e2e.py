@@ -20,6 +20,7 @@ from helpers import random_gpt2
 from qgraph.ir.contract import CacheSpec, teacher_forced_logits
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.optimize import optimize
+from qgraph.pipeline.stages import SPECIALIZE, expand
 from qgraph.targets import get_target
 
 torch = pytest.importorskip("torch")
@@ -166,15 +167,16 @@ def test_pinned_prefill_and_decode_match_hugging_face(sources: dict[str, tuple[P
 
 
 def _cpu_pinned(path: Path, batch: int, extra: tuple[str, ...] = ()) -> dict[str, tuple[Graph, Any]]:
-    """Prefill and decode pinned at ``batch``, then the cpu target's pinned passes (``extra`` after simplify-shapes):
-    kind -> (graph, report)."""
-    cpu = get_target("cpu")
+    """Prefill and decode at ``batch`` through the declared pipeline: the rewrite, then the specialization stage
+    with the cpu target's slots filled (``extra`` after simplify-shapes): kind -> (graph, report)."""
+    specialize = expand(SPECIALIZE, get_target("cpu"))
+    at = specialize.index("simplify-shapes") + 1
+    passes = [*specialize[:at], *extra, *specialize[at:]]
     out = {}
     for kind, seq in (("prefill", PREFILL), ("decode", 1)):
         g = Graph.load(path)
-        optimize(g, ctx_len=CTX, batch_size=batch, seq_len=seq)
-        passes = [*cpu.legalize_passes({}), "simplify-shapes", *extra, *cpu.final_passes({}), "cleanup"]
-        out[kind] = (g, optimize(g, passes, check=True))
+        optimize(g, ctx_len=CTX)
+        out[kind] = (g, optimize(g, passes, ctx_len=CTX, batch_size=batch, seq_len=seq, check=True))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import onnx
 import pytest
 from helpers import random_gpt2
 
-from qgraph.artifact.manifest import Manifest
+from qgraph.artifact.manifest import ArtifactError, Manifest
 from qgraph.compile import CompileError, compile_model
 from qgraph.runtime import GenerationError, Runtime, Sampling
 
@@ -21,6 +22,7 @@ torch = pytest.importorskip("torch")
 
 PREFILL = 8
 CTX = 48
+FORMAT_1 = Path(__file__).parent / "data" / "format-1-manifest.json"
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +227,57 @@ def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:
 def test_manifest_is_json(artifact: Path) -> None:
     data = json.loads((artifact / "manifest.json").read_text())
     assert data["prefill_positions"] == "any"  # batch 2: the prefill keeps the general graph, any positions
+
+
+def _keys(x: Any, skip: tuple[str, ...] = ("pass_reports", "io")) -> list[str]:
+    """Every key of a JSON value, nested ones too, except under ``skip`` (the passes' own stats, the IO contract's shapes)."""
+    out: list[str] = []
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if k not in skip:
+                out += [k, *_keys(v, skip)]
+    elif isinstance(x, list):
+        for v in x:
+            out += _keys(v, skip)
+    return out
+
+
+def test_the_manifest_records_each_value_once(artifact: Path) -> None:
+    data = json.loads((artifact / "manifest.json").read_text())
+    assert data["format"] == 2
+    assert data["options"] == {"ctx_len": CTX, "prefill_seq_len": PREFILL, "batch_size": 2,
+                               "target_options": {"threads": None, "feed_min_bytes": 32 << 20}}  # fmt: skip
+    keys = _keys(data)
+    for name in ("ctx_len", "prefill_seq_len", "batch_size", "target_options"):
+        assert keys.count(name) == 1, f"{name} is recorded {keys.count(name)} times"
+    assert "seq_len" not in keys  # a specialization's width follows from the options
+    assert data["specializations"] == [{"name": "prefill", "file": "prefill.onnx", "extra_files": []},
+                                       {"name": "decode", "file": "decode.onnx", "extra_files": []}]  # fmt: skip
+    assert data["model"] == {"num_layers": 2, "num_kv_heads": 3, "head_dim": 8, "vocab_size": 211, "dtype": "float32"}
+    m = Manifest.load(artifact)
+    assert [(s.name, s.batch_size, s.seq_len, s.ctx_len) for s in m.specializations] == [
+        ("prefill", 2, PREFILL, CTX),
+        ("decode", 2, 1, CTX),
+    ]
+    assert Runtime(artifact).options == m.options
+
+
+def test_an_artifact_compiled_in_format_1_still_opens(artifact: Path, tmp_path: Path) -> None:
+    """tests/data/format-1-manifest.json is the manifest the code before format 2 wrote when it compiled this
+    very model with these options; beside this compile's files it reads as this compile's manifest does, and
+    the runtime generates the same tokens from it (tools/ab_decode.py compares such artifacts)."""
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    shutil.copy(FORMAT_1, old / "manifest.json")
+    assert json.loads(FORMAT_1.read_text())["format"] == 1
+    now, before = Manifest.load(artifact), Manifest.load(old)
+    assert before.options == now.options and before.model == now.model and before.io == now.io
+    assert before.prefill_positions == now.prefill_positions and before.fed_weights == now.fed_weights == {}
+    shape = [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in now.specializations]
+    assert [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in before.specializations] == shape
+    rt = Runtime(old)
+    assert (rt.batch_size, rt.prefill_seq_len, rt.prefill_len, rt.ctx_len) == (2, PREFILL, PREFILL, CTX)
+    assert rt.generate(PROMPTS, max_new_tokens=6).tokens == Runtime(artifact).generate(PROMPTS, max_new_tokens=6).tokens
+    (old / "manifest.json").write_text(json.dumps({**json.loads(FORMAT_1.read_text()), "format": 3}))
+    with pytest.raises(ArtifactError, match="has format 3, this qgraph reads 2 \\(and converts 1\\); recompile the artifact"):
+        Manifest.load(old)

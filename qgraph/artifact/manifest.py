@@ -1,24 +1,37 @@
 """The artifact directory's manifest: what a compile wrote, and how to read it back.
 
-``manifest.json`` holds the qgraph version, the target and its options, the
-specializations with their files and shapes, the IO contract, the pass reports,
-content hashes, the weights the runtime binds (``fed_weights``) and
-``prefill_positions`` (see :mod:`qgraph.compile`).
+``manifest.json`` (format 2) holds each value once: the qgraph version, the
+target, the resolved ``options`` (ctx_len, prefill_seq_len, batch_size, the
+target's options), the specializations with their files (their shapes follow
+from the options: prefill takes prefill_seq_len tokens, decode one), the IO
+contract, the model's shape in :class:`~qgraph.frontend.families.ModelSpec`'s
+names, the pass reports, content hashes, the weights the runtime binds
+(``fed_weights``) and ``prefill_positions`` (see :mod:`qgraph.compile`).
+
+Format 1 (qgraph before format 2) recorded batch_size and ctx_len at the top,
+again in every specialization and in ``model``, and named the model's shape
+after GPT-2's config; it is converted on load, so artifacts compiled before
+still open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qgraph.errors import QGraphError
+from qgraph.pipeline.options import Options
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.data"
-FORMAT_VERSION = 1
+#: The format this qgraph writes.
+FORMAT_VERSION = 2
+#: The options format 1 kept at its top level (format 2 keeps them in ``options``).
+_FORMAT_1_OPTIONS = ("ctx_len", "prefill_seq_len", "batch_size", "target_options")
 
 
 class ArtifactError(QGraphError):
@@ -27,6 +40,8 @@ class ArtifactError(QGraphError):
 
 @dataclass
 class Specialization:
+    """One compiled graph of an artifact: its shape and, once compiled, its files."""
+
     name: str
     batch_size: int
     seq_len: int
@@ -35,16 +50,36 @@ class Specialization:
     extra_files: list[str] = field(default_factory=list)
 
 
+def specializations(opts: Options) -> list[Specialization]:
+    """The specializations a compile pins: a prompt chunk (prefill_seq_len tokens), then one token (decode)."""
+    return [
+        Specialization(name, opts.batch_size, seq_len, opts.ctx_len) for name, seq_len in (("prefill", opts.prefill_seq_len), ("decode", 1))
+    ]
+
+
+def model_info(io: Mapping[str, Any]) -> dict[str, Any]:
+    """Layers, KV heads, head size, vocabulary and dtype (ModelSpec's names), read off an IO contract (``Manifest.io``)."""
+    kv = [d for d in io["inputs"] if d["name"].startswith("past_key.")]
+    if not kv or len(kv[0]["shape"]) != 4:
+        raise ArtifactError("the IO contract has no [batch, heads, ctx_len, head_dim] past_key.{i} inputs")
+    logits = next((d for d in io["outputs"] if d["name"] == "logits"), None)
+    shape = kv[0]["shape"]
+    return {
+        "num_layers": len(kv),
+        "num_kv_heads": shape[1],
+        "head_dim": shape[3],
+        "vocab_size": logits["shape"][-1] if logits is not None and logits["shape"] else None,
+        "dtype": kv[0]["dtype"] or "float32",
+    }
+
+
 @dataclass
 class Manifest:
     """What ``manifest.json`` holds (see the module docstring)."""
 
     qgraph_version: str
     target: str
-    target_options: dict[str, Any]
-    batch_size: int
-    ctx_len: int
-    prefill_seq_len: int
+    options: Options
     specializations: list[Specialization]
     io: dict[str, Any]
     model: dict[str, Any]
@@ -56,14 +91,63 @@ class Manifest:
     #: "consecutive" if the prefill graph takes the runtime's chunks only (see the module docstring), else "any".
     prefill_positions: str = "any"
 
+    # The options, read through the manifest (recorded once, in ``options``).
+    @property
+    def ctx_len(self) -> int:
+        return self.options.ctx_len
+
+    @property
+    def prefill_seq_len(self) -> int:
+        return self.options.prefill_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
+
+    @property
+    def target_options(self) -> dict[str, Any]:
+        return dict(self.options.target_options)
+
     def spec(self, name: str) -> Specialization:
         for s in self.specializations:
             if s.name == name:
                 return s
         raise KeyError(name)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "qgraph_version": self.qgraph_version,
+            "target": self.target,
+            "options": self.options.to_dict(),
+            "specializations": [{"name": s.name, "file": s.file, "extra_files": list(s.extra_files)} for s in self.specializations],
+            "io": self.io,
+            "model": self.model,
+            "pass_reports": self.pass_reports,
+            "hashes": self.hashes,
+            "fed_weights": self.fed_weights,
+            "prefill_positions": self.prefill_positions,
+        }
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """A manifest of format 2, or of format 1 converted."""
+        if data.get("format") == 1:
+            data = from_format_1(data)
+        options = Options.from_dict(data["options"])
+        shapes = {s.name: s for s in specializations(options)}
+        specs = []
+        for entry in data["specializations"]:
+            spec = shapes[entry["name"]]
+            spec.file, spec.extra_files = str(entry["file"]), list(entry.get("extra_files", []))
+            specs.append(spec)
+        return cls(qgraph_version=data["qgraph_version"], target=data["target"], options=options, specializations=specs,
+                   io=data["io"], model=data["model"], pass_reports=data["pass_reports"], hashes=data.get("hashes", {}),
+                   format=data["format"], fed_weights=data.get("fed_weights", {}),
+                   prefill_positions=data.get("prefill_positions", "any"))  # fmt: skip
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> Manifest:
@@ -72,13 +156,26 @@ class Manifest:
             raise ArtifactError(f"{artifact_dir} is not a qgraph artifact directory (no {MANIFEST}); run qgraph compile first")
         try:
             data = json.loads(path.read_text())
-            data["specializations"] = [Specialization(**s) for s in data["specializations"]]
-            manifest = cls(**data)
-        except (ValueError, TypeError, KeyError) as e:
+            if data.get("format") not in (1, FORMAT_VERSION):
+                raise ArtifactError(
+                    f"{path} has format {data.get('format')}, this qgraph reads {FORMAT_VERSION} (and converts 1); recompile the artifact"
+                )
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ArtifactError(f"{path} is not a valid manifest ({e}); recompile the artifact") from None
-        if manifest.format != FORMAT_VERSION:
-            raise ArtifactError(f"{path} has format {manifest.format}, this qgraph reads {FORMAT_VERSION}; recompile the artifact")
-        return manifest
+
+
+def from_format_1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest in format 2's layout: the options gathered into ``options``, the specializations'
+    copies of them dropped, and the model info read again off the IO contract under ModelSpec's names."""
+    out = {k: v for k, v in data.items() if k not in _FORMAT_1_OPTIONS}
+    out["format"] = FORMAT_VERSION
+    out["options"] = {k: data[k] for k in _FORMAT_1_OPTIONS}
+    out["specializations"] = [
+        {"name": s["name"], "file": s["file"], "extra_files": s.get("extra_files", [])} for s in data["specializations"]
+    ]
+    out["model"] = model_info(data["io"])
+    return out
 
 
 def sha256_file(path: Path) -> str:

@@ -1,19 +1,25 @@
-"""One weights file shared by several graphs.
+"""One weights file shared by several graphs, and the weights the runtime binds itself.
 
 Each specialization of a compile is saved with its own external weights; the
 weights are the same tensors, so they are moved into one file, keyed by their
 content, and every graph is pointed at it. Tensors are copied one at a time.
+Large MatMul weights may be left to the runtime (``fed_weights``), which reads
+them back with :func:`read_fed_weights`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
+from qgraph.artifact.manifest import ArtifactError
 from qgraph.ir.graph import copy_range
 from qgraph.ir.validate import resolve_external_path
 
@@ -107,3 +113,28 @@ def feed_large_weights(folder: Path, models: list[Path], min_bytes: int) -> dict
         if changed:
             onnx.save(proto, str(m))
     return fed
+
+
+def read_fed_weights(folder: Path, fed: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The weights an artifact leaves to the runtime (``Manifest.fed_weights``), by name.
+
+    Names that share a byte range share one array. A file that is missing or
+    ends early raises :class:`ArtifactError` naming the weight.
+    """
+    arrays: dict[tuple[str, int, int], np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
+    for name, w in fed.items():
+        key = (str(w["file"]), int(w["offset"]), int(w["length"]))
+        if key not in arrays:
+            path = resolve_external_path(folder, key[0], name)  # stays inside the artifact
+            dtype = np.dtype(w["dtype"])
+            count = key[2] // dtype.itemsize
+            try:
+                values = np.fromfile(path, dtype=dtype, count=count, offset=key[1])
+            except OSError as e:
+                raise ArtifactError(f"cannot read weight '{name}' from {path}: {e}; recompile the artifact") from None
+            if values.size != count:
+                raise ArtifactError(f"{path} ends before weight '{name}' ({values.size} of {count} values); recompile the artifact")
+            arrays[key] = values.reshape(w["shape"])
+        out[name] = arrays[key]
+    return out

@@ -1,1 +1,1 @@
-"""Passes in order: the pass protocol and manager, the registry, the declared pipeline, its options."""
+"""Passes in order: the pass protocol and manager, the facts passes declare, the registry, the declared pipeline (stages), the options, and optimize()."""

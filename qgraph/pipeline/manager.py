@@ -38,8 +38,10 @@ class PassResult:
 class Pass:
     """Base class of a rewrite pass.
 
-    Subclasses set ``name`` (kebab-case, used by ``--passes``), ``requires``
-    and ``produces`` (fact names such as ``"toposorted"``), and implement
+    Subclasses set ``name`` (kebab-case, used by ``--passes``), ``requires``,
+    ``produces`` and ``invalidates`` (fact names of :mod:`qgraph.pipeline.facts`,
+    such as ``"static_shapes"``; a requirement is a fact without which the pass
+    is wrong or finds nothing to do), and implement
     :meth:`run`. A pass edits the graph through :class:`qgraph.Graph`'s API or
     ``graph.gs``, never calls cleanup itself, and names the nodes it creates
     ``<name>/<n>``.
@@ -86,7 +88,8 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     #: Things a user should know that are not errors (e.g. custom-domain ops left untouched).
     notes: list[str] = field(default_factory=list)
-    #: What holds of the graph after the run: the declared ``produces`` and the reported ``facts`` of the passes that ran.
+    #: What holds of the graph after the run: the initial facts, then each pass's declared ``produces`` and reported
+    #: ``facts`` less its ``invalidates``.
     facts: list[str] = field(default_factory=list)
 
     @property
@@ -169,7 +172,8 @@ class PassManager:
     def run(self, graph: Graph, report: Report | None = None) -> tuple[Graph, Report]:
         """Run every pass; returns the final graph and the report."""
         self.validate()
-        report = report if report is not None else Report()
+        if report is None:
+            report = Report(facts=sorted(self.initial_facts))
         done: list[str] = []
         for p in self.passes:
             before = graph.node_count()

@@ -7,7 +7,7 @@ bound to the same buffer, so a step updates the cache in place with no copies.
 Otherwise the outputs are bound to a second set of buffers and the two sets
 swap roles after every step (still no per-step allocation).
 
-``generate`` prefills prompts in chunks of the prefill length (padding through
+``generate`` prefills prompts in chunks of prefill_seq_len tokens (padding through
 ``position_ids`` = -1), then decodes one token per row per step, greedy or
 sampled, and returns the tokens and latency statistics.
 """
@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.artifact.manifest import Manifest
+from qgraph.artifact.manifest import ArtifactError, Manifest
+from qgraph.artifact.weights import read_fed_weights
 from qgraph.ir.contract import RETAINED_SUFFIX, pad_chunk
-from qgraph.ir.validate import resolve_external_path
+from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, check_at_least_one, check_prompts
 from qgraph.runtime.sampling import GenerationError, Sampling, choose
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ class Runtime:
         self.manifest = Manifest.load(self.dir)
         self.target = get_target(self.manifest.target)
         m = self.manifest
-        self.batch_size, self.ctx_len, self.prefill_len = m.batch_size, m.ctx_len, m.prefill_seq_len
+        #: The options the artifact was compiled with, as the manifest recorded them.
+        self.options = m.options
+        self.batch_size, self.ctx_len, self.prefill_seq_len = m.batch_size, m.ctx_len, m.prefill_seq_len
         self._ort = ort
         self._fed = self._load_fed_weights()  # before the sessions: a bad weights file is named here
         self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.target_options, threads=threads)
@@ -122,25 +125,19 @@ class Runtime:
             self._bindings[key] = b
         return self._bindings[key]
 
+    @property
+    def prefill_len(self) -> int:
+        """:attr:`prefill_seq_len` (the name tools/ab_decode.py reads)."""
+        return self.prefill_seq_len
+
     def _load_fed_weights(self) -> dict[str, Any]:
-        """Read the weights the artifact leaves to the runtime (``fed_weights``), one array per byte range."""
-        arrays: dict[tuple[str, int, int], Any] = {}
-        fed: dict[str, Any] = {}
-        for name, w in self.manifest.fed_weights.items():
-            key = (str(w["file"]), int(w["offset"]), int(w["length"]))
-            if key not in arrays:
-                path = resolve_external_path(self.dir, key[0], name)  # stays inside the artifact
-                dtype = np.dtype(w["dtype"])
-                count = key[2] // dtype.itemsize
-                try:
-                    values = np.fromfile(path, dtype=dtype, count=count, offset=key[1])
-                except OSError as e:
-                    raise GenerationError(f"cannot read weight '{name}' from {path}: {e}; recompile the artifact") from None
-                if values.size != count:
-                    raise GenerationError(f"{path} ends before weight '{name}' ({values.size} of {count} values); recompile the artifact")
-                arrays[key] = self._ort.OrtValue.ortvalue_from_numpy(values.reshape(w["shape"]))
-            fed[name] = arrays[key]
-        return fed
+        """The weights the artifact leaves to the runtime (``fed_weights``), one OrtValue per byte range."""
+        try:
+            arrays = read_fed_weights(self.dir, self.manifest.fed_weights)
+        except ArtifactError as e:
+            raise GenerationError(str(e)) from None  # a Runtime that cannot open its artifact says so as it always has
+        values: dict[int, Any] = {}
+        return {name: values.setdefault(id(a), self._ort.OrtValue.ortvalue_from_numpy(a)) for name, a in arrays.items()}
 
     def _cache_buffers(self) -> dict[str, Any]:
         arrays = {n: np.zeros(self.cache_shape, self.cache_dtype) for n in self.cache_names}
@@ -187,7 +184,7 @@ class Runtime:
         self,
         prompts: Sequence[Sequence[int]],
         *,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         eos_token_id: int | Sequence[int] | None = None,
         sampling: Sampling | None = None,
         streamer: Streamer | None = None,
@@ -195,17 +192,11 @@ class Runtime:
         """Generate for any number of prompts, ``batch_size`` at a time."""
         sampling = sampling or Sampling()
         sampling.check()
-        if max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        check_at_least_one("max_new_tokens", max_new_tokens)
         if not prompts:
             raise GenerationError("no prompts given")
+        check_prompts(prompts, self.ctx_len)
         for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise GenerationError(f"prompt {i} is empty; give at least one token")
-            if len(p) >= self.ctx_len:
-                raise GenerationError(
-                    f"prompt {i} has {len(p)} tokens; it must be shorter than ctx_len {self.ctx_len} to leave room to generate"
-                )
             bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise GenerationError(f"prompt {i} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
@@ -241,15 +232,15 @@ class Runtime:
 
     def _generate_group(self, group: list[list[int]], max_new: int, eos: set[int], sampling: Sampling, rng: np.random.Generator,
                         streamer: Streamer | None, offset: int, totals: dict[str, float], start: float) -> tuple[list[list[int]], list[str]]:  # fmt: skip
-        B, P = self.batch_size, self.prefill_len
+        B = self.batch_size
         rows = group + [[] for _ in range(B - len(group))]  # unused rows are all padding
         self.reset()
         t0 = time.perf_counter()
         done = [0] * B
         nxt: list[int | None] = [None] * B
         while any(done[b] < len(rows[b]) for b in range(B)):
-            chunk = [rows[b][done[b] : done[b] + P] for b in range(B)]
-            ids, pos = pad_chunk(chunk, done, P)
+            chunk = [rows[b][done[b] : done[b] + self.prefill_seq_len] for b in range(B)]
+            ids, pos = pad_chunk(chunk, done, self.prefill_seq_len)
             logits = self.step("prefill", ids, pos)
             for b in range(B):
                 if chunk[b]:

@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qgraph.errors import QGraphError
+from qgraph.errors import GenerationError
 
-
-class GenerationError(QGraphError):
-    """generate() was called with arguments it cannot honour."""
+__all__ = ["GenerationError", "Sampling", "choose"]
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """The interface every device target implements.
 
-A target turns each pinned specialization graph into files in the artifact
-directory (``compile_spec``), finishes the directory (``finish``: e.g. one
-shared weights file), and later opens a session on a compiled file
-(``create_session``).
+A target fills its slots of the declared pipeline with its own passes
+(``slots``; :mod:`qgraph.pipeline.stages`), turns each pinned specialization
+graph into files in the artifact directory (``compile_spec``), finishes the
+directory (``finish``: e.g. one shared weights file), and later opens a
+session on a compiled file (``create_session``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qgraph.errors import QGraphError
 from qgraph.ir.graph import Graph
@@ -34,20 +35,14 @@ class Target:
     #: The symbolic optimized graph stays in the artifact (qaic compiles it itself).
     keeps_base = False
     defaults: dict[str, Any] = {}
+    #: The passes this target puts in the pipeline's slots ("legalize", "final"; see qgraph.pipeline.stages).
+    slots: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise TargetError(f"unknown option(s) {unknown} for target {self.name}; it takes {sorted(self.defaults)}")
         return {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
-
-    def legalize_passes(self, options: dict[str, Any]) -> list[str]:
-        """Passes run on each pinned specialization before simplify-shapes."""
-        return []
-
-    def final_passes(self, options: dict[str, Any]) -> list[str]:
-        """Passes run on each pinned specialization after simplify-shapes (on its 2-D rows)."""
-        return []
 
     def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
         raise NotImplementedError

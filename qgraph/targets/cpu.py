@@ -24,15 +24,15 @@ class CpuTarget(Target):
     FEED_MIN_BYTES = 32 << 20
     defaults: dict[str, Any] = {"threads": None, "feed_min_bytes": FEED_MIN_BYTES}
 
-    def legalize_passes(self, options: dict[str, Any]) -> list[str]:
+    slots = {
         # ONNX Runtime's own attention kernel (a contrib op only this runtime knows).
-        return ["fuse-attention"]
-
-    def final_passes(self, options: dict[str, Any]) -> list[str]:
-        # After simplify-shapes, whose 2-D regions would not grow through the fused op. Not fuse-skip-layer-norm:
-        # ONNX Runtime's SkipLayerNormalization kernel is slower than its Add + LayerNormalization here (prefill
-        # +1.7 ms, decode 0 to +0.09 ms/token, both orders of 300 alternating steps; PERFORMANCE.md).
-        return ["fuse-decode-attention"]
+        "legalize": ("fuse-attention",),
+        # One kernel per layer for the cache writes and attention of a step (decode, and a one-row prompt chunk).
+        # Not fuse-skip-layer-norm: ONNX Runtime's SkipLayerNormalization kernel is slower than its Add +
+        # LayerNormalization here (prefill +1.7 ms, decode 0 to +0.09 ms/token, both orders of 300 alternating
+        # steps; PERFORMANCE.md).
+        "final": ("fuse-decode-attention",),
+    }
 
     def _options(self, threads: int | None) -> ort.SessionOptions:
         import onnxruntime as ort

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qgraph.ir.graph import Graph, remove_model_files
 from qgraph.targets.base import Target, TargetError
@@ -84,6 +84,8 @@ class QaicTarget(Target):
     keeps_base = True
     defaults: dict[str, Any] = {"aic_hw_version": "2.0", "num_cores": 16, "kv_dtype": "float16", "mxfp6_matmul": False,
                                 "convert_to_fp16": True}  # fmt: skip
+    #: None: qaic-exec lowers the ONNX ops itself, and compiles the symbolic optimized graph (the pinned copies only prove each shape).
+    slots: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         opts = super().check_options(options)

@@ -1,0 +1,163 @@
+"""The options of a compile (and of an optimize): one typed object, resolved once against the model.
+
+:meth:`Options.resolve` takes what a caller asked for (None: the default),
+fills each default from the one place it is written (below), checks every rule
+once, and returns the object that compile, the targets and the runtime then
+receive unchanged; the manifest records it once and the runtime reads it back.
+Each rule's message is written once, here.
+
+The model's maximum positions come from its config (``ModelSpec.max_positions``)
+where the caller has the model (the API), else from the exported graph's
+position table (:func:`qgraph.pipeline.optimize.graph_max_positions`) where
+only an ONNX file is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Sized
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from qgraph.errors import GenerationError, OptionError
+
+#: Tokens the KV cache holds when not asked; capped by the model's maximum positions.
+DEFAULT_CTX_LEN = 128
+#: Tokens of a prompt chunk (the prefill specialization's width) when not asked; capped by ctx_len.
+DEFAULT_PREFILL_SEQ_LEN = 32
+#: Rows a compiled artifact runs together when not asked.
+DEFAULT_BATCH_SIZE = 1
+#: Tokens generate() adds to each prompt when not asked.
+DEFAULT_MAX_NEW_TOKENS = 32
+
+#: How a message names each count, and the flag that sets it.
+_NAMED = {
+    "ctx_len": ("ctx_len", "--ctx-len"),
+    "prefill_seq_len": ("the prefill length", "--prefill-seq-len"),
+    "batch_size": ("the batch size", "--batch-size"),
+    "seq_len": ("seq_len", "--seq-len"),
+    "max_new_tokens": ("max_new_tokens", "--max-new-tokens"),
+}
+
+
+class ChecksOptions(Protocol):
+    """A target, as far as its options go (``qgraph.targets.base.Target``)."""
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def check_at_least_one(name: str, value: int | None) -> None:
+    """Rule: a count (``ctx_len``, ``prefill_seq_len``, ``batch_size``, ``seq_len``, ``max_new_tokens``) is at least 1."""
+    if value is not None and value < 1:
+        what, flag = _NAMED[name]
+        raise OptionError(f"{what} must be at least 1, got {value}; pass {flag} 1 or more")
+
+
+def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
+    """Rules: no prompt is empty, and each leaves room to generate in ``ctx_len`` (when given).
+
+    ``prompts`` are token ids, or text (only its emptiness is checked then).
+    """
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty; give some text (or token ids) to continue")
+        if ctx_len is not None and len(p) >= ctx_len:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens, which leaves no room to generate in ctx_len {ctx_len} (a prompt must be "
+                f"shorter than ctx_len); shorten it or compile with ctx_len {len(p) + 1} or more"
+            )
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a compile is asked for, resolved (see the module docstring); make it with :meth:`resolve`.
+
+    ``seq_len`` is ``qgraph optimize``'s pin width (``--seq-len``): with it one
+    graph is pinned to [batch_size, seq_len]; a compile pins its
+    specializations instead (prefill_seq_len tokens, and 1).
+    """
+
+    #: Tokens the KV cache holds (the whole context a step attends to).
+    ctx_len: int
+    #: Tokens of a prompt chunk: the prefill specialization's width.
+    prefill_seq_len: int = DEFAULT_PREFILL_SEQ_LEN
+    #: Rows run together.
+    batch_size: int = DEFAULT_BATCH_SIZE
+    #: optimize's pin width; None leaves the shapes symbolic.
+    seq_len: int | None = None
+    #: The target's options, its defaults filled in (``Target.check_options``).
+    target_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pinned(self) -> bool:
+        """True if optimize pins the shapes (both a batch size and a seq_len)."""
+        # batch_size is None where qgraph.devtools.debug builds the object itself and does not pin.
+        return self.batch_size is not None and self.seq_len is not None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        ctx_len: int | None = None,
+        prefill_seq_len: int | None = None,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        target_options: Mapping[str, Any] | None = None,
+        target: ChecksOptions | None = None,
+        max_positions: int | None = None,
+        cache_len: int | None = None,
+    ) -> Options:
+        """The options asked for (None: the default), made whole against the model and checked once.
+
+        ``max_positions``: the model's maximum positions (None: unknown); it caps
+        the default ctx_len and refuses a larger one (a default is capped where
+        an asked value would be refused: the prefill length by ctx_len too).
+        ``cache_len``: the cache length of a graph that is already retained,
+        the default ctx_len.
+        ``target``: checks ``target_options`` and fills the target's defaults.
+        Raises :class:`~qgraph.errors.OptionError` (or the target's error).
+        """
+        if ctx_len is None:
+            ctx_len = cache_len if cache_len is not None else min(DEFAULT_CTX_LEN, max_positions or DEFAULT_CTX_LEN)
+        opts = cls(
+            ctx_len=ctx_len,
+            prefill_seq_len=min(DEFAULT_PREFILL_SEQ_LEN, ctx_len) if prefill_seq_len is None else prefill_seq_len,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+            seq_len=seq_len,
+            target_options=dict(target_options or {}),
+        )
+        opts.validate(max_positions=max_positions)
+        if target is not None:
+            opts = replace(opts, target_options=target.check_options(dict(opts.target_options)))
+        return opts
+
+    def validate(self, *, max_positions: int | None = None) -> None:
+        """Every rule on the numbers, each with its one message (:meth:`resolve` calls it)."""
+        for name in ("ctx_len", "prefill_seq_len", "batch_size", "seq_len"):
+            check_at_least_one(name, getattr(self, name))
+        if max_positions is not None and self.ctx_len > max_positions:
+            raise OptionError(
+                f"ctx_len {self.ctx_len} is larger than the model's maximum length {max_positions}; use --ctx-len {max_positions} or less"
+            )
+        if self.prefill_seq_len > self.ctx_len:
+            raise OptionError(
+                f"the prefill length {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}; "
+                f"use --prefill-seq-len {self.ctx_len} or less"
+            )
+
+    def check_cache_len(self, cache_len: int) -> None:
+        """Rule: an already retained graph's cache holds ctx_len tokens (its length is fixed in the graph)."""
+        if cache_len != self.ctx_len:
+            raise OptionError(
+                f"the graph's cache holds {cache_len} tokens but ctx_len {self.ctx_len} was asked; re-optimize with --ctx-len {self.ctx_len}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest records (a compile's widths are its specializations: no seq_len)."""
+        return {"ctx_len": self.ctx_len, "prefill_seq_len": self.prefill_seq_len, "batch_size": self.batch_size,
+                "target_options": dict(self.target_options)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Options:
+        """The options a manifest recorded (:meth:`to_dict`), as they were resolved."""
+        return cls(ctx_len=int(data["ctx_len"]), prefill_seq_len=int(data["prefill_seq_len"]), batch_size=int(data["batch_size"]),
+                   target_options=dict(data["target_options"]))  # fmt: skip

@@ -1,0 +1,86 @@
+"""The options object: one default per option, resolved against the model, one message per rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from qgraph.errors import CompileError, GenerationError, OptionError
+from qgraph.pipeline.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CTX_LEN,
+    DEFAULT_PREFILL_SEQ_LEN,
+    Options,
+    check_at_least_one,
+    check_prompts,
+)
+from qgraph.targets import TargetError, get_target
+
+
+def test_defaults_are_resolved_against_the_model() -> None:
+    opts = Options.resolve()
+    assert (opts.ctx_len, opts.prefill_seq_len, opts.batch_size, opts.seq_len) == (
+        DEFAULT_CTX_LEN,
+        DEFAULT_PREFILL_SEQ_LEN,
+        DEFAULT_BATCH_SIZE,
+        None,
+    )
+    assert Options.resolve(max_positions=48).ctx_len == 48  # the default is capped by the model's maximum positions
+    assert Options.resolve(max_positions=4096).ctx_len == DEFAULT_CTX_LEN
+    assert Options.resolve(max_positions=48, cache_len=40).ctx_len == 40  # an already retained graph fixes it
+    assert Options.resolve(max_positions=16).prefill_seq_len == 16  # a prompt chunk fits the cache
+    assert Options.resolve(ctx_len=16).prefill_seq_len == 16
+    asked = Options.resolve(ctx_len=64, prefill_seq_len=8, batch_size=2, max_positions=64)
+    assert (asked.ctx_len, asked.prefill_seq_len, asked.batch_size) == (64, 8, 2)
+    # A resolved object resolves to itself: resolving is idempotent, so handing it down changes nothing.
+    assert Options.resolve(**{k: v for k, v in asked.to_dict().items() if k != "target_options"}, max_positions=64) == asked
+
+
+def test_target_options_are_checked_and_filled_by_the_target() -> None:
+    cpu = get_target("cpu")
+    opts = Options.resolve(target_options={"threads": 2}, target=cpu)
+    assert opts.target_options == {**cpu.defaults, "threads": 2}
+    with pytest.raises(TargetError, match="unknown option"):
+        Options.resolve(target_options={"soc_model": 60}, target=cpu)
+
+
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [
+        (dict(ctx_len=0), "ctx_len must be at least 1, got 0; pass --ctx-len 1 or more"),
+        (dict(prefill_seq_len=0), "the prefill length must be at least 1, got 0; pass --prefill-seq-len 1 or more"),
+        (dict(batch_size=-1), "the batch size must be at least 1, got -1; pass --batch-size 1 or more"),
+        (dict(seq_len=0), "seq_len must be at least 1, got 0; pass --seq-len 1 or more"),
+        (dict(ctx_len=64, max_positions=48), "ctx_len 64 is larger than the model's maximum length 48; use --ctx-len 48 or less"),
+        (dict(ctx_len=16, prefill_seq_len=32), "the prefill length 32 is larger than ctx_len 16; use --prefill-seq-len 16 or less"),
+    ],
+)
+def test_each_rule_has_one_message(asked: dict[str, int], message: str) -> None:
+    with pytest.raises(OptionError) as e:
+        Options.resolve(**asked)
+    assert message in str(e.value)
+    # Callers that caught the error their entry point raised before (compile, generate) still catch it.
+    assert isinstance(e.value, CompileError) and isinstance(e.value, GenerationError)
+
+
+def test_a_retained_graphs_cache_must_agree() -> None:
+    Options.resolve(ctx_len=40).check_cache_len(40)
+    with pytest.raises(OptionError, match="the graph's cache holds 32 tokens but ctx_len 40 was asked; re-optimize with --ctx-len 40"):
+        Options.resolve(ctx_len=40).check_cache_len(32)
+
+
+def test_prompt_and_generate_rules() -> None:
+    check_prompts([[1, 2], "text"], None)
+    check_prompts([[1, 2, 3]], 4)
+    with pytest.raises(GenerationError, match="prompt 1 is empty"):
+        check_prompts(["hi", ""], None)
+    with pytest.raises(GenerationError, match="prompt 0 has 4 tokens, which leaves no room to generate in ctx_len 4"):
+        check_prompts([[1, 2, 3, 4]], 4)
+    with pytest.raises(GenerationError, match="max_new_tokens must be at least 1, got 0"):
+        check_at_least_one("max_new_tokens", 0)
+
+
+def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
+    opts = Options.resolve(ctx_len=48, prefill_seq_len=8, batch_size=2, target_options={"threads": None}, target=get_target("cpu"))
+    data = opts.to_dict()
+    assert set(data) == {"ctx_len", "prefill_seq_len", "batch_size", "target_options"}
+    assert Options.from_dict(data) == opts
