@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 from onnx import helper, numpy_helper
 
+from passes.constants import MAX_FOLD_BYTES
+from passes.shapes import is_static
 from qgraph.errors import GraphCheckError
 from qgraph.ir.graph import Constant, Graph, Node, Tensor
 from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 
-#: Neither a folded node's constant inputs nor its result may be larger than this.
-MAX_FOLD_BYTES = 1 << 20
 
 #: Ops whose value is not a function of their inputs.
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
@@ -69,24 +69,6 @@ class _Decline(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def is_static(shape: Sequence[Any] | None) -> bool:
-    """True if ``shape`` is known and every dimension is a non-negative int."""
-    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
-
-
-def static_dims(shape: Sequence[Any] | None, rank: int | None = None) -> list[int] | None:
-    """The dimensions as ints if every one is a positive number (and there are ``rank`` of them), else None.
-
-    Positive: a 0 in a Reshape's target shape means "copy", so rewrites that
-    write shapes out keep away from empty tensors.
-    """
-    if shape is None or (rank is not None and len(shape) != rank):
-        return None
-    if not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 def const_nbytes(tensor: Tensor) -> int | None:

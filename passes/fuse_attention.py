@@ -39,15 +39,15 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_layer_norm import const_operand, dtype_name, leak, sole_consumer, tensor_dtype
+from passes.constants import MS_DOMAIN, MS_VERSION
+from passes.dtypes import dtype_name, tensor_dtype
+from passes.matching import const_operand, leak, sole_consumer
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import FusionPass, Match
 from qgraph.pipeline.manager import PassResult
 
-#: The domain and version of ONNX Runtime's contrib ops.
-MS_DOMAIN, MS_VERSION = "com.microsoft", 1
 HEAD_PERM = [0, 2, 1, 3]
 
 

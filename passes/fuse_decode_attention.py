@@ -75,10 +75,9 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_attention import MS_DOMAIN, MS_VERSION
-from passes.fuse_layer_norm import tensor_dtype
-from passes.retain_kv_cache import MASK_VALUE
+from passes.constants import MASK_VALUE, MS_DOMAIN, MS_VERSION
+from passes.dtypes import tensor_dtype
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 
-from passes.fuse_layer_norm import OpsetFusionPass, close, const_operand, last_in_order, leak, scalar, sole_consumer
+from passes.const_values import close, scalar
+from passes.matching import const_operand, last_in_order, leak, sole_consumer
+from passes.opset import OpsetFusionPass
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.pipeline.fusion import Match
 
@@ -213,8 +215,8 @@ class FuseGelu(OpsetFusionPass):
         roles = [*roles, (f"the {fn}", anchor), *tail]
         if (problem := leak(graph, roles, y)) is not None:
             return problem
-        if self._opset_problem:
-            return self._opset_problem
+        if self.opset_problem:
+            return self.opset_problem
         kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
         return Match([n for _, n in roles], {"x": x, "y": y}, kind=kind)
 

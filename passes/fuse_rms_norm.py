@@ -20,25 +20,12 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
-from passes.fuse_layer_norm import (
-    FLOAT_TYPES,
-    OpsetFusionPass,
-    common_root,
-    dtype_name,
-    last_axis_problem,
-    last_dim,
-    last_in_order,
-    leak,
-    match_affine,
-    match_rsqrt_core,
-    norm_match,
-    onnx_dtype,
-    rank_of,
-    scale_input,
-    scale_vector,
-    skip_up,
-    tensor_dtype,
-)
+from passes.constants import FLOAT_TYPES
+from passes.dtypes import dtype_name, onnx_dtype, tensor_dtype
+from passes.matching import common_root, last_in_order, leak, skip_up
+from passes.norms import last_axis_problem, match_affine, match_rsqrt_core, norm_match, scale_input, scale_vector
+from passes.opset import OpsetFusionPass
+from passes.shapes import last_dim, rank_of
 from qgraph.ir.graph import Graph, Node
 from qgraph.pipeline.fusion import Match
 
@@ -95,8 +82,8 @@ class FuseRmsNorm(OpsetFusionPass):
             return "the output dtype of the RMS norm is unknown (the pattern casts, and no gamma gives it)"
         if out_dtype not in FLOAT_TYPES:
             return f"the RMS norm outputs {dtype_name(out_dtype)}, not a float type"
-        if self._opset_problem:
-            return self._opset_problem
+        if self.opset_problem:
+            return self.opset_problem
         return norm_match(roles, root, aff, core, vectors, in_dtype, out_dtype)
 
     def rewrite(self, graph: Graph, m: Match) -> None:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_attention import MS_DOMAIN, MS_VERSION
-from passes.fuse_layer_norm import tensor_dtype
+from passes.constants import MS_DOMAIN, MS_VERSION
+from passes.dtypes import tensor_dtype
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import FusionPass, Match
