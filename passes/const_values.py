@@ -57,6 +57,11 @@ def scalar(graph: Graph, tensor: Tensor | None) -> Scalar | None:
     v = const_value(graph, tensor)
     if v is None or v.size != 1 or v.ndim > 1:
         return None
+    return to_scalar(v)
+
+
+def to_scalar(v: np.ndarray) -> Scalar:
+    """The one value of ``v`` as a :class:`Scalar` that knows its dtype's precision."""
     value = Scalar(float(v.reshape(())))
     try:
         # A float16 graph stores 0.044715 as 0.0447083 (1.5e-4 off).

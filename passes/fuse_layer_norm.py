@@ -34,25 +34,37 @@ from passes.dtypes import dtype_name, onnx_dtype, tensor_dtype
 from passes.matching import common_root, describe_source, last_in_order, leak, skip_up
 from passes.norms import (
     Affine,
+    NormMatch,
     RsqrtCore,
     keepdims_problem,
     last_axis_problem,
     match_affine,
     match_rsqrt_core,
-    norm_match,
     reduce_axes,
     scale_input,
     scale_vector,
 )
 from passes.opset import OpsetFusionPass
+from passes.pattern import Miss, Op, Var, match
 from passes.shapes import last_dim, rank_of
-from qgraph.ir.graph import Graph, Node
-from qgraph.pipeline.fusion import Match
+from qgraph.ir.graph import Graph, Node, Tensor
 
 LAYER_NORM_OPSET = 17
 
 
-class FuseLayerNorm(OpsetFusionPass):
+def _not_centered(graph: Graph, d: Tensor, prod: Node | None) -> str:
+    where = f"comes from {prod.op}" if prod else describe_source(graph, d).replace("it ", "", 1)
+    return f"the squared tensor {where}, not x - mean(x) (an RMS norm is fuse-rms-norm's)"
+
+
+# x - mean(x), reached from the tensor the variance squares (through float Casts)
+CENTERED = Op("Sub", name="sub", role="x - mean", casts="a Cast of x - mean", why=_not_centered)
+# mean(x), the Sub's second operand (through float Casts)
+MEAN = Op("ReduceMean", Var("x"), name="mean", role="the mean", casts="a Cast of the mean",
+          why="the Sub subtracts {found}, expected ReduceMean(x)", missing="a tensor no node makes")  # fmt: skip
+
+
+class FuseLayerNorm(OpsetFusionPass[NormMatch]):
     """Decomposed LayerNorm -> ``LayerNormalization(axis=-1, epsilon)``; see the module docstring."""
 
     name = "fuse-layer-norm"
@@ -61,35 +73,33 @@ class FuseLayerNorm(OpsetFusionPass):
     min_opset = LAYER_NORM_OPSET
     fused_op = "LayerNormalization"
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> NormMatch | str:
         # y = gamma * (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) + beta
         core = match_rsqrt_core(graph, anchor)
         if isinstance(core, str):
             return core
         roles = list(core.roles)
-        d, casts_sq = skip_up(graph, core.squared)
+        centered = match(graph, CENTERED, core.squared)
+        if isinstance(centered, Miss):
+            return centered.reason
+        sub = centered.node("sub")
         d_num, casts_num = skip_up(graph, core.numerator)
-        sub = graph.producer(d)
-        if sub is None or sub.op != "Sub":
-            where = f"comes from {sub.op}" if sub else describe_source(graph, d).replace("it ", "", 1)
-            return f"the squared tensor {where}, not x - mean(x) (an RMS norm is fuse-rms-norm's)"
-        if d_num is not d:
+        if d_num is not sub.outputs[0]:
             return "the tensor divided by sqrt(variance + eps) is not the centered x - mean(x) that is squared"
-        roles += [("a Cast of x - mean", c) for c in casts_sq]
-        roles += [("a Cast of x - mean", c) for c in casts_num if all(c is not o for o in casts_sq)]
-        roles.append(("x - mean", sub))
-        mean_t, casts_mean = skip_up(graph, sub.inputs[1])
-        mean = graph.producer(mean_t)
-        if mean is None or mean.op != "ReduceMean":
-            return f"the Sub subtracts {mean.op if mean else 'a tensor no node makes'}, expected ReduceMean(x)"
-        roles += [("a Cast of the mean", c) for c in casts_mean]
-        roles.append(("the mean", mean))
+        *cast_roles, sub_role = centered.roles
+        # The numerator reaches the same Sub, maybe through Casts of its own.
+        roles += cast_roles + [("a Cast of x - mean", c) for c in casts_num if all(c is not o for _, o in cast_roles)] + [sub_role]
+        mean_found = match(graph, MEAN, sub.inputs[1])
+        if isinstance(mean_found, Miss):
+            return mean_found.reason
+        roles += mean_found.roles
+        mean = mean_found.node("mean")
         if (problem := keepdims_problem(mean, "mean")) is not None:
             return problem
         axes = reduce_axes(graph, mean)
         if isinstance(axes, str):
             return axes
-        found = common_root(graph, sub.inputs[0], mean.inputs[0], [sub, mean])
+        found = common_root(graph, sub.inputs[0], mean_found.tensor("x"), [sub, mean])
         if found is None:
             return "the Sub and the mean's ReduceMean read different tensors"
         root, casts_in = found
@@ -118,7 +128,8 @@ class FuseLayerNorm(OpsetFusionPass):
             return f"the LayerNorm computes in {dtype_name(out_dtype)}, not a float type"
         if self.opset_problem:
             return self.opset_problem
-        return norm_match(roles, root, aff, core, vectors, in_dtype, out_dtype)
+        return NormMatch(nodes=[n for _, n in roles], root=root, out=aff.out, eps=core.eps, in_dtype=in_dtype, out_dtype=out_dtype,
+                         affine=aff, vectors=vectors)  # fmt: skip
 
     @staticmethod
     def _out_dtype(graph: Graph, aff: Affine, core: RsqrtCore, has_casts: bool) -> int | None:
@@ -131,18 +142,15 @@ class FuseLayerNorm(OpsetFusionPass):
             return core.eps_dtype
         return tensor_dtype(graph, aff.out)
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
-        v = m.values
-        aff: Affine = v["aff"]
-        gamma, beta, size = v["vectors"]
-        out_dtype: int = v["out_dtype"]
+    def rewrite(self, graph: Graph, m: NormMatch) -> None:
+        aff, vec = m.affine, m.vectors
         prev = last_in_order(graph, m.nodes)
-        x = v["root"]
-        if v["in_dtype"] != out_dtype:
-            prev = graph.add_node("Cast", [x], 1, {"to": out_dtype}, prefix=self.name, after=prev)
+        x = m.root
+        if m.in_dtype != m.out_dtype:
+            prev = graph.add_node("Cast", [x], 1, {"to": m.out_dtype}, prefix=self.name, after=prev)
             x = prev.outputs[0]
-        inputs = [x, scale_input(graph, self.name, aff.gamma, aff.gamma_value, gamma, size, out_dtype, 1.0)]
+        inputs = [x, scale_input(graph, self.name, aff.gamma, aff.gamma_value, vec.gamma, vec.size, m.out_dtype, 1.0)]
         if aff.beta is not None:
-            inputs.append(scale_input(graph, self.name, aff.beta, aff.beta_value, beta, size, out_dtype, 0.0))
-        graph.add_node("LayerNormalization", inputs, [v["out"]], {"axis": -1, "epsilon": float(v["eps"])}, prefix=self.name, after=prev)
+            inputs.append(scale_input(graph, self.name, aff.beta, aff.beta_value, vec.beta, vec.size, m.out_dtype, 0.0))
+        graph.add_node("LayerNormalization", inputs, [m.out], {"axis": -1, "epsilon": float(m.eps)}, prefix=self.name, after=prev)
         graph.remove_nodes(m.nodes)

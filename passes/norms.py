@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from passes.const_values import const_value, scalar
 from passes.dtypes import np_dtype, onnx_dtype
-from passes.matching import describe_source, other_input, skip_down, skip_up, sole_consumer
+from passes.matching import Role, describe_source, other_input, skip_down, sole_consumer
+from passes.pattern import Const, Miss, Op, Or, Var, match, match_node
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.pipeline.fusion import Match
 
@@ -76,7 +76,7 @@ class RsqrtCore:
     read them (possibly Casts of the same tensor).
     """
 
-    roles: list[tuple[str, Node]]
+    roles: list[Role]
     squared: Tensor
     numerator: Tensor
     out: Tensor
@@ -87,30 +87,34 @@ class RsqrtCore:
     norm_node: Node
 
 
+# sqrt(variance + eps), variance = ReduceMean(...): the Add's operands in either order, float Casts on each edge but epsilon's
+SQRT_OF_VARIANCE = Op(
+    "Sqrt",
+    Op("Add",
+       Op("ReduceMean", name="variance", role="the variance", casts="a Cast of the variance",
+          why="the Add before Sqrt has no ReduceMean operand (expected variance + epsilon)"),
+       Const("eps", why="epsilon is not a constant ({source})"),
+       commute=True, role="variance + eps", casts="a Cast of variance + eps",
+       why="the Sqrt input comes from {found}, expected Add(variance, epsilon)"),
+    role="sqrt(variance + eps)",
+)  # fmt: skip
+# the square the variance averages: x^2 as Pow(x, 2) or Mul(x, x), through float Casts
+SQUARE = Or(
+    Op("Pow", Var("x"), Const("exponent", scalar=True, why="Pow exponent is not a constant scalar"), name="square", role="the square"),
+    Op("Mul", Var("x"), Var("x", why="the Mul before the variance ReduceMean multiplies two different tensors, expected Mul(x, x)"),
+       name="square", role="the square"),
+    casts="a Cast of the square",
+    why="the variance ReduceMean reads {found}, expected Pow(x, 2) or Mul(x, x)",
+)  # fmt: skip
+
+
 def match_rsqrt_core(graph: Graph, sqrt: Node) -> RsqrtCore | str:
     """Match ``numerator / sqrt(mean(squared^2) + eps)`` around a Sqrt; the reason if not."""
-    roles: list[tuple[str, Node]] = [("sqrt(variance + eps)", sqrt)]
-    ve, casts = skip_up(graph, sqrt.inputs[0])
-    roles += [("a Cast of variance + eps", c) for c in casts]
-    add = graph.producer(ve)
-    if add is None or add.op != "Add":
-        return f"the Sqrt input comes from {add.op if add else 'no node'}, expected Add(variance, epsilon)"
-    roles.append(("variance + eps", add))
-    var_side = []
-    for i, t in enumerate(add.inputs):
-        src, cs = skip_up(graph, t)
-        p = graph.producer(src)
-        if p is not None and p.op == "ReduceMean":
-            var_side.append((i, p, cs))
-    if not var_side:
-        return "the Add before Sqrt has no ReduceMean operand (expected variance + epsilon)"
-    i_var, reduce, casts = var_side[0]
-    roles += [("a Cast of the variance", c) for c in casts]
-    roles.append(("the variance", reduce))
-    eps_t = add.inputs[1 - i_var]
-    eps_v = const_value(graph, eps_t)
-    if eps_v is None:
-        return f"epsilon is not a constant ({describe_source(graph, eps_t)})"
+    found = match_node(graph, SQRT_OF_VARIANCE, sqrt)
+    if isinstance(found, Miss):
+        return found.reason
+    roles = found.roles
+    eps_v, reduce = found.value("eps"), found.node("variance")
     if eps_v.size != 1 or eps_v.ndim > 1:  # rank > 1 could broadcast the output to a higher rank
         return f"epsilon is not a constant scalar (shape {list(eps_v.shape)})"
     eps = float(eps_v.reshape(()))
@@ -121,20 +125,13 @@ def match_rsqrt_core(graph: Graph, sqrt: Node) -> RsqrtCore | str:
     axes = reduce_axes(graph, reduce)
     if isinstance(axes, str):
         return axes
-    sq, casts = skip_up(graph, reduce.inputs[0])
-    roles += [("a Cast of the square", c) for c in casts]
-    square = graph.producer(sq)
-    if square is None or square.op not in ("Pow", "Mul"):
-        return f"the variance ReduceMean reads {square.op if square else 'no node'}, expected Pow(x, 2) or Mul(x, x)"
-    if square.op == "Pow":
-        e = scalar(graph, square.inputs[1])
-        if e is None:
-            return "Pow exponent is not a constant scalar"
-        if e != 2:
-            return f"Pow exponent is {e:g}, expected 2"
-    elif square.inputs[0] is not square.inputs[1]:
-        return "the Mul before the variance ReduceMean multiplies two different tensors, expected Mul(x, x)"
-    roles.append(("the square", square))
+    squared = match(graph, SQUARE, reduce.inputs[0])
+    if isinstance(squared, Miss):
+        return squared.reason
+    square = squared.node("square")
+    if square.op == "Pow" and (e := squared.scalar("exponent")) != 2:
+        return f"Pow exponent is {e:g}, expected 2"
+    roles += squared.roles
 
     s, casts = skip_down(graph, sqrt.outputs[0])
     roles += [("a Cast of sqrt(variance + eps)", c) for c in casts]
@@ -160,14 +157,14 @@ def match_rsqrt_core(graph: Graph, sqrt: Node) -> RsqrtCore | str:
             return f"1/sqrt(variance + eps) feeds {nxt.op if nxt else f'{len(r.outputs)} nodes'}, expected one Mul"
         norm, numerator = nxt, other_input(nxt, r)
     roles.append(("the normalized tensor", norm))
-    return RsqrtCore(roles, square.inputs[0], numerator, norm.outputs[0], eps, onnx_dtype(eps_v.dtype), axes, square, norm)
+    return RsqrtCore(roles, squared.tensor("x"), numerator, norm.outputs[0], eps, onnx_dtype(eps_v.dtype), axes, square, norm)
 
 
 @dataclass
 class Affine:
     """gamma/beta found after a norm's normalized tensor (either may be missing)."""
 
-    roles: list[tuple[str, Node]]
+    roles: list[Role]
     out: Tensor
     gamma: Tensor | None = None
     gamma_value: np.ndarray | None = None
@@ -208,8 +205,17 @@ def match_affine(graph: Graph, normalized: Tensor, *, with_beta: bool) -> Affine
     return aff
 
 
-def scale_vector(aff: Affine, rank: int | None, width: int | None) -> tuple[np.ndarray | None, np.ndarray | None, int] | str:
-    """Check gamma and beta; returns (gamma vector or None, beta vector or None, normalized size).
+@dataclass
+class ScaleVectors:
+    """gamma and beta as vectors (or one value, or None when missing), and the normalized size."""
+
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    size: int
+
+
+def scale_vector(aff: Affine, rank: int | None, width: int | None) -> ScaleVectors | str:
+    """Check gamma and beta and find the normalized size; the reason if they do not fit.
 
     The fused node's scale is a vector of the normalized size, so that size
     must be known: from a gamma or beta vector, or the input's last dimension.
@@ -227,7 +233,7 @@ def scale_vector(aff: Affine, rank: int | None, width: int | None) -> tuple[np.n
         return "the normalized sizes disagree: " + ", ".join(f"{k} has {v}" for k, v in sizes.items())
     if not sizes:
         return "the normalized size is unknown (no gamma or beta vector, and the input's last dimension is not known), so no scale can be built"
-    return vecs["gamma"], vecs["beta"], next(iter(sizes.values()))
+    return ScaleVectors(vecs["gamma"], vecs["beta"], next(iter(sizes.values())))
 
 
 def scale_input(
@@ -242,9 +248,14 @@ def scale_input(
     return graph.constant(prefix, vec.astype(want))
 
 
-def norm_match(roles: list[tuple[str, Node]], root: Tensor, aff: Affine, core: RsqrtCore, vectors: Any,
-               in_dtype: int | None, out_dtype: int) -> Match:  # fmt: skip
-    """The match of a norm fusion (LayerNorm or RMSNorm): its nodes and what rewrite reads."""
-    values = {"root": root, "out": aff.out, "eps": core.eps, "in_dtype": in_dtype, "out_dtype": out_dtype, "aff": aff,
-              "vectors": vectors}  # fmt: skip
-    return Match([n for _, n in roles], values)
+@dataclass(kw_only=True)
+class NormMatch(Match):
+    """A norm fusion's site (LayerNorm or RMSNorm): what its rewrite reads."""
+
+    root: Tensor  # the input x
+    out: Tensor  # the pattern's output, which the fused node writes
+    eps: float
+    in_dtype: int | None  # x's dtype as the pattern reads it (None: not known)
+    out_dtype: int
+    affine: Affine
+    vectors: ScaleVectors

@@ -19,7 +19,7 @@ import numpy as np
 
 from passes.const_values import default_domain
 from qgraph.ir.graph import Graph, Node
-from qgraph.pipeline.fusion import FusionPass
+from qgraph.pipeline.fusion import FusionPass, M
 from qgraph.pipeline.manager import PassResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def raise_opset(graph: Graph, target: int, prefix: str) -> None:
     log.info("%s: raised the opset from %d to %d (%d nodes converted)", prefix, current, target, converted)
 
 
-class OpsetFusionPass(FusionPass):
+class OpsetFusionPass(FusionPass[M]):
     """A fusion whose fused op needs ``min_opset``: raised once something is fused.
 
     If the opset cannot be raised safely, every otherwise good match is
