@@ -151,6 +151,7 @@ class FuseAttention(FusionPass[AttentionMatch]):
         return super().run(graph)
 
     def match(self, graph: Graph, anchor: Node) -> AttentionMatch | str:
+        # out = Softmax(Q @ K^T * scale + bias) @ V
         roles: list[Role] = [("the Softmax", anchor)]
         rank = len(anchor.inputs[0].shape) if anchor.inputs[0].shape is not None else None
         axis = int(anchor.attrs.get("axis", -1))
@@ -181,7 +182,12 @@ class FuseAttention(FusionPass[AttentionMatch]):
         key = _key_of(graph, kt, roles)
         if isinstance(key, str):
             return key
+        return self.check(graph, roles, query=query, key=key, value=value, bias=bias, out=out, scale=s_scale * q_scale * k_scale)
 
+    def check(self, graph: Graph, roles: list[Role], *, query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, out: Tensor,
+              scale: float) -> AttentionMatch | str:  # fmt: skip
+        """The site as a match if MultiHeadAttention can compute it (static shapes that agree, float32, a bias it
+        broadcasts, nothing but the output leaving the pattern), else the reason."""
         q_shape, k_shape, v_shape = static_dims(query.shape, 4), static_dims(key.shape, 4), static_dims(value.shape, 4)
         if q_shape is None or k_shape is None or v_shape is None:
             return "Q, K and V need static 4-D shapes [B, N, S|L, H] (run pin-static-shapes first)"
@@ -207,7 +213,6 @@ class FuseAttention(FusionPass[AttentionMatch]):
         for t, what in ((query, "Q"), (key, "K"), (value, "V"), (bias, "the bias")):
             if t is not None and id(t) in inside:
                 return f"{what} is computed inside the attention pattern"
-        scale = s_scale * q_scale * k_scale
         return AttentionMatch(nodes=[node for _, node in roles], query=query, key=key, value=value, bias=bias, bias_shape=bias_shape,
                               out=out, shape=(b, n, s, h), scale=scale)  # fmt: skip
 

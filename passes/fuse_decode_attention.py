@@ -143,6 +143,7 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
     def match(self, graph: Graph, anchor: Node) -> DecodeAttentionMatch | str:
+        # o = MultiHeadAttention(q, ScatterND(past_k, I, k), ScatterND(past_v, I, v), bias=M), I and M from the positions
         if anchor.domain != MS_DOMAIN:
             return "a MultiHeadAttention outside com.microsoft"
         ins = anchor.inputs

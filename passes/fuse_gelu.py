@@ -214,6 +214,7 @@ class FuseGelu(OpsetFusionPass[GeluMatch]):
     fused_op = "Gelu"
 
     def match(self, graph: Graph, anchor: Node) -> GeluMatch | str:
+        # tanh: y = 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3)));  erf: y = 0.5*x*(1 + erf(x/sqrt(2)))
         fn = anchor.op.lower()
         inner = _tanh_argument(graph, anchor) if anchor.op == "Tanh" else _erf_argument(graph, anchor)
         if isinstance(inner, str):
@@ -223,12 +224,15 @@ class FuseGelu(OpsetFusionPass[GeluMatch]):
         if isinstance(outer, str):
             return outer
         y, tail = outer
-        roles = [*roles, (f"the {fn}", anchor), *tail]
+        kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
+        return self.check(graph, [*roles, (f"the {fn}", anchor), *tail], x, y, kind)
+
+    def check(self, graph: Graph, roles: list[Role], x: Tensor, y: Tensor, kind: str) -> GeluMatch | str:
+        """The site as a match if it can be fused (nothing but y leaves it, the opset can be raised), else the reason."""
         if (problem := leak(graph, roles, y)) is not None:
             return problem
         if self.opset_problem:
             return self.opset_problem
-        kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
         return GeluMatch(nodes=[n for _, n in roles], x=x, y=y, kind=kind)
 
     def rewrite(self, graph: Graph, m: GeluMatch) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from passes.constants import FLOAT_TYPES
 from passes.dtypes import dtype_name, onnx_dtype, tensor_dtype
-from passes.matching import common_root, describe_source, last_in_order, leak, skip_up
+from passes.matching import Role, common_root, describe_source, last_in_order, leak, skip_up
 from passes.norms import (
     Affine,
     NormMatch,
@@ -112,10 +112,13 @@ class FuseLayerNorm(OpsetFusionPass[NormMatch]):
             return f"the mean reduces over {axes} but the variance over {core.axes}"
 
         aff = match_affine(graph, core.out, with_beta=True)
-        roles += aff.roles
+        return self.check(graph, roles + aff.roles, root, core, aff)
+
+    def check(self, graph: Graph, roles: list[Role], root: Tensor, core: RsqrtCore, aff: Affine) -> NormMatch | str:
+        """The site as a match if it can be fused (nothing leaks, gamma and beta fit, a float dtype, the opset), else the reason."""
         if (problem := leak(graph, roles, aff.out)) is not None:
             return problem
-        vectors = scale_vector(aff, rank, last_dim(root))
+        vectors = scale_vector(aff, rank_of(root), last_dim(root))
         if isinstance(vectors, str):
             return vectors
         has_casts = any(n.op == "Cast" for _, n in roles)

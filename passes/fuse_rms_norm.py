@@ -22,12 +22,12 @@ from onnx import TensorProto
 
 from passes.constants import FLOAT_TYPES
 from passes.dtypes import dtype_name, onnx_dtype, tensor_dtype
-from passes.matching import common_root, last_in_order, leak
-from passes.norms import NormMatch, last_axis_problem, match_affine, match_rsqrt_core, scale_input, scale_vector
+from passes.matching import Role, common_root, last_in_order, leak
+from passes.norms import Affine, NormMatch, RsqrtCore, last_axis_problem, match_affine, match_rsqrt_core, scale_input, scale_vector
 from passes.opset import OpsetFusionPass
 from passes.pattern import Found, Op, Var, match
 from passes.shapes import last_dim, rank_of
-from qgraph.ir.graph import Graph, Node
+from qgraph.ir.graph import Graph, Node, Tensor
 
 RMS_NORM_OPSET = 23
 # x - mean(x) (through float Casts): a LayerNorm's input, not an RMS norm's
@@ -61,10 +61,13 @@ class FuseRmsNorm(OpsetFusionPass[NormMatch]):
             return problem
 
         aff = match_affine(graph, core.out, with_beta=False)
-        roles += aff.roles
+        return self.check(graph, roles + aff.roles, root, core, aff)
+
+    def check(self, graph: Graph, roles: list[Role], root: Tensor, core: RsqrtCore, aff: Affine) -> NormMatch | str:
+        """The site as a match if it can be fused (nothing leaks, gamma fits, a float dtype, the opset), else the reason."""
         if (problem := leak(graph, roles, aff.out)) is not None:
             return problem
-        vectors = scale_vector(aff, rank, last_dim(root))
+        vectors = scale_vector(aff, rank_of(root), last_dim(root))
         if isinstance(vectors, str):
             return vectors
         has_casts = any(n.op == "Cast" for _, n in roles)

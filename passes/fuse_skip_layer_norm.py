@@ -65,6 +65,7 @@ class FuseSkipLayerNorm(FusionPass[SkipLayerNormMatch]):
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
     def match(self, graph: Graph, anchor: Node) -> SkipLayerNormMatch | str:
+        # y = LayerNorm(a + b)
         if not is_onnx_op(anchor, "LayerNormalization"):
             return "a custom-domain op named LayerNormalization"
         if len([t for t in anchor.outputs if t.name]) != 1:
