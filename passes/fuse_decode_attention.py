@@ -309,7 +309,7 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         if packed is None:
             packed = graph.add_node("Concat", [m.q, m.k, m.v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
         total = graph.constant(self.name, np.array(m.ctx, np.int32))
-        attrs = {"num_heads": m.heads, "kv_num_heads": m.heads}
+        attrs: dict[str, int | float] = {"num_heads": m.heads, "kv_num_heads": m.heads}
         if "scale" in mha.attrs:
             attrs["scale"] = float(mha.attrs["scale"])
         outs = [mha.outputs[0], key_write.outputs[0], value_write.outputs[0]]

@@ -28,7 +28,8 @@ def up_through_casts(graph: Graph, tensor: Tensor) -> tuple[list[Tensor], list[N
 
     A Cast from a tensor known not to be a float (int -> float) is not passed.
     """
-    tensors, casts = [tensor], []
+    tensors: list[Tensor] = [tensor]
+    casts: list[Node] = []
     while len(casts) < MAX_HOPS:
         prod = graph.producer(tensors[-1])
         if prod is None or not is_float_cast(prod):

@@ -247,9 +247,9 @@ class _Matcher:
         for ins in orders:
             got: Found | Miss = f.copy()
             for sub, t in zip(p.inputs, ins):
-                got = self.tensor(sub, t, got)
                 if isinstance(got, Miss):
                     break
+                got = self.tensor(sub, t, got)
             if isinstance(got, Found):
                 return got
             misses.append(got)
