@@ -4,7 +4,7 @@ Subclasses give the anchor op types to look at, a ``match`` that returns a
 :class:`Match` or the reason (a string) the candidate was declined, and a
 ``rewrite`` that replaces the matched nodes. Each fusion's match is a typed
 subclass of :class:`Match` holding what its rewrite reads
-(``FusionPass[LayerNormMatch]``). The base class walks the graph once,
+(``FusionPass[NormMatch]``). The base class walks the graph once,
 records every near miss with its reason, and can stop after the first
 ``max_matches`` rewrites, which lets the pass-debugging tool bisect over match
 sites.
