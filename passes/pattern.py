@@ -193,7 +193,7 @@ class _Matcher:
         at = len(f.roles)  # where this part's roles begin
         if isinstance(p, Or):
             got = self.alternatives(p, t, prod, f)
-        elif prod is None or prod.op not in p.ops or (p.onnx_only and is_custom_domain(prod.domain)):
+        elif prod is None:
             return Miss(self.reason(p.why, t, prod, p.missing), f.depth)
         else:
             got = self.node(p, prod, t, f)
