@@ -1,4 +1,12 @@
-"""The rewrite passes, one per module; this list is the registry (no magic)."""
+"""The rewrite passes, one per module; this list is the registry (no magic).
+
+The other modules are what passes share, none of them a pass: ``constants``;
+``const_values``, ``dtypes`` and ``shapes`` (reading a graph's constants, element
+types and shapes); ``matching`` and ``pattern`` (the fusions' graph walks and
+their declarative matcher); ``norms`` (what both norm fusions match); ``opset``
+(raising the opset for a fused op newer than the graph); ``folding`` and
+``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes).
+"""
 
 from __future__ import annotations
 

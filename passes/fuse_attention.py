@@ -36,71 +36,107 @@ the layouts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_layer_norm import const_operand, dtype_name, leak, sole_consumer, tensor_dtype
+from passes.constants import MS_DOMAIN, MS_VERSION
+from passes.dtypes import dtype_name, tensor_dtype
+from passes.matching import Role, leak, sole_consumer
+from passes.pattern import Const, Found, Miss, Op, Or, Var, match
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import FusionPass, Match
 from qgraph.pipeline.manager import PassResult
 
-#: The domain and version of ONNX Runtime's contrib ops.
-MS_DOMAIN, MS_VERSION = "com.microsoft", 1
 HEAD_PERM = [0, 2, 1, 3]
 
+# u*c or u/c with a constant scalar c (c on either side of the Mul, the divisor of the Div)
+SCALING = Or(
+    Op("Mul", Const("c", scalar=True), Var("u", not_scalar=True), commute=True, name="scaling"),
+    Op("Div", Var("u", not_scalar=True), Const("c", scalar=True), name="scaling"),
+)
+# Q @ K^T, or it times or divided by a constant scalar (either side)
+SCORES = Or(Op("MatMul"), Op(("Mul", "Div"), Const("c", scalar=True), Op("MatMul"), commute=True))
+# the scores and the additive bias, in either order
+BIAS_ADD = Op("Add", Var("a"), Var("b"), name="add", role="the bias Add")
+QK = Op("MatMul", Var("q"), Var("kt"), name="mm", role="the scores MatMul",
+        why="the Softmax input does not come from Q @ K^T (it comes from {found})", missing="a graph input")  # fmt: skip
 
-def _scaled(graph: Graph, tensor: Tensor, roles: list[tuple[str, Node]], what: str) -> tuple[Tensor, float]:
+
+def _not_transposed_key(graph: Graph, kt: Tensor, prod: Node | None) -> str:
+    if prod is None:
+        return "the second operand of the scores MatMul is not a transposed key"
+    return f"the second operand of the scores MatMul comes from {prod.op}, not from a transpose of the key"
+
+
+# K^T: Transpose(K, [0, 1, 3, 2]), or dynamo's Reshape(Transpose(Reshape(K, [B*N, L, H]), [0, 2, 1]), [B, N, H, L])
+KEY_T = Or(
+    Op("Transpose", Var("key"), name="transpose", role="the key transpose"),
+    Op("Reshape", Op("Transpose", Op("Reshape", Var("key"), role="the key reshape"), name="transpose", role="the key transpose"),
+       role="the key reshape back", name="reshape",
+       operands_why="the second operand of the scores MatMul is a Reshape, but not of a [0, 2, 1]-transposed 3-D key"),
+    why=_not_transposed_key,
+)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class AttentionMatch(Match):
+    """An attention site: Q, K and V as MultiHeadAttention reads them, the bias, the output and the scale."""
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    bias: Tensor | None
+    bias_shape: list[int] | None  # the bias's shape padded to rank 4
+    out: Tensor
+    shape: tuple[int, int, int, int]  # B, N, S, H
+    scale: float
+
+
+def _scaled(graph: Graph, tensor: Tensor, roles: list[Role], what: str) -> tuple[Tensor, float]:
     """Follow ``tensor`` up through one ``Mul``/``Div`` by a constant scalar; returns (source, factor)."""
-    prod = graph.producer(tensor)
-    if prod is not None and prod.op in ("Mul", "Div") and (c := const_operand(graph, prod)) is not None:
-        value, other = c
-        if prod.op == "Div" and prod.inputs[1] is not other and float(value) != 0.0:
-            roles.append((f"the scaling of {what}", prod))
-            return other, 1.0 / float(value)
-        if prod.op == "Mul":
-            roles.append((f"the scaling of {what}", prod))
-            return other, float(value)
-    return tensor, 1.0
+    found = match(graph, SCALING, tensor)
+    if isinstance(found, Miss) or (found.node("scaling").op == "Div" and float(found.scalar("c")) == 0.0):
+        return tensor, 1.0
+    roles.append((f"the scaling of {what}", found.node("scaling")))
+    value = float(found.scalar("c"))
+    return found.tensor("u"), 1.0 / value if found.node("scaling").op == "Div" else value
 
 
 def _is_scores(graph: Graph, tensor: Tensor) -> bool:
     """True if ``tensor`` is a MatMul's output, or one scaling of it by a constant scalar."""
-    prod = graph.producer(tensor)
-    if prod is not None and prod.op in ("Mul", "Div") and (c := const_operand(graph, prod)) is not None:
-        prod = graph.producer(c[1])
-    return prod is not None and prod.op == "MatMul"
+    return isinstance(match(graph, SCORES, tensor), Found)
 
 
-def _key_of(graph: Graph, kt: Tensor, roles: list[tuple[str, Node]]) -> Tensor | str:
+def _key_of(graph: Graph, kt: Tensor, roles: list[Role]) -> Tensor | str:
     """K, for a tensor that is K with its last two axes swapped."""
-    prod = graph.producer(kt)
-    if prod is None:
-        return "the second operand of the scores MatMul is not a transposed key"
-    if prod.op == "Transpose":
-        if list(prod.attrs.get("perm", [])) != [0, 1, 3, 2]:
-            return f"the key is transposed with perm {list(prod.attrs.get('perm', []))}, not [0, 1, 3, 2]"
-        roles.append(("the key transpose", prod))
-        return prod.inputs[0]
-    if prod.op == "Reshape":  # dynamo: Reshape(Transpose(Reshape(K, [B*N, L, H]), [0, 2, 1]), [B, N, H, L])
-        tr = graph.producer(prod.inputs[0])
-        inner = graph.producer(tr.inputs[0]) if tr is not None and tr.op == "Transpose" else None
-        if tr is None or inner is None or inner.op != "Reshape" or list(tr.attrs.get("perm", [])) != [0, 2, 1]:
-            return "the second operand of the scores MatMul is a Reshape, but not of a [0, 2, 1]-transposed 3-D key"
-        key = inner.inputs[0]
-        k_shape, out_shape = static_dims(key.shape, 4), static_dims(kt.shape, 4)
-        if k_shape is None or out_shape is None:
-            return "the key's shape is not static, so the Reshape-Transpose-Reshape cannot be told to be a transpose"
-        b, n, length, h = k_shape
-        if out_shape != [b, n, h, length] or static_dims(tr.inputs[0].shape, 3) != [b * n, length, h]:
-            return f"the Reshape-Transpose-Reshape of the key {k_shape} gives {out_shape}, not its last two axes swapped"
-        roles += [("the key reshape", inner), ("the key transpose", tr), ("the key reshape back", prod)]
+    found = match(graph, KEY_T, kt, post_order=True)
+    if isinstance(found, Miss):
+        return found.reason
+    perm = list(found.node("transpose").attrs.get("perm", []))
+    key = found.tensor("key")
+    if "reshape" not in found.nodes:
+        if perm != [0, 1, 3, 2]:
+            return f"the key is transposed with perm {perm}, not [0, 1, 3, 2]"
+        roles += found.roles
         return key
-    return f"the second operand of the scores MatMul comes from {prod.op}, not from a transpose of the key"
+    if perm != [0, 2, 1]:
+        return "the second operand of the scores MatMul is a Reshape, but not of a [0, 2, 1]-transposed 3-D key"
+    tr = found.node("transpose")
+    k_shape, out_shape = static_dims(key.shape, 4), static_dims(kt.shape, 4)
+    if k_shape is None or out_shape is None:
+        return "the key's shape is not static, so the Reshape-Transpose-Reshape cannot be told to be a transpose"
+    b, n, length, h = k_shape
+    if out_shape != [b, n, h, length] or static_dims(tr.inputs[0].shape, 3) != [b * n, length, h]:
+        return f"the Reshape-Transpose-Reshape of the key {k_shape} gives {out_shape}, not its last two axes swapped"
+    roles += found.roles
+    return key
 
 
-class FuseAttention(FusionPass):
+class FuseAttention(FusionPass[AttentionMatch]):
     """Softmax(Q K^T * s + bias) V -> ``com.microsoft.MultiHeadAttention`` (ONNX Runtime CPU)."""
 
     name = "fuse-attention"
@@ -117,8 +153,9 @@ class FuseAttention(FusionPass):
         graph.infer_shapes_if_missing((n.inputs[0] for n in graph.nodes if n.op == "Softmax" and n.inputs), self.name)
         return super().run(graph)
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
-        roles: list[tuple[str, Node]] = [("the Softmax", anchor)]
+    def match(self, graph: Graph, anchor: Node) -> AttentionMatch | str:
+        # out = Softmax(Q @ K^T * scale + bias) @ V
+        roles: list[Role] = [("the Softmax", anchor)]
         rank = len(anchor.inputs[0].shape) if anchor.inputs[0].shape is not None else None
         axis = int(anchor.attrs.get("axis", -1))
         if rank is None or rank != 4:
@@ -133,23 +170,27 @@ class FuseAttention(FusionPass):
         value, out = out_mm.inputs[1], out_mm.outputs[0]
 
         scores, bias = anchor.inputs[0], None
-        add = graph.producer(scores)
-        if add is not None and add.op == "Add" and len(add.inputs) == 2:
+        if isinstance(added := match(graph, BIAS_ADD, scores), Found):
             # The scores are the operand that is (a scaling of) a MatMul; the other is the bias.
-            a, c = add.inputs
+            a, c = added.tensor("a"), added.tensor("b")
             scores, bias = (c, a) if _is_scores(graph, c) and not _is_scores(graph, a) else (a, c)
-            roles.append(("the bias Add", add))
+            roles += added.roles
         scores, s_scale = _scaled(graph, scores, roles, "the scores")
-        mm = graph.producer(scores)
-        if mm is None or mm.op != "MatMul":
-            return f"the Softmax input does not come from Q @ K^T (it comes from {mm.op if mm else 'a graph input'})"
-        roles.append(("the scores MatMul", mm))
-        query, q_scale = _scaled(graph, mm.inputs[0], roles, "Q")
-        kt, k_scale = _scaled(graph, mm.inputs[1], roles, "K^T")
+        qk = match(graph, QK, scores)
+        if isinstance(qk, Miss):
+            return qk.reason
+        roles += qk.roles
+        query, q_scale = _scaled(graph, qk.tensor("q"), roles, "Q")
+        kt, k_scale = _scaled(graph, qk.tensor("kt"), roles, "K^T")
         key = _key_of(graph, kt, roles)
         if isinstance(key, str):
             return key
+        return self.check(graph, roles, query=query, key=key, value=value, bias=bias, out=out, scale=s_scale * q_scale * k_scale)
 
+    def check(self, graph: Graph, roles: list[Role], *, query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, out: Tensor,
+              scale: float) -> AttentionMatch | str:  # fmt: skip
+        """The site as a match if MultiHeadAttention can compute it (static shapes that agree, float32, a bias it
+        broadcasts, nothing but the output leaving the pattern), else the reason."""
         q_shape, k_shape, v_shape = static_dims(query.shape, 4), static_dims(key.shape, 4), static_dims(value.shape, 4)
         if q_shape is None or k_shape is None or v_shape is None:
             return "Q, K and V need static 4-D shapes [B, N, S|L, H] (run pin-static-shapes first)"
@@ -175,14 +216,11 @@ class FuseAttention(FusionPass):
         for t, what in ((query, "Q"), (key, "K"), (value, "V"), (bias, "the bias")):
             if t is not None and id(t) in inside:
                 return f"{what} is computed inside the attention pattern"
-        scale = s_scale * q_scale * k_scale
-        values = {"query": query, "key": key, "value": value, "bias": bias, "bias_shape": bias_shape, "out": out,
-                  "shape": (b, n, s, h), "scale": scale}  # fmt: skip
-        return Match([node for _, node in roles], values)
+        return AttentionMatch(nodes=[node for _, node in roles], query=query, key=key, value=value, bias=bias, bias_shape=bias_shape,
+                              out=out, shape=(b, n, s, h), scale=scale)  # fmt: skip
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
-        v = m.values
-        b, n, s, h = v["shape"]
+    def rewrite(self, graph: Graph, m: AttentionMatch) -> None:
+        b, n, s, h = m.shape
         last = graph.last_of(m.nodes)
         prev = last
 
@@ -194,7 +232,7 @@ class FuseAttention(FusionPass):
 
         merged_shape = [b, s, n * h]
         # The query in [B, S, N*H]: the head split undone (a Reshape never reorders elements), or a Transpose.
-        query = v["query"]
+        query = m.query
         prod = graph.producer(query)
         if is_onnx_op(prod, "Transpose") and list(prod.attrs.get("perm", [])) == HEAD_PERM:
             src = prod.inputs[0]
@@ -206,12 +244,12 @@ class FuseAttention(FusionPass):
         else:
             t = add("Transpose", [query], perm=HEAD_PERM).outputs[0]
             q_bsd = add("Reshape", [t, graph.constant(self.name, np.array(merged_shape, np.int64))]).outputs[0]
-        bias = v["bias"]
-        if bias is not None and list(bias.shape) != v["bias_shape"]:
-            bias = add("Reshape", [bias, graph.constant(self.name, np.array(v["bias_shape"], np.int64))]).outputs[0]
-        inputs = [q_bsd, v["key"], v["value"]] + ([graph.omitted(), graph.omitted(), bias] if bias is not None else [])
-        attrs = {"num_heads": n, "scale": float(np.float32(v["scale"]))}
-        out = v["out"]
+        bias = m.bias
+        if bias is not None and list(bias.shape) != m.bias_shape:
+            bias = add("Reshape", [bias, graph.constant(self.name, np.array(m.bias_shape, np.int64))]).outputs[0]
+        inputs = [q_bsd, m.key, m.value] + ([graph.omitted(), graph.omitted(), bias] if bias is not None else [])
+        attrs = {"num_heads": n, "scale": float(np.float32(m.scale))}
+        out = m.out
         merge = self._head_merge(graph, out)
         if merge is not None:
             # Transpose([0, 2, 1, 3]) + Reshape of the output is a Reshape of the [B, S, N*H] result.

@@ -70,15 +70,15 @@ own past.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_attention import MS_DOMAIN, MS_VERSION
-from passes.fuse_layer_norm import tensor_dtype
-from passes.retain_kv_cache import MASK_VALUE
+from passes.constants import MASK_VALUE, MS_DOMAIN, MS_VERSION
+from passes.dtypes import tensor_dtype
+from passes.pattern import Const, Miss, Op, Var, match
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE
@@ -87,9 +87,41 @@ from qgraph.pipeline.manager import PassResult
 
 # Ops that move a per-row value between [B, 1] and [B, 1, 1, 1] without changing it.
 _ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")
+_NOT_ZERO_OR_HIDDEN = "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
+_NOT_ARANGE = "the shown slots are not compared against 0..C-1"
+# M[b, 0, i, j] = 0 if slots[j] <= p[b, i] else hidden (the constants read as they are, not through Identity)
+MASK = Op("Where", Var("visible"), Const("shown", plain=True, why=_NOT_ZERO_OR_HIDDEN), Const("hidden", plain=True, why=_NOT_ZERO_OR_HIDDEN),
+          onnx_only=True)  # fmt: skip
+SHOWN_SLOTS = Op("LessOrEqual", Const("slots", plain=True, why=_NOT_ARANGE), Var("pos"), onnx_only=True,
+                 why="the shown slots are not `slot <= position`")  # fmt: skip
+# the cache written at the step's indices
+CACHE_WRITE = Op(
+    "ScatterND", Var("past"), Var("indices"), Var("updates"), name="write", onnx_only=True, why="not written by a plain ScatterND"
+)
 
 
-class FuseDecodeAttention(FusionPass):
+@dataclass(kw_only=True)
+class DecodeAttentionMatch(Match):
+    """The MultiHeadAttention and its two cache writes (``nodes``), and what GroupQueryAttention reads."""
+
+    attention: Node
+    key_write: Node
+    value_write: Node
+    heads: int
+    batch: int
+    tokens: int  # S: 1 at decode, the chunk's length at prefill
+    ctx: int  # C, the cache's slots
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    packed: Tensor | None  # the [B, S, 3D] tensor q, k and v are split from, if they are
+    slot: Tensor  # the slot each token writes ([B, 1, S, 1])
+    positions: Tensor | None  # the graph's [B, S] position input (a chunk only)
+    past_k: Tensor
+    past_v: Tensor
+
+
+class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
     """ScatterND cache writes + MultiHeadAttention (one token, or a prompt chunk in one row) -> ``com.microsoft.GroupQueryAttention``."""
 
     name = "fuse-decode-attention"
@@ -113,7 +145,8 @@ class FuseDecodeAttention(FusionPass):
     def prepare(self, graph: Graph) -> None:
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> DecodeAttentionMatch | str:
+        # o = MultiHeadAttention(q, ScatterND(past_k, I, k), ScatterND(past_v, I, v), bias=M), I and M from the positions
         if anchor.domain != MS_DOMAIN:
             return "a MultiHeadAttention outside com.microsoft"
         ins = anchor.inputs
@@ -166,17 +199,20 @@ class FuseDecodeAttention(FusionPass):
         if (is_onnx_op(split, "Split") and len(split.outputs) == 3 and all(a is b for a, b in zip(split.outputs, (q, k, v))) and int(split.attrs.get("axis", 0)) in (-1, 2)
                 and static_dims(split.inputs[0].shape) == [b, s, 3 * d]):  # fmt: skip
             packed = split.inputs[0]
-        values = {"heads": heads, "batch": b, "tokens": s, "ctx": ctx, "q": q, "k": k, "v": v, "packed": packed, "slot": slot,
-                  "positions": positions, "past_k": past_k, "past_v": past_v}  # fmt: skip
-        return Match([anchor, key_write, value_write], values)
+        return DecodeAttentionMatch(nodes=[anchor, key_write, value_write], attention=anchor, key_write=key_write, value_write=value_write,
+                                    heads=heads, batch=b, tokens=s, ctx=ctx, q=q, k=k, v=v, packed=packed, slot=slot, positions=positions,
+                                    past_k=past_k, past_v=past_v)  # fmt: skip
 
     @staticmethod
     def _cache(
         graph: Graph, t: Tensor, anchor: Node, bsnh: list[int], ctx: int, positions: Tensor | None
     ) -> tuple[Node, Tensor, Tensor] | str:
         """(the ScatterND, the past input, the [B, S, D] keys or values written) of a cache read by ``anchor``."""
-        write = graph.producer(t)
-        if not is_onnx_op(write, "ScatterND") or write.attrs.get("reduction", "none") != "none":
+        found = match(graph, CACHE_WRITE, t)
+        if isinstance(found, Miss):
+            return found.reason
+        write = found.node("write")
+        if write.attrs.get("reduction", "none") != "none":
             return "not written by a plain ScatterND"
         if not graph.is_graph_output(t) or not only_consumer(t, anchor):
             return "the updated cache is not a graph output read by this attention alone"
@@ -235,52 +271,52 @@ class FuseDecodeAttention(FusionPass):
     @staticmethod
     def _mask_positions(graph: Graph, mask: Tensor, b: int, s: int) -> tuple[Tensor, int] | str:
         """(p ([B, 1, S, 1]), C) of the mask M[b, 0, i, j] = 0 if j <= p[b, i] else hidden, j < C."""
-        where = graph.producer(mask)
         dims = static_dims(mask.shape, 4)
-        if dims is None or dims[:3] != [b, 1, s] or not is_onnx_op(where, "Where"):
+        where = match(graph, MASK, mask)
+        if dims is None or dims[:3] != [b, 1, s] or isinstance(where, Miss) and where.depth == 0:
             return f"the attention bias is not a Where of shape [{b}, 1, {s}, C]"
+        if isinstance(where, Miss):
+            return where.reason
         ctx = dims[3]
-        shown, hidden = graph.const_value(where.inputs[1]), graph.const_value(where.inputs[2])
-        if shown is None or hidden is None or np.any(shown != 0) or np.any(hidden > MASK_VALUE):
-            return "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
-        compare = graph.producer(where.inputs[0])
-        if not is_onnx_op(compare, "LessOrEqual"):
-            return "the shown slots are not `slot <= position`"
-        slots = graph.const_value(compare.inputs[0])
-        if slots is None or slots.size != ctx or slots.shape[-1] != ctx or not np.array_equal(slots.reshape(-1), np.arange(ctx)):
-            return "the shown slots are not compared against 0..C-1"
-        pos = compare.inputs[1]
+        if np.any(where.value("shown") != 0) or np.any(where.value("hidden") > MASK_VALUE):
+            return _NOT_ZERO_OR_HIDDEN
+        compare = match(graph, SHOWN_SLOTS, where.tensor("visible"))
+        if isinstance(compare, Miss):
+            return compare.reason
+        slots = compare.value("slots")
+        if slots.size != ctx or slots.shape[-1] != ctx or not np.array_equal(slots.reshape(-1), np.arange(ctx)):
+            return _NOT_ARANGE
+        pos = compare.tensor("pos")
         if static_dims(pos.shape) != [b, 1, s, 1]:
             return f"the mask's positions have shape {pos.shape}, not [{b}, 1, {s}, 1]"
         return pos, ctx
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
-        mha, key_write, value_write = m.nodes
-        v: dict[str, Any] = m.values
-        b = v["batch"]
-        self._chunks += v["tokens"] > 1
-        key = v["positions"] if v["tokens"] > 1 else v["slot"]
+    def rewrite(self, graph: Graph, m: DecodeAttentionMatch) -> None:
+        mha, key_write, value_write = m.attention, m.key_write, m.value_write
+        b = m.batch
+        self._chunks += m.tokens > 1
+        key = m.positions if m.tokens > 1 else m.slot
         seqlens = self._seqlens.get(id(key))
         if seqlens is None:
             last = key  # one token: its slot; a chunk: its first position + S - 1, the last slot it writes
-            if v["tokens"] > 1:
+            if m.tokens > 1:
                 first = graph.add_node("Gather", [key, graph.constant(self.name, np.array([0], np.int64))], 1, {"axis": 1},
                                        prefix=self.name, before=mha).outputs[0]  # fmt: skip
-                last = graph.add_node("Add", [first, graph.constant(self.name, np.array([v["tokens"] - 1], np.int64))], 1,
+                last = graph.add_node("Add", [first, graph.constant(self.name, np.array([m.tokens - 1], np.int64))], 1,
                                       prefix=self.name, before=mha).outputs[0]  # fmt: skip
             rows = graph.add_node("Reshape", [last, graph.constant(self.name, np.array([b], np.int64))], 1,
                                   prefix=self.name, before=mha).outputs[0]  # fmt: skip
             seqlens = graph.add_node("Cast", [rows], 1, {"to": TensorProto.INT32}, prefix=self.name, before=mha).outputs[0]
             self._seqlens[id(key)] = seqlens
-        packed = v["packed"]
+        packed = m.packed
         if packed is None:
-            packed = graph.add_node("Concat", [v["q"], v["k"], v["v"]], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
-        total = graph.constant(self.name, np.array(v["ctx"], np.int32))
-        attrs = {"num_heads": v["heads"], "kv_num_heads": v["heads"]}
+            packed = graph.add_node("Concat", [m.q, m.k, m.v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
+        total = graph.constant(self.name, np.array(m.ctx, np.int32))
+        attrs: dict[str, int | float] = {"num_heads": m.heads, "kv_num_heads": m.heads}
         if "scale" in mha.attrs:
             attrs["scale"] = float(mha.attrs["scale"])
         outs = [mha.outputs[0], key_write.outputs[0], value_write.outputs[0]]
-        inputs = [packed, graph.omitted(), graph.omitted(), v["past_k"], v["past_v"], seqlens, total]
+        inputs = [packed, graph.omitted(), graph.omitted(), m.past_k, m.past_v, seqlens, total]
         graph.remove_nodes(m.nodes)
         graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
 

@@ -14,8 +14,12 @@ order. Constants are compared with a relative tolerance of 1e-4.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from passes.fuse_layer_norm import OpsetFusionPass, close, const_operand, last_in_order, leak, scalar, sole_consumer
+from passes.const_values import Scalar, close
+from passes.matching import Role, const_operand, last_in_order, leak, sole_consumer
+from passes.opset import OpsetFusionPass
+from passes.pattern import Const, Miss, Op, Or, Var, match
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.pipeline.fusion import Match
 
@@ -24,38 +28,52 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # 0.7978845608
 CUBIC = 0.044715
 SQRT_2 = math.sqrt(2.0)
 
-Roles = list[tuple[str, Node]]
+# c*u: a Mul with exactly one constant scalar factor, on either side
+SCALED = Op("Mul", Const("c", scalar=True), Var("u", not_scalar=True), commute=True, name="mul")
+# x^3 as Pow(x, 3), Mul(Mul(x, x), x) or Mul(x, Mul(x, x))
+CUBE = Or(
+    Op("Pow", Var("x"), Const("exponent", scalar=True, why="Pow exponent is not a constant scalar"), name="cube", role="x^3"),
+    Op("Mul", Op("Mul", Var("x"), Var("x"), role="x^2"), Var("x"), commute=True, name="cube", role="x^3",
+       operands_why="the cubic term is a Mul that is not x*x*x"),
+    why="the cubic term comes from {found}, expected Pow(x, 3) or x*x*x",
+)  # fmt: skip
+# x + c*x^3 inside k*(...)
+INNER_ADD = Op("Add", name="add", why="the tanh argument is k*{found}, expected k*(x + 0.044715*x^3)", missing="input")
+# x/sqrt(2) or x*(1/sqrt(2)), the factor on either side
+ERF_ARGUMENT = Or(
+    Op("Div", Var("x"), Const("c", scalar=True, why="the erf argument is x divided by a non-constant, expected x/sqrt(2)"),
+       name="arg", role="the erf argument"),
+    Op("Mul", Const("c", scalar=True), Var("x", not_scalar=True), commute=True, name="arg", role="the erf argument",
+       operands_why="the Erf input comes from {found}, expected x/sqrt(2)"),
+    why="the Erf input comes from {found}, expected x/sqrt(2)",
+)  # fmt: skip
 
 
-def _cube_of(graph: Graph, t: Tensor) -> tuple[Tensor, Roles] | str:
+@dataclass(kw_only=True)
+class GeluMatch(Match):
+    """A GELU site: its input and output (``kind`` tells the tanh form from the erf form)."""
+
+    x: Tensor
+    y: Tensor
+
+
+def _cube_of(graph: Graph, t: Tensor) -> tuple[Tensor, list[Role]] | str:
     """``t = x^3`` as ``Pow(x, 3)``, ``Mul(Mul(x, x), x)`` or ``Mul(x, Mul(x, x))``: (x, nodes)."""
-    p = graph.producer(t)
-    if p is not None and p.op == "Pow":
-        e = scalar(graph, p.inputs[1])
-        if e is None:
-            return "Pow exponent is not a constant scalar"
-        if e != 3:
-            return f"Pow exponent is {e:g}, expected 3"
-        return p.inputs[0], [("x^3", p)]
-    if p is not None and p.op == "Mul":
-        for sq_t, x in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            sq = graph.producer(sq_t)
-            if sq is not None and sq.op == "Mul" and sq.inputs[0] is x and sq.inputs[1] is x:
-                return x, [("x^2", sq), ("x^3", p)]
-        return "the cubic term is a Mul that is not x*x*x"
-    return f"the cubic term comes from {p.op if p else 'no node'}, expected Pow(x, 3) or x*x*x"
+    found = match(graph, CUBE, t, post_order=True)
+    if isinstance(found, Miss):
+        return found.reason
+    if found.node("cube").op == "Pow" and (e := found.scalar("exponent")) != 3:
+        return f"Pow exponent is {e:g}, expected 3"
+    return found.tensor("x"), found.roles
 
 
-def _scaled(graph: Graph, t: Tensor) -> tuple[float, Tensor, Node] | None:
+def _scaled(graph: Graph, t: Tensor) -> tuple[Scalar, Tensor, Node] | None:
     """``t = c*u`` with a constant scalar c: (c, u, the Mul)."""
-    p = graph.producer(t)
-    if p is None or p.op != "Mul":
-        return None
-    found = const_operand(graph, p)
-    return (found[0], found[1], p) if found else None
+    found = match(graph, SCALED, t)
+    return None if isinstance(found, Miss) else (found.scalar("c"), found.tensor("u"), found.node("mul"))
 
 
-def _tanh_argument(graph: Graph, tanh: Node) -> tuple[Tensor, Roles] | str:
+def _tanh_argument(graph: Graph, tanh: Node) -> tuple[Tensor, list[Role]] | str:
     """x from ``tanh(k*(x + c*x^3))`` or ``tanh(k*x + (k*c)*x^3)``, with the nodes."""
     arg = tanh.inputs[0]
     p = graph.producer(arg)
@@ -65,9 +83,10 @@ def _tanh_argument(graph: Graph, tanh: Node) -> tuple[Tensor, Roles] | str:
         k, inner, mul_k = scaled
         if not close(k, SQRT_2_OVER_PI):
             return f"tanh coefficient {k:g} is not sqrt(2/pi) ({SQRT_2_OVER_PI:.7f})"
-        add = graph.producer(inner)
-        if add is None or add.op != "Add":
-            return f"the tanh argument is k*{add.op if add else 'input'}, expected k*(x + 0.044715*x^3)"
+        inner_add = match(graph, INNER_ADD, inner)
+        if isinstance(inner_add, Miss):
+            return inner_add.reason
+        add = inner_add.node("add")
         reason = "the Add inside tanh is not x + 0.044715*x^3"
         for x, term in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
             cterm = _scaled(graph, term)
@@ -110,30 +129,24 @@ def _tanh_argument(graph: Graph, tanh: Node) -> tuple[Tensor, Roles] | str:
     return f"the Tanh input is {what}, expected sqrt(2/pi)*(x + 0.044715*x^3)"
 
 
-def _erf_argument(graph: Graph, erf: Node) -> tuple[Tensor, Roles] | str:
+def _erf_argument(graph: Graph, erf: Node) -> tuple[Tensor, list[Role]] | str:
     """x from ``erf(x/sqrt(2))`` or ``erf(x*(1/sqrt(2)))``, with the node."""
-    p = graph.producer(erf.inputs[0])
-    if p is not None and p.op == "Div":
-        c = scalar(graph, p.inputs[1])
-        if c is None:
-            return "the erf argument is x divided by a non-constant, expected x/sqrt(2)"
-        if not close(c, SQRT_2):
-            return f"the erf argument is x/{c:g}, expected x/sqrt(2) (x/{SQRT_2:.7f})"
-        return p.inputs[0], [("the erf argument", p)]
-    scaled = _scaled(graph, erf.inputs[0])
-    if scaled is not None:
-        c, x, mul = scaled
-        if not close(c, 1 / SQRT_2):
-            return f"the erf argument is x*{c:g}, expected x*(1/sqrt(2)) (x*{1 / SQRT_2:.7f})"
-        return x, [("the erf argument", mul)]
-    return f"the Erf input comes from {p.op if p else 'no node'}, expected x/sqrt(2)"
+    found = match(graph, ERF_ARGUMENT, erf.inputs[0])
+    if isinstance(found, Miss):
+        return found.reason
+    c = found.scalar("c")
+    if found.node("arg").op == "Div" and not close(c, SQRT_2):
+        return f"the erf argument is x/{c:g}, expected x/sqrt(2) (x/{SQRT_2:.7f})"
+    if found.node("arg").op == "Mul" and not close(c, 1 / SQRT_2):
+        return f"the erf argument is x*{c:g}, expected x*(1/sqrt(2)) (x*{1 / SQRT_2:.7f})"
+    return found.tensor("x"), found.roles
 
 
 def _half_check(value: float) -> str | None:
     return None if close(value, 0.5) else f"the outer factor {value:g} is not 0.5"
 
 
-def _outer(graph: Graph, act: Node, x: Tensor, fn: str) -> tuple[Tensor, Roles] | str:
+def _outer(graph: Graph, act: Node, x: Tensor, fn: str) -> tuple[Tensor, list[Role]] | str:
     """The output y of ``0.5*x*(1 + t)`` around ``t = act(...)``, in its four spellings."""
     t = act.outputs[0]
     first = sole_consumer(graph, t)
@@ -159,7 +172,7 @@ def _outer(graph: Graph, act: Node, x: Tensor, fn: str) -> tuple[Tensor, Roles] 
         return last.outputs[0], [(f"0.5*{fn}", first), (f"0.5 + 0.5*{fn}", add), ("y", last)]
     if not close(value, 1.0):
         return f"the {fn} is added to {value:g}, expected 1"
-    roles: Roles = [(f"1 + {fn}", first)]
+    roles: list[Role] = [(f"1 + {fn}", first)]
     nxt = sole_consumer(graph, first.outputs[0])
     if nxt is None or nxt.op != "Mul":
         return f"1 + {fn} feeds {nxt.op if nxt else 'several nodes'}, expected Mul"
@@ -191,7 +204,7 @@ def _outer(graph: Graph, act: Node, x: Tensor, fn: str) -> tuple[Tensor, Roles] 
     return nxt.outputs[0], [*roles, ("0.5*x", scaled[2]), ("y", nxt)]
 
 
-class FuseGelu(OpsetFusionPass):
+class FuseGelu(OpsetFusionPass[GeluMatch]):
     """Decomposed GELU (tanh or erf form) -> ``Gelu(approximate="tanh" | "none")``."""
 
     name = "fuse-gelu"
@@ -202,7 +215,8 @@ class FuseGelu(OpsetFusionPass):
     min_opset = GELU_OPSET
     fused_op = "Gelu"
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> GeluMatch | str:
+        # tanh: y = 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3)));  erf: y = 0.5*x*(1 + erf(x/sqrt(2)))
         fn = anchor.op.lower()
         inner = _tanh_argument(graph, anchor) if anchor.op == "Tanh" else _erf_argument(graph, anchor)
         if isinstance(inner, str):
@@ -212,16 +226,19 @@ class FuseGelu(OpsetFusionPass):
         if isinstance(outer, str):
             return outer
         y, tail = outer
-        roles = [*roles, (f"the {fn}", anchor), *tail]
+        kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
+        return self.check(graph, [*roles, (f"the {fn}", anchor), *tail], x, y, kind)
+
+    def check(self, graph: Graph, roles: list[Role], x: Tensor, y: Tensor, kind: str) -> GeluMatch | str:
+        """The site as a match if it can be fused (nothing but y leaves it, the opset can be raised), else the reason."""
         if (problem := leak(graph, roles, y)) is not None:
             return problem
-        if self._opset_problem:
-            return self._opset_problem
-        kind = "gelu_tanh" if anchor.op == "Tanh" else "gelu_erf"
-        return Match([n for _, n in roles], {"x": x, "y": y}, kind=kind)
+        if self.opset_problem:
+            return self.opset_problem
+        return GeluMatch(nodes=[n for _, n in roles], x=x, y=y, kind=kind)
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
+    def rewrite(self, graph: Graph, m: GeluMatch) -> None:
         approximate = "tanh" if m.kind == "gelu_tanh" else "none"
         last = last_in_order(graph, m.nodes)
-        graph.add_node("Gelu", [m.values["x"]], [m.values["y"]], {"approximate": approximate}, prefix=self.name, after=last)
+        graph.add_node("Gelu", [m.x], [m.y], {"approximate": approximate}, prefix=self.name, after=last)
         graph.remove_nodes(m.nodes)

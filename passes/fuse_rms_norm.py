@@ -20,32 +20,21 @@ from __future__ import annotations
 
 from onnx import TensorProto
 
-from passes.fuse_layer_norm import (
-    FLOAT_TYPES,
-    OpsetFusionPass,
-    common_root,
-    dtype_name,
-    last_axis_problem,
-    last_dim,
-    last_in_order,
-    leak,
-    match_affine,
-    match_rsqrt_core,
-    norm_match,
-    onnx_dtype,
-    rank_of,
-    scale_input,
-    scale_vector,
-    skip_up,
-    tensor_dtype,
-)
-from qgraph.ir.graph import Graph, Node
-from qgraph.pipeline.fusion import Match
+from passes.constants import FLOAT_TYPES
+from passes.dtypes import dtype_name, onnx_dtype, tensor_dtype
+from passes.matching import Role, common_root, last_in_order, leak
+from passes.norms import Affine, NormMatch, RsqrtCore, last_axis_problem, match_affine, match_rsqrt_core, scale_input, scale_vector
+from passes.opset import OpsetFusionPass
+from passes.pattern import Found, Op, Var, match
+from passes.shapes import last_dim, rank_of
+from qgraph.ir.graph import Graph, Node, Tensor
 
 RMS_NORM_OPSET = 23
+# x - mean(x) (through float Casts): a LayerNorm's input, not an RMS norm's
+CENTERED_INPUT = Op("Sub", Var(), Op("ReduceMean", casts="a Cast"), casts="a Cast")
 
 
-class FuseRmsNorm(OpsetFusionPass):
+class FuseRmsNorm(OpsetFusionPass[NormMatch]):
     """Decomposed RMSNorm -> ``RMSNormalization(axis=-1, epsilon, stash_type=1)``."""
 
     name = "fuse-rms-norm"
@@ -55,7 +44,7 @@ class FuseRmsNorm(OpsetFusionPass):
     min_opset = RMS_NORM_OPSET
     fused_op = "RMSNormalization"
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> NormMatch | str:
         # y = gamma * x / sqrt(mean(x^2) + eps)
         core = match_rsqrt_core(graph, anchor)
         if isinstance(core, str):
@@ -66,21 +55,20 @@ class FuseRmsNorm(OpsetFusionPass):
             return "the tensor divided by sqrt(mean(x^2) + eps) is not the tensor that is squared"
         root, casts_in = found
         roles += [("a Cast of the input", c) for c in casts_in]
-        centered, _ = skip_up(graph, root)
-        sub = graph.producer(centered)
-        if sub is not None and sub.op == "Sub":
-            mean = graph.producer(skip_up(graph, sub.inputs[1])[0])
-            if mean is not None and mean.op == "ReduceMean":
-                return "the input is x - mean(x): this is a LayerNorm, left to fuse-layer-norm"
+        if isinstance(match(graph, CENTERED_INPUT, root), Found):
+            return "the input is x - mean(x): this is a LayerNorm, left to fuse-layer-norm"
         rank = rank_of(root)
         if (problem := last_axis_problem(core.axes, rank)) is not None:
             return problem
 
         aff = match_affine(graph, core.out, with_beta=False)
-        roles += aff.roles
+        return self.check(graph, roles + aff.roles, root, core, aff)
+
+    def check(self, graph: Graph, roles: list[Role], root: Tensor, core: RsqrtCore, aff: Affine) -> NormMatch | str:
+        """The site as a match if it can be fused (nothing leaks, gamma fits, a float dtype, the opset), else the reason."""
         if (problem := leak(graph, roles, aff.out)) is not None:
             return problem
-        vectors = scale_vector(aff, rank, last_dim(root))
+        vectors = scale_vector(aff, rank_of(root), last_dim(root))
         if isinstance(vectors, str):
             return vectors
         has_casts = any(n.op == "Cast" for _, n in roles)
@@ -96,27 +84,24 @@ class FuseRmsNorm(OpsetFusionPass):
             return "the output dtype of the RMS norm is unknown (the pattern casts, and no gamma gives it)"
         if out_dtype not in FLOAT_TYPES:
             return f"the RMS norm outputs {dtype_name(out_dtype)}, not a float type"
-        if self._opset_problem:
-            return self._opset_problem
-        return norm_match(roles, root, aff, core, vectors, in_dtype, out_dtype)
+        if self.opset_problem:
+            return self.opset_problem
+        return NormMatch(nodes=[n for _, n in roles], root=root, out=aff.out, eps=core.eps, in_dtype=in_dtype, out_dtype=out_dtype,
+                         affine=aff, vectors=vectors)  # fmt: skip
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
-        v = m.values
-        gamma, _, size = v["vectors"]
-        in_dtype: int | None = v["in_dtype"]
-        out_dtype: int = v["out_dtype"]
+    def rewrite(self, graph: Graph, m: NormMatch) -> None:
         # Compute in float32 at least: x^2 overflows float16 above 256.
-        compute = in_dtype if in_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE) else TensorProto.FLOAT
+        compute = m.in_dtype if m.in_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE) else TensorProto.FLOAT
         prev = last_in_order(graph, m.nodes)
-        x = v["root"]
-        if in_dtype != compute:
+        x = m.root
+        if m.in_dtype != compute:
             prev = graph.add_node("Cast", [x], 1, {"to": compute}, prefix=self.name, after=prev)
             x = prev.outputs[0]
-        scale = scale_input(graph, self.name, v["aff"].gamma, v["aff"].gamma_value, gamma, size, compute, 1.0)
-        attrs = {"axis": -1, "epsilon": float(v["eps"]), "stash_type": 1}
-        if out_dtype == compute:
-            graph.add_node("RMSNormalization", [x, scale], [v["out"]], attrs, prefix=self.name, after=prev)
+        scale = scale_input(graph, self.name, m.affine.gamma, m.affine.gamma_value, m.vectors.gamma, m.vectors.size, compute, 1.0)
+        attrs = {"axis": -1, "epsilon": float(m.eps), "stash_type": 1}
+        if m.out_dtype == compute:
+            graph.add_node("RMSNormalization", [x, scale], [m.out], attrs, prefix=self.name, after=prev)
         else:
             norm = graph.add_node("RMSNormalization", [x, scale], 1, attrs, prefix=self.name, after=prev)
-            graph.add_node("Cast", norm.outputs, [v["out"]], {"to": out_dtype}, prefix=self.name, after=norm)
+            graph.add_node("Cast", norm.outputs, [m.out], {"to": m.out_dtype}, prefix=self.name, after=norm)
         graph.remove_nodes(m.nodes)

@@ -24,18 +24,33 @@ that are not 1-D of the hidden size, and custom-domain look-alikes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from onnx import TensorProto
 
-from passes.fold_constants import static_dims
-from passes.fuse_attention import MS_DOMAIN, MS_VERSION
-from passes.fuse_layer_norm import tensor_dtype
+from passes.constants import MS_DOMAIN, MS_VERSION
+from passes.dtypes import tensor_dtype
+from passes.pattern import Miss, Op, Var, match
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import FusionPass, Match
 from qgraph.pipeline.manager import PassResult
 
+# s = a + b, the norm's input
+RESIDUAL_SUM = Op("Add", Var("a"), Var("b"), name="add", onnx_only=True, why="the norm's input is not an Add")
 
-class FuseSkipLayerNorm(FusionPass):
+
+@dataclass(kw_only=True)
+class SkipLayerNormMatch(Match):
+    """The Add and the norm (``nodes``), and whether anything else reads the sum (it becomes output 3)."""
+
+    add: Node
+    norm: Node
+    sum_used: bool
+
+
+class FuseSkipLayerNorm(FusionPass[SkipLayerNormMatch]):
     """Add + LayerNormalization(axis=-1) -> ``com.microsoft.SkipLayerNormalization`` (ONNX Runtime CPU)."""
 
     name = "fuse-skip-layer-norm"
@@ -51,16 +66,17 @@ class FuseSkipLayerNorm(FusionPass):
     def prepare(self, graph: Graph) -> None:
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> SkipLayerNormMatch | str:
+        # y = LayerNorm(a + b)
         if not is_onnx_op(anchor, "LayerNormalization"):
             return "a custom-domain op named LayerNormalization"
         if len([t for t in anchor.outputs if t.name]) != 1:
             return "the norm also writes its mean or inverse deviation"
         s = anchor.inputs[0]
-        add = graph.producer(s)
-        if add is None or not is_onnx_op(add, "Add"):
-            return "the norm's input is not an Add"
-        a, b = add.inputs
+        found = match(graph, RESIDUAL_SUM, s)
+        if isinstance(found, Miss):
+            return found.reason
+        add, a, b = found.node("add"), found.tensor("a"), found.tensor("b")
         shape = static_dims(s.shape)
         if shape is None or not shape or static_dims(a.shape) != shape or static_dims(b.shape) != shape:
             return f"the Add's operands do not have one static shape ({a.shape} and {b.shape})"
@@ -79,15 +95,15 @@ class FuseSkipLayerNorm(FusionPass):
             dims = list(value.shape) if value is not None else static_dims(t.shape)
             if dims != [hidden]:
                 return f"{role} has shape {dims}, not [{hidden}]"
-        return Match([add, anchor], {"sum_used": graph.is_graph_output(s) or len(s.outputs) > 1})
+        return SkipLayerNormMatch(nodes=[add, anchor], add=add, norm=anchor, sum_used=graph.is_graph_output(s) or len(s.outputs) > 1)
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
-        add, norm = m.nodes
+    def rewrite(self, graph: Graph, m: SkipLayerNormMatch) -> None:
+        add, norm = m.add, m.norm
         s = norm.inputs[0]
         ins = [add.inputs[0], add.inputs[1], norm.inputs[1]]
         if len(norm.inputs) > 2 and norm.inputs[2].name:
             ins.append(norm.inputs[2])
-        outs = [norm.outputs[0], graph.omitted(), graph.omitted(), s] if m.values["sum_used"] else [norm.outputs[0]]
+        outs = [norm.outputs[0], graph.omitted(), graph.omitted(), s] if m.sum_used else [norm.outputs[0]]
         eps = float(norm.attrs.get("epsilon", 1e-5))
         graph.add_node("SkipLayerNormalization", ins, outs, {"epsilon": eps}, prefix=self.name, domain=MS_DOMAIN, after=norm)
         graph.remove_nodes([add, norm])

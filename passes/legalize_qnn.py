@@ -49,13 +49,12 @@ from typing import Any
 
 import numpy as np
 
+from passes.constants import MASK_VALUE
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 
-#: Added to the scores of keys a query must not see; finite in fp16 (as retain-kv-cache's mask).
-MASK_VALUE = -10000.0
 #: ONNX TensorProto data types used below.
 _INT32, _BOOL = 6, 9
 # Ops whose output is bool whatever their inputs are.

@@ -4,7 +4,7 @@ Accelerator compilers want one fixed shape per compiled graph (QNN puts nearly
 everything on the CPU otherwise). This pass gives the named dimensions of the
 graph inputs their sizes, forgets every other shape (they name the old
 symbols), runs shape inference, and folds every ``Shape`` and ``Size`` and the
-arithmetic on them with :mod:`passes.fold_constants`' sweep (repeating while
+arithmetic on them with :mod:`passes.folding`' sweep (repeating while
 folding lets inference see more). The inferred output shapes are checked
 against the sizes their declared names give, so inconsistent sizes
 (``total_len != past_len + seq_len``) fail instead of producing a wrong graph.
@@ -42,7 +42,8 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-from passes.fold_constants import MAX_FOLD_BYTES, fold_constants
+from passes.constants import MAX_FOLD_BYTES
+from passes.folding import fold_constants
 from qgraph.errors import GraphCheckError, StaticShapeError
 from qgraph.ir.graph import Constant, Graph, Tensor
 from qgraph.pipeline.manager import Pass, PassResult

@@ -37,14 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from passes.constants import MASK_VALUE
 from qgraph.errors import RewriteError
 from qgraph.ir.graph import Graph, Node, Tensor, live_node_ids
 from qgraph.pipeline.manager import Pass, PassResult
 
 log = logging.getLogger(__name__)
 
-#: Added to the scores of slots a query must not see; finite in fp16.
-MASK_VALUE = -10000.0
 # Ops between a cache and its attention MatMul that only move or scale data.
 _LAYOUT_OPS = {"Transpose", "Reshape", "Mul", "Div", "Cast", "Identity", "Unsqueeze", "Squeeze", "Expand"}
 # Ops between the probabilities' Softmax and the value MatMul.

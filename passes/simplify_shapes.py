@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from passes.fold_constants import static_dims
+from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.manager import Pass, PassResult

@@ -12,7 +12,9 @@ from helpers import check_case, run_pass
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from passes.fold_constants import KERNELS, FoldConstants, fold_constants
+from passes.fold_constants import FoldConstants
+from passes.fold_kernels import KERNELS
+from passes.folding import fold_constants
 from qgraph.ir.graph import Graph
 
 

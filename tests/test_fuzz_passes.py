@@ -1,6 +1,6 @@
 """Fuzz every pass: on random graphs holding its pattern (perturbed or not), a pass declines
 (graph unchanged), refuses with a typed error, or rewrites to a graph that passes the ONNX
-checker and computes the same outputs (see tests/fuzz_strategies.py).
+checker and computes the same outputs (see tests/fuzz/, one strategy module per pass).
 
 CI runs :data:`EXAMPLES` derandomized examples per pass (the same ones every run);
 ``tools/fuzz_passes.py --examples N`` runs long campaigns with other seeds.
@@ -12,7 +12,7 @@ import collections
 import logging
 
 import pytest
-from fuzz_strategies import STRATEGIES, Case, check
+from fuzz import STRATEGIES, Case, check
 from hypothesis import HealthCheck, given, settings
 
 #: Examples per pass in CI.

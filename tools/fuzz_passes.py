@@ -4,7 +4,7 @@
     python tools/fuzz_passes.py --pass fuse-gelu --examples 2000 --seed 7
 
 The strategies and the check are those of ``tests/test_fuzz_passes.py`` (see
-``tests/fuzz_strategies.py``): on every example a pass must either decline
+``tests/fuzz/``, one strategy module per pass): on every example a pass must either decline
 (leaving the graph unchanged), refuse with a typed error, or rewrite it into a
 graph that passes the ONNX checker and computes the same outputs on random
 inputs. The run goes on after a failure; each failure is printed with its
@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def fuzz(name: str, examples: int, seed: int, show: int) -> collections.Counter[str]:
     """Run ``examples`` examples of one pass; returns the counts of outcomes."""
-    from fuzz_strategies import STRATEGIES, check
+    from fuzz import STRATEGIES, check
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hyp_seed
 
@@ -54,7 +54,7 @@ def fuzz(name: str, examples: int, seed: int, show: int) -> collections.Counter[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fuzz_strategies import STRATEGIES
+    from fuzz import STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -2,8 +2,10 @@
 
 Subclasses give the anchor op types to look at, a ``match`` that returns a
 :class:`Match` or the reason (a string) the candidate was declined, and a
-``rewrite`` that replaces the matched nodes. The base class walks the graph
-once, records every near miss with its reason, and can stop after the first
+``rewrite`` that replaces the matched nodes. Each fusion's match is a typed
+subclass of :class:`Match` holding what its rewrite reads
+(``FusionPass[NormMatch]``). The base class walks the graph once,
+records every near miss with its reason, and can stop after the first
 ``max_matches`` rewrites, which lets the pass-debugging tool bisect over match
 sites.
 """
@@ -11,8 +13,8 @@ sites.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.pipeline.manager import Pass, PassResult
@@ -20,17 +22,28 @@ from qgraph.pipeline.manager import Pass, PassResult
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Match:
-    """A site a fusion will rewrite: its nodes, and whatever rewrite needs."""
+    """A site a fusion will rewrite: its nodes (removed by the rewrite) and the kind of fusion.
+
+    A fusion subclasses it with typed fields for what its rewrite reads.
+    """
 
     nodes: list[Node]
-    values: dict[str, Any] = field(default_factory=dict)
+    #: The stat key of this rewrite when it differs by site ("gelu_tanh"); "" counts it under the pass's ``stat``.
     kind: str = ""
 
     @property
     def site(self) -> list[str]:
         return [n.name for n in self.nodes]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The match's fields by name, live (setting one sets the field): for tools and tests that patch a match."""
+        return vars(self)
+
+
+M = TypeVar("M", bound=Match)
 
 
 @dataclass
@@ -42,7 +55,7 @@ class NearMiss:
     reason: str
 
 
-class FusionPass(Pass):
+class FusionPass(Pass, Generic[M]):
     """Base of fusions; see the module docstring."""
 
     #: Op types a match starts from.
@@ -56,10 +69,10 @@ class FusionPass(Pass):
         self.near_misses: list[NearMiss] = []
         self.sites: list[list[str]] = []
 
-    def match(self, graph: Graph, anchor: Node) -> Match | str:
+    def match(self, graph: Graph, anchor: Node) -> M | str:
         raise NotImplementedError
 
-    def rewrite(self, graph: Graph, m: Match) -> None:
+    def rewrite(self, graph: Graph, m: M) -> None:
         raise NotImplementedError
 
     def prepare(self, graph: Graph) -> None:

@@ -1,0 +1,37 @@
+"""Shapes as the passes read them: static or not, rank, last dimension."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qgraph.ir.graph import Tensor
+
+
+def is_static(shape: Sequence[Any] | None) -> bool:
+    """True if ``shape`` is known and every dimension is a non-negative int."""
+    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
+
+
+def static_dims(shape: Sequence[Any] | None, rank: int | None = None) -> list[int] | None:
+    """The dimensions as ints if every one is a positive number (and there are ``rank`` of them), else None.
+
+    Positive: a 0 in a Reshape's target shape means "copy", so rewrites that
+    write shapes out keep away from empty tensors.
+    """
+    if shape is None or (rank is not None and len(shape) != rank):
+        return None
+    if not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def rank_of(tensor: Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def last_dim(tensor: Tensor) -> int | None:
+    shape = tensor.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
