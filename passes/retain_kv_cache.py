@@ -6,7 +6,7 @@ Before: each layer's ``present = Concat(past, new, axis=-2)`` grows the cache by
 
 After (the retained-state contract in DESIGN.md):
 
-* ``past_key.{i}`` / ``past_value.{i}`` are [batch, n_head, ctx_len, head_dim];
+* ``past_key.{i}`` / ``past_value.{i}`` are [batch, num_kv_heads, ctx_len, head_dim];
   the step's keys and values are written into them at ``position_ids`` with
   ``ScatterND`` (which every target lowers), and the updated caches are the
   outputs ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
@@ -39,8 +39,10 @@ import numpy as np
 
 from passes.constants import MASK_VALUE
 from qgraph.errors import RewriteError
-from qgraph.ir.graph import Graph, Node, Tensor, live_node_ids
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.structure import live_node_ids
 from qgraph.pipeline.manager import Pass, PassResult
+from qgraph.pipeline.options import check_at_least_one
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,9 @@ class RetainKvCache(Pass):
     name = "retain-kv-cache"
     produces = ("kv_retained",)
 
-    def __init__(self, ctx_len: int = 128) -> None:
-        if ctx_len < 1:
-            raise ValueError("ctx_len must be at least 1")
+    def __init__(self, *, ctx_len: int) -> None:
+        # ctx_len comes resolved from the options (qgraph.pipeline.options); a direct caller gets the same rule.
+        check_at_least_one("ctx_len", ctx_len)
         self.ctx_len = ctx_len
         self.declined: list[str] = []
 

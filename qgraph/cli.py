@@ -67,9 +67,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from qgraph.ir.graph import Graph
     from qgraph.ir.inspect import human_bytes
     from qgraph.pipeline.optimize import optimize
+    from qgraph.pipeline.options import check_pin
 
-    if (args.batch_size is None) != (args.seq_len is None):
-        raise QGraphError("give both --batch-size and --seq-len to pin shapes, or neither")
+    check_pin(args.batch_size, args.seq_len)
     graph = Graph.load(args.input)
     _progress(f"loaded {args.input} ({graph.node_count()} nodes, weights {human_bytes(graph.weights_nbytes())})")
     report = optimize(

@@ -42,7 +42,8 @@ import numpy as np
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
 from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, sha256_file, specializations
 from qgraph.errors import CompileError
-from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.ir.files import remove_model_files
+from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
 from qgraph.pipeline.optimize import graph_max_positions, run_passes
 from qgraph.pipeline.options import Options

@@ -1,4 +1,4 @@
-"""The passes package's layout: one pass per module, no pass importing another, shared helpers in their own modules, no long module."""
+"""The passes package's layout: one pass per module, no pass importing another, shared helpers in their own modules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from passes import ALL_PASSES
 
 PASSES_DIR = Path(__file__).resolve().parents[1] / "passes"
-MAX_LINES = 500
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -36,8 +35,3 @@ def test_no_pass_imports_another_pass_module() -> None:
         if other != m
     ]
     assert not bad, "shared code belongs in a helper module, not in a pass:\n" + "\n".join(bad)
-
-
-def test_no_module_is_over_the_line_budget() -> None:
-    long = {f.name: n for f in sorted(PASSES_DIR.glob("*.py")) if (n := len(f.read_text().splitlines())) > MAX_LINES}
-    assert not long, f"split these by topic (over {MAX_LINES} lines): {long}"

@@ -36,7 +36,7 @@ def test_dry_run_files_match_golden(dry_run: Path, name: str, request: pytest.Fi
 
 def test_dry_run_keeps_the_symbolic_graph(dry_run: Path) -> None:
     m = Manifest.load(dry_run)
-    assert m.target == "qaic" and m.target_options["num_cores"] == 14
+    assert m.target == "qaic" and m.options.target_options["num_cores"] == 14
     assert (dry_run / "model.onnx").is_file()
     from qgraph.ir.graph import Graph
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import GOLDEN_DIR, run_pass, session
 
 from passes.retain_kv_cache import RetainKvCache
-from qgraph.errors import RewriteError
+from qgraph.errors import OptionError, RewriteError
 from qgraph.ir.graph import Graph
 
 CASES = GOLDEN_DIR / "retain-kv-cache"
@@ -90,7 +90,7 @@ def test_missing_position_ids_is_a_clear_error() -> None:
 
 
 def test_ctx_len_must_be_positive() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError, match="ctx_len must be at least 1"):
         RetainKvCache(ctx_len=0)
 
 

@@ -51,7 +51,7 @@ PROMPTS = [[5, 17, 42], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [100, 3, 9, 
 
 def test_artifact_layout(artifact: Path) -> None:
     m = Manifest.load(artifact)
-    assert (m.target, m.batch_size, m.ctx_len, m.prefill_seq_len) == ("cpu", 2, CTX, PREFILL)
+    assert (m.target, m.options.batch_size, m.options.ctx_len, m.options.prefill_seq_len) == ("cpu", 2, CTX, PREFILL)
     assert [(s.name, s.seq_len) for s in m.specializations] == [("prefill", PREFILL), ("decode", 1)]
     names = sorted(p.name for p in artifact.iterdir())
     assert names == ["decode.onnx", "manifest.json", "prefill.onnx", "weights.data"]  # weights stored once
@@ -276,7 +276,7 @@ def test_an_artifact_compiled_in_format_1_still_opens(artifact: Path, tmp_path: 
     shape = [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in now.specializations]
     assert [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in before.specializations] == shape
     rt = Runtime(old)
-    assert (rt.batch_size, rt.prefill_seq_len, rt.prefill_len, rt.ctx_len) == (2, PREFILL, PREFILL, CTX)
+    assert (rt.batch_size, rt.prefill_seq_len, rt.ctx_len) == (2, PREFILL, CTX)
     assert rt.generate(PROMPTS, max_new_tokens=6).tokens == Runtime(artifact).generate(PROMPTS, max_new_tokens=6).tokens
     (old / "manifest.json").write_text(json.dumps({**json.loads(FORMAT_1.read_text()), "format": 3}))
     with pytest.raises(ArtifactError, match="has format 3, this qgraph reads 2 \\(and converts 1\\); recompile the artifact"):

@@ -38,9 +38,9 @@ def one_order(first: str, second: str, steps: int, prefills: int, threads: int) 
     from qgraph.runtime import Runtime
 
     ra, rb = Runtime(first, threads=threads), Runtime(second, threads=threads)
-    if (ra.batch_size, ra.prefill_len, ra.ctx_len) != (rb.batch_size, rb.prefill_len, rb.ctx_len):
+    if (ra.batch_size, ra.prefill_seq_len, ra.ctx_len) != (rb.batch_size, rb.prefill_seq_len, rb.ctx_len):
         raise SystemExit("the two artifacts differ in batch size, prefill length or ctx_len")
-    b, p, ctx = ra.batch_size, ra.prefill_len, ra.ctx_len
+    b, p, ctx = ra.batch_size, ra.prefill_seq_len, ra.ctx_len
     prompt = np.random.default_rng(0).integers(0, min(ra.vocab_size, rb.vocab_size), (b, p))
     positions = np.tile(np.arange(p), (b, 1))
     out: dict[str, Any] = {}

@@ -91,23 +91,6 @@ class Manifest:
     #: "consecutive" if the prefill graph takes the runtime's chunks only (see the module docstring), else "any".
     prefill_positions: str = "any"
 
-    # The options, read through the manifest (recorded once, in ``options``).
-    @property
-    def ctx_len(self) -> int:
-        return self.options.ctx_len
-
-    @property
-    def prefill_seq_len(self) -> int:
-        return self.options.prefill_seq_len
-
-    @property
-    def batch_size(self) -> int:
-        return self.options.batch_size
-
-    @property
-    def target_options(self) -> dict[str, Any]:
-        return dict(self.options.target_options)
-
     def spec(self, name: str) -> Specialization:
         for s in self.specializations:
             if s.name == name:

@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from qgraph.artifact.manifest import ArtifactError
-from qgraph.ir.graph import copy_range
+from qgraph.ir.files import copy_range
 from qgraph.ir.validate import resolve_external_path
 
 _ALIGN = 64

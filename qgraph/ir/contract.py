@@ -24,7 +24,7 @@ class CacheSpec:
     """The cache inputs of a retained-state graph."""
 
     names: list[str]
-    shape: tuple[int, ...]  # [batch, n_head, ctx_len, head_dim]
+    shape: tuple[int, ...]  # [batch, num_kv_heads, ctx_len, head_dim]
     dtype: np.dtype
 
     @property
@@ -54,7 +54,7 @@ def teacher_forced_logits(
     cache: CacheSpec,
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
-    prefill_len: int,
+    prefill_seq_len: int,
 ) -> list[list[np.ndarray]]:
     """Logits per row and step: prompt prefill (chunked, padded), then forced decode.
 
@@ -67,8 +67,8 @@ def teacher_forced_logits(
     done = [0] * batch
     first: list[np.ndarray | None] = [None] * batch
     while any(done[b] < len(prompts[b]) for b in range(batch)):
-        chunk = [list(prompts[b][done[b] : done[b] + prefill_len]) for b in range(batch)]
-        ids, pos = pad_chunk(chunk, done, prefill_len)
+        chunk = [list(prompts[b][done[b] : done[b] + prefill_seq_len]) for b in range(batch)]
+        ids, pos = pad_chunk(chunk, done, prefill_seq_len)
         out = prefill({"input_ids": ids, "position_ids": pos, **kv})
         kv = {n: out[n + RETAINED_SUFFIX] for n in cache.names}
         for b in range(batch):

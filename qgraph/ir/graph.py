@@ -35,11 +35,6 @@ from qgraph.ir.files import (
     reattach_file_values,
     write_model,
 )
-
-# Re-exported (``import x as x``): compile, the targets, the artifact and a pass import them from here.
-from qgraph.ir.files import copy_range as copy_range
-from qgraph.ir.files import remove_model_files as remove_model_files
-from qgraph.ir.structure import live_node_ids as live_node_ids
 from qgraph.ir.structure import live_nodes, onnx_checks, structure_problems, toposorted
 from qgraph.ir.validate import external_refs, validate_model
 

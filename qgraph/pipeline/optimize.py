@@ -12,17 +12,12 @@ import collections
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from qgraph.errors import OptionError
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import is_custom_domain
 from qgraph.pipeline.facts import observe
 from qgraph.pipeline.manager import Pass, PassManager, Report
-from qgraph.pipeline.options import DEFAULT_CTX_LEN, Options
-from qgraph.pipeline.registry import available_passes, build_passes, register_pass
-from qgraph.pipeline.stages import PIN, REWRITE
-
-#: The default pipeline's names (the rewrite, then pinning); kept for its importers, the stages are in qgraph.pipeline.stages.
-DEFAULT_PIPELINE: tuple[str, ...] = tuple(str(s) for s in REWRITE + PIN)
+from qgraph.pipeline.options import Options
+from qgraph.pipeline.registry import build_passes
 
 
 def graph_max_positions(graph: Graph) -> int | None:
@@ -81,30 +76,3 @@ def optimize(
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
     return run_passes(graph, passes, opts, check=check)
-
-
-# -- names kept for their importers (qgraph.devtools.debug); their homes are the modules named -------------
-def model_max_length(graph: Graph) -> int | None:
-    """:func:`graph_max_positions`."""
-    return graph_max_positions(graph)
-
-
-def default_ctx_len(graph: Graph) -> int:
-    """The ctx_len :meth:`Options.resolve` gives ``graph`` when none is asked."""
-    return Options.resolve(max_positions=graph_max_positions(graph)).ctx_len
-
-
-__all__ = [
-    "DEFAULT_CTX_LEN",
-    "DEFAULT_PIPELINE",
-    "OptionError",
-    "Options",
-    "available_passes",
-    "build_passes",
-    "default_ctx_len",
-    "graph_max_positions",
-    "model_max_length",
-    "optimize",
-    "register_pass",
-    "run_passes",
-]

@@ -52,6 +52,12 @@ def check_at_least_one(name: str, value: int | None) -> None:
         raise OptionError(f"{what} must be at least 1, got {value}; pass {flag} 1 or more")
 
 
+def check_pin(batch_size: int | None, seq_len: int | None) -> None:
+    """Rule: pinning one graph (``optimize``, the pass debugger) takes both a batch size and a seq_len, or neither."""
+    if (batch_size is None) != (seq_len is None):
+        raise OptionError("give both --batch-size and --seq-len to pin shapes, or neither")
+
+
 def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
     """Rules: no prompt is empty, and each leaves room to generate in ``ctx_len`` (when given).
 

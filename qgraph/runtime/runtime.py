@@ -89,10 +89,11 @@ class Runtime:
         m = self.manifest
         #: The options the artifact was compiled with, as the manifest recorded them.
         self.options = m.options
-        self.batch_size, self.ctx_len, self.prefill_seq_len = m.batch_size, m.ctx_len, m.prefill_seq_len
+        self.options = m.options
+        self.batch_size, self.ctx_len, self.prefill_seq_len = m.options.batch_size, m.options.ctx_len, m.options.prefill_seq_len
         self._ort = ort
         self._fed = self._load_fed_weights()  # before the sessions: a bad weights file is named here
-        self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.target_options, threads=threads)
+        self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.options.target_options, threads=threads)
                          for s in m.specializations}  # fmt: skip
         sess = self.sessions["decode"]
         self.cache_names = [i.name for i in sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))]
@@ -124,11 +125,6 @@ class Runtime:
                     b.bind_ortvalue_input(i.name, self._fed[i.name])
             self._bindings[key] = b
         return self._bindings[key]
-
-    @property
-    def prefill_len(self) -> int:
-        """:attr:`prefill_seq_len` (the name tools/ab_decode.py reads)."""
-        return self.prefill_seq_len
 
     def _load_fed_weights(self) -> dict[str, Any]:
         """The weights the artifact leaves to the runtime (``fed_weights``), one OrtValue per byte range."""

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.artifact.weights import feed_large_weights, share_weights
-from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.ir.files import remove_model_files
+from qgraph.ir.graph import Graph
 from qgraph.targets.base import Target, TargetError
 
 if TYPE_CHECKING:

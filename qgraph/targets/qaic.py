@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.ir.files import remove_model_files
+from qgraph.ir.graph import Graph
 from qgraph.targets.base import Target, TargetError
 
 if TYPE_CHECKING:

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgraph.errors import MissingDependencyError, PlacementError, StaticShapeError
-from qgraph.ir.graph import Graph, remove_model_files
+from qgraph.ir.files import remove_model_files
+from qgraph.ir.graph import Graph
 from qgraph.targets.base import Target
 
 if TYPE_CHECKING:

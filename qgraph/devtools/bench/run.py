@@ -135,7 +135,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     say("building the kernel ceiling (the decode graph's weight products alone)")
     ceiling_path = tmp / "products-only.onnx"
     ceiling_feeds, n_products, ceiling_bytes = write_products_only(art / rt.manifest.spec("decode").file, ceiling_path)
-    ceiling_sess = rt.target.create_session(ceiling_path, rt.manifest.target_options, threads=threads)
+    ceiling_sess = rt.target.create_session(ceiling_path, rt.options.target_options, threads=threads)
     remove_model_files(ceiling_path)  # the session holds its own (pre-packed) copy
     prompt = np.random.default_rng(0).integers(0, spec.vocab_size, prompt_len).tolist()
 
@@ -187,7 +187,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     bound_path = tmp / "bound-product.onnx"
     onnx.save(bound_model, str(bound_path))
     # The runtime's session settings, so that no engine's idle threads slow the next one down.
-    bound_sess = rt.target.create_session(bound_path, rt.manifest.target_options, threads=threads)
+    bound_sess = rt.target.create_session(bound_path, rt.options.target_options, threads=threads)
     bound_path.unlink()
     step_s, ceil_s, prod_s = paired_in_time(rt, [(ceiling_sess, ceiling_feeds), (bound_sess, bound_feeds)], prompt_len, ctx)
     bound_bytes = bound_feeds["w"].nbytes

@@ -17,8 +17,10 @@ from qgraph.devtools.debug.report import Bisection, DebugReport, StageRecord, js
 from qgraph.devtools.debug.third_party import load_pass_module, make_passes
 from qgraph.errors import GraphCheckError, PassError, QGraphError
 from qgraph.ir.graph import Graph
+from qgraph.pipeline.facts import observe
 from qgraph.pipeline.manager import Pass, PassResult, validate_order
-from qgraph.pipeline.optimize import Options, default_ctx_len
+from qgraph.pipeline.optimize import graph_max_positions
+from qgraph.pipeline.options import Options, check_pin
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +59,15 @@ def debug_passes(
     does not run, is reported as bad instead.
     """
     say = progress or (lambda msg: None)
-    if (batch_size is None) != (seq_len is None):
-        raise QGraphError("give both --batch-size and --seq-len to pin shapes, or neither")
-    for what, value in (("ctx_len", ctx_len), ("batch size", batch_size), ("seq_len", seq_len)):
-        if value is not None and value < 1:
-            raise QGraphError(f"{what} must be at least 1, got {value}")
+    check_pin(batch_size, seq_len)
     if not atol >= 0:
         raise QGraphError(f"atol must be a non-negative number, got {atol}")
     for m in pass_modules:
         load_pass_module(m)
     graph = model if isinstance(model, Graph) else Graph.load(model)
-    opts = Options(ctx_len=ctx_len or default_ctx_len(graph), batch_size=batch_size, seq_len=seq_len)
+    opts = Options.resolve(ctx_len=ctx_len, batch_size=batch_size, seq_len=seq_len, max_positions=graph_max_positions(graph))
     instances = make_passes(passes, opts)
-    validate_order(instances)
+    validate_order(instances, observe(graph))
 
     sig = signature(graph)
     fixed = fixed_inputs(graph, sig, batch_size=batch_size, ctx_len=opts.ctx_len, prompt_len=prompt_len, decode_steps=decode_steps,

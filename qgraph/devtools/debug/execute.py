@@ -203,18 +203,18 @@ def _retained_logits(step: _Session, graph: Graph, sig: Signature, fixed: FixedI
     cache = CacheSpec(list(sig.pasts), (fixed.batch, int(shape[1]), ctx, int(shape[3])), np.dtype(ins[sig.pasts[0]].dtype or np.float32))
     seq = (ins["input_ids"].shape or [None, None])[1]
     pinned = isinstance(seq, int)
-    prefill_len = int(seq) if pinned else fixed.prompt_len  # type: ignore[arg-type]
+    prefill_seq_len = int(seq) if pinned else fixed.prompt_len  # type: ignore[arg-type]
 
     def decode(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if pinned and prefill_len > 1:
+        if pinned and prefill_seq_len > 1:
             # The pinned graph decodes one token padded to its width (position -1 = padding).
-            ids = np.zeros((fixed.batch, prefill_len), np.int64)
-            pos = np.full((fixed.batch, prefill_len), -1, np.int64)
+            ids = np.zeros((fixed.batch, prefill_seq_len), np.int64)
+            pos = np.full((fixed.batch, prefill_seq_len), -1, np.int64)
             ids[:, :1], pos[:, :1] = feeds["input_ids"], feeds["position_ids"]
             feeds = {**feeds, "input_ids": ids, "position_ids": pos}
         return step(feeds)
 
-    steps = teacher_forced_logits(step, decode, cache, fixed.prompts, fixed.continuations, prefill_len)
+    steps = teacher_forced_logits(step, decode, cache, fixed.prompts, fixed.continuations, prefill_seq_len)
     out: dict[Key, np.ndarray] = {}
     for b, row in enumerate(steps):
         for k, logits in enumerate(row):

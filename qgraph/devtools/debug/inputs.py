@@ -39,7 +39,7 @@ import numpy as np
 from qgraph.errors import GraphCheckError
 from qgraph.ir.contract import RETAINED_SUFFIX
 from qgraph.ir.graph import Graph
-from qgraph.pipeline.optimize import model_max_length
+from qgraph.pipeline.optimize import graph_max_positions
 
 DEFAULT_BATCH = 2
 PROMPT_LEN = 7
@@ -176,7 +176,7 @@ def fixed_inputs(
         ctx_len = int(shape[2])
     if seq_len is None and ids.shape and len(ids.shape) > 1 and isinstance(ids.shape[1], int):
         seq_len = int(ids.shape[1])
-    context = min(ctx_len, model_max_length(graph) or ctx_len)
+    context = min(ctx_len, graph_max_positions(graph) or ctx_len)
     if context < 2:
         raise GraphCheckError(f"a context of {context} tokens is too short to prefill and decode; raise --ctx-len")
     width = seq_len or 1

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from qgraph.errors import PassError, UnknownPassError
 from qgraph.pipeline.manager import Pass
-from qgraph.pipeline.optimize import Options, build_passes, register_pass
+from qgraph.pipeline.options import Options
+from qgraph.pipeline.registry import build_passes, register_pass
 
 log = logging.getLogger(__name__)
 
