@@ -25,6 +25,7 @@ from pathlib import Path
 # Run from a checkout without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qgraph.cli import CTX_HELP  # noqa: E402
 from qgraph.errors import QGraphError  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="comma-separated pass names (default: the default pipeline)")
     p.add_argument("--pass-module", action="append", default=[], type=Path, metavar="FILE.py",
                    help="load qgraph.Pass subclasses from a Python file, to name in --passes (repeatable)")  # fmt: skip
-    p.add_argument("--ctx-len", type=int, default=None, help="KV cache length (default 128, or the model's maximum if smaller)")
+    p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="pin the batch size (with --seq-len); also the inputs' batch")
     p.add_argument("--seq-len", type=int, default=None, help="pin the sequence length (with --batch-size)")
     p.add_argument("--out", type=Path, default=Path("debug_passes_out"), help="dump folder (default debug_passes_out/)")

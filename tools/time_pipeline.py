@@ -19,7 +19,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ctx-len", type=int, default=128)
+    ap.add_argument("--ctx-len", type=int, default=None, help="default: the options' default")
     args = ap.parse_args()
     best: dict[str, float] = {}
     for f in args.files:

@@ -114,12 +114,3 @@ class FusionPass(Pass, Generic[M]):
 def only_consumer(tensor: Tensor, node: Node) -> bool:
     """True if ``node`` is the single consumer of ``tensor`` (so it can be fused away)."""
     return len(tensor.outputs) == 1 and tensor.outputs[0] is node
-
-
-def single_consumer(tensor: Tensor, op: str | tuple[str, ...]) -> Node | None:
-    """The one consumer of ``tensor`` if it has exactly one and its op is ``op``."""
-    ops = (op,) if isinstance(op, str) else op
-    if len(tensor.outputs) != 1:
-        return None
-    n = tensor.outputs[0]
-    return n if n.op in ops else None

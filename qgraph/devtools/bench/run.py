@@ -18,6 +18,7 @@ from qgraph.devtools.bench.report import BenchReport, Result
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import ModelSpec, family_of, random_family, random_shapes, spec_of
+from qgraph.pipeline.options import DEFAULT_CTX_LEN
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     hf = load_model(folder)
     spec = spec_of(hf.config)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - family_of(hf.config).unread_weight_bytes(hf)
-    ctx = min(spec.max_positions, max(128, prompt_len + new_tokens))
+    ctx = min(spec.max_positions, max(DEFAULT_CTX_LEN, prompt_len + new_tokens))
     raw = tmp / "raw.onnx"
     if not raw.is_file():
         say("exporting the plain model")
