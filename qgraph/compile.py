@@ -10,7 +10,9 @@ any of them runs.
 
 * ``manifest.json`` (:mod:`qgraph.artifact.manifest`): qgraph version, target,
   the resolved options, specializations with their files, the IO contract,
-  the pass reports, content hashes, and ``prefill_positions``:
+  the pass reports, the sha256 of every file (checked when the artifact is
+  opened, :mod:`qgraph.artifact.verify`), ``dry_run`` (the target wrote its
+  compiler's inputs only), and ``prefill_positions``:
   ``"consecutive"`` where the prefill graph takes the runtime's chunks only
   (``fuse-decode-attention`` reported it rewrote a chunk: in each row,
   consecutive positions from the chunk's first token, padding -1 only after
@@ -40,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
-from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, sha256_file, specializations
+from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, specializations
+from qgraph.artifact.verify import hash_tree
 from qgraph.errors import CompileError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
@@ -161,8 +164,9 @@ def compile_artifact(
             pass_reports=reports,
             fed_weights=extra.get("fed_weights", {}),
             prefill_positions="consecutive" if chunked else "any",
+            dry_run=bool(extra.get("dry_run", False)),
         )
-        manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest.hashes = hash_tree(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
         replace_dir(tmp, out)
     except BaseException:

@@ -86,12 +86,14 @@ def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], art
     out = rt.generate(PROMPTS, max_new_tokens=10)
     for prompt, got in zip(PROMPTS, out.tokens):
         assert got == _hf_greedy(hf[0], prompt, 10)
-    # A weights file cut short is reported, not read past.
+    # A weights file cut short is reported, not read past: by its hash, and (unchecked) by the weight it ends in.
     w = next(iter(m.fed_weights.values()))
     with open(fed / "weights.data", "r+b") as f:
         f.truncate(int(w["offset"]) + 8)
-    with pytest.raises(GenerationError, match="ends before weight"):
+    with pytest.raises(ArtifactError, match="weights.data .* does not match its sha256"):
         Runtime(fed)
+    with pytest.raises(GenerationError, match="ends before weight"):
+        Runtime(fed, verify=False)
 
 
 def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
@@ -227,6 +229,7 @@ def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:
 def test_manifest_is_json(artifact: Path) -> None:
     data = json.loads((artifact / "manifest.json").read_text())
     assert data["prefill_positions"] == "any"  # batch 2: the prefill keeps the general graph, any positions
+    assert data["dry_run"] is False  # compiled: the runtime may run it
 
 
 def _keys(x: Any, skip: tuple[str, ...] = ("pass_reports", "io")) -> list[str]:
