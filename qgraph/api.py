@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
-from qgraph.artifact.manifest import ArtifactError, Manifest
-from qgraph.artifact.verify import STAMP, hash_tree, verify_artifact, verify_files
+from qgraph.artifact.manifest import MANIFEST, ArtifactError, Manifest
+from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_artifact, verify_files
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts
@@ -103,19 +103,25 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def check_cached_artifact(entry: Path) -> None:
-    """Raise :class:`ArtifactError` unless ``entry`` is a complete artifact whose files match its manifest."""
-    verify_artifact(entry, Manifest.load(entry))
+def check_cached_artifact(entry: Path, target: str, options: Options) -> None:
+    """Raise :class:`ArtifactError` unless ``entry`` is a complete artifact of ``target`` compiled with
+    ``options`` (those of its key) whose files match its manifest."""
+    manifest = Manifest.load(entry)
+    if (manifest.target, manifest.options) != (target, options):
+        raise ArtifactError(f"{entry / MANIFEST} records target {manifest.target} with {manifest.options.to_dict()}, not those of "
+                            f"its key ({target} with {options.to_dict()}); recompile the artifact")  # fmt: skip
+    verify_artifact(entry, manifest)
 
 
 def check_cached_export(entry: Path) -> None:
     """Raise :class:`ArtifactError` unless ``entry`` holds an export whose files match its record."""
+    text = read_small_file(entry / EXPORT_RECORD)
     try:
-        hashes = json.loads((entry / EXPORT_RECORD).read_text())["hashes"]
+        hashes = json.loads(text)["hashes"] if text is not None else None
         if not isinstance(hashes, dict):
-            raise TypeError("'hashes' is not a map")
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ArtifactError(f"{entry / EXPORT_RECORD} cannot be read ({e}); the export must be made again") from None
+            raise TypeError("no 'hashes' map")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{entry / EXPORT_RECORD} is missing or unreadable ({e}); the export must be made again") from None
     verify_files(entry, hashes, ["model.onnx"], record=EXPORT_RECORD, graphs=["model.onnx"])
 
 
@@ -313,7 +319,7 @@ class AutoModelForCausalLM:
             key = cache_key("compile", self._model_digest(), str(onnx_path), target, opts.to_dict(), dry_run, rewrite, specialize,
                             library_versions(), code_digest())  # fmt: skip
             out = qgraph_home() / "artifacts" / key
-            self._cached(out, "artifact", check_cached_artifact,
+            self._cached(out, "artifact", lambda entry: check_cached_artifact(entry, target, opts),
                          lambda: compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress))  # fmt: skip
         self.artifact_dir = out
         self._options = opts

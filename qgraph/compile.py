@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
-from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, specializations
+from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, model_info, specializations
 from qgraph.artifact.verify import hash_tree
 from qgraph.errors import CompileError
 from qgraph.ir.files import remove_model_files
@@ -74,6 +74,17 @@ def retained_cache_len(graph: Graph) -> int | None:
     kv = next((t for t in graph.inputs if t.name.startswith("past_key.")), None)
     shape = list(kv.shape or []) if kv is not None else []
     return int(shape[2]) if len(shape) == 4 and isinstance(shape[2], int) else None
+
+
+def check_pinned(graph: Graph, spec: Specialization) -> None:
+    """A specialization's graph takes its shape: a graph already pinned to another one cannot be re-pinned."""
+    ids = next((t for t in graph.inputs if t.name == "input_ids"), None)
+    shape = list(ids.shape or []) if ids is not None else []
+    if shape != [spec.batch_size, spec.seq_len]:
+        raise CompileError(
+            f"the {spec.name} specialization takes input_ids [{spec.batch_size}, {spec.seq_len}] but the graph's is {shape}: it was "
+            "pinned to other shapes; compile the raw export or a graph optimized without --batch-size/--seq-len"
+        )
 
 
 def _say(progress: Progress | None, msg: str) -> None:
@@ -147,6 +158,7 @@ def compile_artifact(
             _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {spec.ctx_len})")
             g = Graph.load(base)
             report = run_passes(g, specialize, replace(opts, seq_len=spec.seq_len), initial_facts=facts)
+            check_pinned(g, spec)
             reports[spec.name] = report.to_dict()
             chunked = chunked or PREFILL_CHUNKS_CONSECUTIVE in report.facts
             _say(progress, f"compiling {spec.name} for {target}")

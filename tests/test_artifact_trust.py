@@ -115,6 +115,10 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "weights-not-hashed": (lambda a: _edit_manifest(a, lambda d: d["hashes"].pop("weights.data")), "weights.data"),
     "truncated-manifest": (lambda a: _truncate(a / "manifest.json"), "manifest.json"),
     "garbage-graph": (_garbage_graph, "decode.onnx"),
+    "fifo-weights": (lambda a: ((a / "weights.data").unlink(), os.mkfifo(a / "weights.data")), "weights.data"),
+    "options-edited": (lambda a: _edit_manifest(a, lambda d: d["options"].update(batch_size=2)), "prefill.onnx"),
+    "fed-weight-without-file": (lambda a: _edit_manifest(a, lambda d: d.update(fed_weights={"w": {}})), "manifest.json"),
+    "no-decode": (lambda a: _edit_manifest(a, lambda d: d.update(specializations=d["specializations"][:1])), "manifest.json"),
 }
 
 
@@ -133,7 +137,9 @@ def test_a_damaged_explicit_artifact_fails_in_one_line_naming_the_file(artifact:
     assert "recompile" in message
 
 
-@pytest.mark.parametrize("damage", ["flipped-weights", "truncated-weights", "missing-graph", "zeroed-hashes", "truncated-manifest"])
+@pytest.mark.parametrize(
+    "damage", ["flipped-weights", "truncated-weights", "missing-graph", "zeroed-hashes", "truncated-manifest", "options-edited"]
+)
 def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(
     hf: tuple[Path, Any, list[int]], home: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -149,7 +155,7 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert again.compile("cpu", **OPTS) == art
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(name in w and "rebuil" in w for w in warned), warned
+    assert any((name if damage != "options-edited" else "manifest.json") in w and "rebuil" in w for w in warned), warned
     assert again.generate(input_ids=[PROMPT], max_new_tokens=NEW).tokens[0] == ref
     Runtime(art)  # the rebuilt entry verifies
 
@@ -217,6 +223,22 @@ def test_a_verification_of_files_just_written_is_not_recorded(artifact: Path, tm
     Runtime(art)
     Runtime(art)
     assert hashed.count("weights.data") == 2
+
+
+def test_a_graph_pinned_to_other_shapes_is_refused_at_compile(tmp_path: Path) -> None:
+    from helpers import OPTIMUM
+
+    from qgraph.compile import CompileError, compile_model
+    from qgraph.ir.graph import Graph
+    from qgraph.pipeline.optimize import optimize
+
+    g = Graph.load(OPTIMUM)
+    optimize(g, ctx_len=32, batch_size=1, seq_len=8)  # every dim pinned: a prompt chunk of 8 tokens
+    g.save(tmp_path / "pinned.onnx")
+    with pytest.raises(CompileError, match="decode") as info:
+        compile_model(tmp_path / "pinned.onnx", "cpu", tmp_path / "art", prefill_seq_len=8, ctx_len=32)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "art").exists()
 
 
 # --------------------------------------------------------------------------- confinement (item 2)

@@ -121,13 +121,14 @@ def test_specializations_and_custom_io_match_the_written_model(which: str, reque
 
 
 def test_a_pinned_graph_is_refused_in_one_line(tmp_path: Path) -> None:
+    from qgraph.errors import QGraphError
     from qgraph.ir.graph import Graph
     from qgraph.pipeline.optimize import optimize
 
     g = Graph.load(RAW)
     optimize(g, ctx_len=64, batch_size=1, seq_len=16)
     g.save(tmp_path / "pinned.onnx")
-    with pytest.raises(TargetError, match="input_ids") as info:
+    with pytest.raises(QGraphError, match="input_ids") as info:
         compile_model(tmp_path / "pinned.onnx", "qaic", tmp_path / "art", prefill_seq_len=16, ctx_len=64, dry_run=True)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "art").exists()

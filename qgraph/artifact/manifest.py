@@ -137,9 +137,11 @@ class Manifest:
         shapes = {s.name: s for s in specializations(options)}
         specs = []
         for entry in data["specializations"]:
-            spec = shapes[entry["name"]]
+            spec = shapes.pop(entry["name"])  # each specialization once
             spec.file, spec.extra_files = str(entry["file"]), list(entry.get("extra_files", []))
             specs.append(spec)
+        if shapes:
+            raise ValueError(f"no {' or '.join(shapes)} specialization")
         return cls(qgraph_version=data["qgraph_version"], target=data["target"], options=options, specializations=specs,
                    io=data["io"], model=data["model"], pass_reports=data["pass_reports"], hashes=data.get("hashes", {}),
                    format=data["format"], fed_weights=data.get("fed_weights", {}),
@@ -159,10 +161,10 @@ class Manifest:
             manifest = cls.from_dict(data)
             if not isinstance(manifest.hashes, dict) or not all(isinstance(v, str) for v in manifest.hashes.values()):
                 raise ValueError("'hashes' is not a map of file names to digests")
+            for what, name in [*manifest.named_files(), *(("a hashed file", h) for h in manifest.hashes)]:
+                confined(Path(artifact_dir), name, what)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ArtifactError(f"{path} is not a valid manifest ({e}); recompile the artifact") from None
-        for what, name in [*manifest.named_files(), *(("a hashed file", h) for h in manifest.hashes)]:
-            confined(Path(artifact_dir), name, what)
+            raise ArtifactError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); recompile the artifact") from None
         return manifest
 
 

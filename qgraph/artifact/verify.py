@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -104,6 +105,8 @@ def _check_contents(folder: Path, hashes: Mapping[str, str], where: Path) -> Non
             st = path.stat()
         except OSError:
             raise ArtifactError(f"{path} is missing; the artifact is incomplete: recompile it") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+            raise ArtifactError(f"{path} is not a regular file; recompile the artifact")
         stats[name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         if trusted.get(name) == stats[name]:
             continue
@@ -124,11 +127,23 @@ def _check_contents(folder: Path, hashes: Mapping[str, str], where: Path) -> Non
 
 
 def _read_stamp(folder: Path) -> dict[str, Any]:
+    text = read_small_file(folder / STAMP)
     try:
-        data = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
+        data = json.loads(text) if text is not None else {}
+    except ValueError:
         return {}
     return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {}
+
+
+def read_small_file(path: Path, limit: int = 1 << 20) -> str | None:
+    """The text of ``path`` if it is a regular file of at most ``limit`` bytes, else None (never blocks on a FIFO)."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _write_stamp(folder: Path, stamp: dict[str, Any]) -> None:

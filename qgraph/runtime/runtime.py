@@ -103,6 +103,7 @@ class Runtime:
         self._ort = ort
         self._fed = self._load_fed_weights()  # before the sessions: a bad weights file is named here
         self.sessions = {s.name: self._session(s.file, threads) for s in m.specializations}
+        self._check_shapes()
         sess = self.sessions["decode"]
         self.cache_names = [i.name for i in sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))]
         kv = next(i for i in sess.get_inputs() if i.name == self.cache_names[0])
@@ -142,6 +143,18 @@ class Runtime:
         except Exception as e:  # ONNX Runtime raises its own types; one line, not its traceback
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ArtifactError(f"ONNX Runtime cannot load {self.dir / file}: {first[:300]}; recompile the artifact") from None
+
+    def _check_shapes(self) -> None:
+        """Each graph takes the shapes the manifest's options give it (a manifest edited or damaged after the compile would not)."""
+        for s in self.manifest.specializations:
+            inputs = {i.name: list(i.shape) for i in self.sessions[s.name].get_inputs()}
+            kv = [shape for name, shape in inputs.items() if name.startswith(("past_key.", "past_value."))]
+            want = {"input_ids": [s.batch_size, s.seq_len], "cache": [s.batch_size, s.ctx_len]}
+            got = {"input_ids": inputs.get("input_ids"), "cache": [kv[0][0], kv[0][2]] if kv and len(kv[0]) == 4 else None}
+            for what in want:
+                if got[what] != want[what]:
+                    raise ArtifactError(f"{self.dir / s.file} takes {what} {got[what]} but manifest.json gives the {s.name} "
+                                        f"specialization {want[what]}; recompile the artifact")  # fmt: skip
 
     def _load_fed_weights(self) -> dict[str, Any]:
         """The weights the artifact leaves to the runtime (``fed_weights``), one OrtValue per byte range."""
