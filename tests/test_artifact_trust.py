@@ -196,8 +196,10 @@ def test_verification_is_recorded_and_any_change_is_still_seen(artifact: Path, t
     Runtime(art)
     assert sorted(hashed) == ["decode.onnx", "prefill.onnx", "weights.data"]
     hashed.clear()
+    recorded = (art / verify.STAMP).stat().st_mtime_ns
     Runtime(art)
     assert hashed == [], "an unchanged artifact was hashed again"
+    assert (art / verify.STAMP).stat().st_mtime_ns == recorded, "an unchanged record was written again"
     # A write that puts the old modification time back still changes the inode's change time.
     st = (art / "weights.data").stat()
     _flip(art / "weights.data")

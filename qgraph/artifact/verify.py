@@ -120,8 +120,8 @@ def _check_contents(folder: Path, hashes: Mapping[str, str], where: Path) -> Non
             )
     # Only files old enough that a later write must change their stat are recorded.
     settled = {name: s for name, s in stats.items() if max(s[3], s[4]) < started - RECENT_NS}
-    if settled:
-        stamp = {"manifest": manifest_digest, "files": settled}
+    stamp = {"manifest": manifest_digest, "files": settled}
+    if settled and stamp != seen:  # an unchanged record is not written again
         _SEEN[key] = stamp
         _write_stamp(folder, stamp)
 
