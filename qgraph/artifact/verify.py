@@ -126,6 +126,13 @@ def _check_contents(folder: Path, hashes: Mapping[str, str], where: Path) -> Non
         _write_stamp(folder, stamp)
 
 
+def forget_verification(folder: Path) -> None:
+    """Drop the record of ``folder``'s last verification (on disk and in this process): the next open hashes every file."""
+    _SEEN.pop(str(folder.resolve()), None)
+    with contextlib.suppress(OSError):
+        (folder / STAMP).unlink()
+
+
 def _read_stamp(folder: Path) -> dict[str, Any]:
     text = read_small_file(folder / STAMP)
     try:
