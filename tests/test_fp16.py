@@ -7,7 +7,8 @@ and PyTorch round at different places (ORT's CPU provider runs most float16 node
 inserts, the HTP has its own kernels). The logits reach about 6 here, where float16
 values are 2**-8 (0.004) apart; the largest difference from Hugging Face float16 measured over these prompts
 was 0.01 (cpu) and 0.017 (qnn), a few units in the last place. ATOL16 = 0.06 leaves a 3.5x margin and is still
-far below what a wrong cache slot or position does to these logits (0.3 and more). The float32 tokens agree
+far below what a wrong cache slot or position does to these logits (1 and more: measured with the decode
+position frozen, one too high, and the prompt's chunks starting one too late). The float32 tokens agree
 because the float32 greedy path's top-2 gap is at least 0.2 at every step here, over 3x ATOL16 (asserted):
 no rounding of that size can swap the two.
 """
