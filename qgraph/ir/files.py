@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ class _FileValues(LazyValues):  # type: ignore[misc]
             return f.read(self.length)
 
 
+def file_backed(tensor: TensorProto, ref: ExternalRef | None) -> LazyValues:
+    """Lazy values of ``tensor``: read from its checked external file (``ref``), else from the proto."""
+    return _FileValues(tensor, ref.path, ref.offset, ref.length) if ref is not None else LazyValues(tensor)
+
+
 # ---------------------------------------------------------------------- load
 def read_model(p: Path) -> onnx.ModelProto:
     """The ModelProto of the ONNX file ``p``, external data left on disk.
@@ -89,9 +94,10 @@ def attach_file_values(g: gs.Graph, externals: Mapping[str, ExternalRef]) -> Non
             tensor._values = _FileValues(tensor._values.tensor, ref.path, ref.offset, ref.length)
 
 
-def file_values(g: gs.Graph) -> dict[str, _FileValues]:
-    """Name -> lazy values of every constant of ``g`` that is still read from its file."""
-    return {t.name: t._values for t in g.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
+def file_values(g: gs.Graph, extra: Iterable[gs.Constant] = ()) -> dict[str, _FileValues]:
+    """Name -> lazy values of every constant of ``g`` (and of ``extra``) that is still read from its file."""
+    constants = [*g.tensors().values(), *extra]
+    return {t.name: t._values for t in constants if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
 
 
 # ---------------------------------------------------------------------- save
@@ -154,10 +160,12 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
     return moved
 
 
-def reattach_file_values(g: gs.Graph, model: onnx.ModelProto, moved: Mapping[str, tuple[int, int]], data_path: Path) -> None:
-    """Make the tensors :func:`write_model` moved read their values from ``data_path``, the file just written."""
+def reattach_file_values(
+    g: gs.Graph, model: onnx.ModelProto, moved: Mapping[str, tuple[int, int]], data_path: Path, extra: Iterable[gs.Constant] = ()
+) -> None:
+    """Make the tensors :func:`write_model` moved (of ``g`` and ``extra``) read their values from ``data_path``, the file just written."""
     by_name = {t.name: t for t in model.graph.initializer}
-    for t in g.tensors().values():
+    for t in [*g.tensors().values(), *extra]:
         if isinstance(t, gs.Constant) and t.name in moved:
             offset, nbytes = moved[t.name]
             t._values = _FileValues(copy.deepcopy(by_name[t.name]), data_path, offset, nbytes)
