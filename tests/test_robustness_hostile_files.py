@@ -22,7 +22,9 @@ import pytest
 from helpers import OPTIMUM, cli_command, run_all
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph.errors import InvalidModelError, ModelLoadError
+from qgraph.cli import main
+from qgraph.errors import InvalidModelError, ModelLoadError, QGraphError
+from qgraph.ir import files
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import validate_model
 
@@ -540,6 +542,45 @@ def test_legal_subgraphs_and_functions_still_load() -> None:
     model.graph.node[0].attribute.append(helper.make_attribute("scale", helper.make_tensor("s", TensorProto.FLOAT, [], [2.0])))
     onnx.checker.check_model(model, full_check=True)
     Graph.from_proto(model)
+
+
+def _sparse_model(folder: Path, nbytes: int) -> Path:
+    """y = x @ W with W [nbytes/16, 4] float32 in a sparse file: it declares ``nbytes`` and holds almost nothing on disk."""
+    rows = nbytes // 16
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[rows, 4], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "w.bin"), ("offset", "0"), ("length", str(nbytes))):
+        w.external_data.add(key=k, value=v)
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [1, rows])], [_vi("y", [1, 4])], [w])
+    path = _save(model, folder)
+    with open(folder / "w.bin", "wb") as f:
+        f.truncate(nbytes)  # a hole: no block is written
+    return path
+
+
+def test_an_output_that_cannot_fit_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # 16 MiB declared by a sparse file, 1 MiB free on the output's filesystem (the probe is patched: nothing
+    # is filled): save and `qgraph optimize` refuse in one line and leave nothing behind, inline or external.
+    path = _sparse_model(tmp_path / "m", 16 << 20)
+    assert path.stat().st_size < 200
+    probed: list[Path] = []
+    monkeypatch.setattr(files, "free_bytes", lambda p: probed.append(p) or 1 << 20, raising=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    g = Graph.load(path)
+    for external in (True, False):
+        with pytest.raises(QGraphError, match=r"needs 16\.0 MiB .* has 1\.0 MiB free"):
+            g.save(out_dir / "out.onnx", external=external)
+        assert not list(out_dir.iterdir())
+    assert main(["optimize", str(path), "-o", str(out_dir / "out.onnx"), "--passes", "fold-constants,cleanup"]) == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]  # after the progress lines
+    assert "Traceback" not in err and line.startswith("qgraph optimize: error: ") and "sparse" in line, err
+    assert not list(out_dir.iterdir()) and probed
+    # With room enough the same model is written (its hole copied as zeros).
+    monkeypatch.setattr(files, "free_bytes", lambda p: 1 << 40)
+    g.save(out_dir / "out.onnx", external=True)
+    assert (out_dir / "out.onnx.data").stat().st_size >= 16 << 20
 
 
 def test_validation_is_cheap_on_a_large_graph() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from qgraph.errors import ModelLoadError
+from qgraph.errors import DiskSpaceError, ModelLoadError
 from qgraph.ir.validate import ExternalRef
 
 #: Models whose weights add up to more than this are saved with external data.
@@ -110,14 +111,53 @@ def inline_file_values(model: onnx.ModelProto, lazy: Mapping[str, _FileValues]) 
             del t.external_data[:]
 
 
+def free_bytes(folder: Path) -> int:
+    """Bytes an ordinary user may still write on ``folder``'s filesystem (the probe tests replace)."""
+    return shutil.disk_usage(folder).free
+
+
+def check_room(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues]) -> None:
+    """Raise :class:`DiskSpaceError` unless writing ``model`` (and the weights ``lazy`` holds) fits beside ``out``.
+
+    A weights file may be sparse: a tiny model can declare a terabyte that its
+    file does not hold, and copying it would fill the disk. So the bytes to
+    write are counted from what the model declares, before anything is written.
+    """
+    sources = [lazy[t.name] for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL and t.name in lazy]
+    needed = model.ByteSize() + sum(s.length for s in sources) + _ALIGN * len(model.graph.initializer)
+    free = free_bytes(out.parent)
+    if needed <= free:
+        return
+    hint = ""
+    files = {s.path for s in sources}
+    declared = sum(s.length for s in sources)
+    held = sum(p.stat().st_blocks * 512 for p in files)
+    if declared > 2 * held:
+        hint = f" (its weights come from a sparse file: {_size(declared)} declared, {_size(held)} on disk)"
+    raise DiskSpaceError(
+        f"writing {out.name} needs {_size(needed)} but {out.parent} has {_size(free)} free{hint}; "
+        "free some space or write the output elsewhere"
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
 def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues], *, external: bool) -> dict[str, tuple[int, int]]:
     """Write ``model`` to ``out``; with ``external`` its large weights go to ``<out>.data``.
 
     ``lazy`` (:func:`file_values`) gives the source of each tensor still on
-    disk; its bytes are streamed, never held whole. Both files are written
-    under temporary names and renamed when complete. Returns name ->
-    (offset, length) of each tensor written to the weights file.
+    disk; its bytes are streamed, never held whole. The free space is checked
+    first (:func:`check_room`); both files are written under temporary names
+    and renamed when complete. Returns name -> (offset, length) of each tensor
+    written to the weights file.
     """
+    check_room(model, out, lazy)
     data_name = out.name + ".data"
     tmp_files: list[Path] = []
     moved: dict[str, tuple[int, int]] = {}
