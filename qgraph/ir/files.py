@@ -6,7 +6,7 @@ pass asks for that one tensor's values. Saving streams external tensors from
 their source file into the new weights file in chunks, so a large model is
 never held in memory twice, and the 2 GB protobuf limit never applies to the
 graph file. Both files are written under temporary names and renamed when
-complete.
+complete, with the mode the umask gives a new file.
 
 These helpers work on onnx-graphsurgeon graphs and ModelProtos, never on a
 :class:`qgraph.ir.graph.Graph`: the graph core calls them from ``load``,
@@ -111,6 +111,17 @@ def inline_file_values(model: onnx.ModelProto, lazy: Mapping[str, _FileValues]) 
             del t.external_data[:]
 
 
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (``mkstemp`` makes its files 0600 whatever the umask)."""
+    try:  # Linux says it without changing it (os.umask can only be read by setting it, which races other threads)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def free_bytes(folder: Path) -> int:
     """Bytes an ordinary user may still write on ``folder``'s filesystem (the probe tests replace)."""
     return shutil.disk_usage(folder).free
@@ -165,6 +176,7 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
         if external:
             fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", dir=out.parent)
             tmp_files.append(Path(tmp_data))
+            os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as f:
                 for t in model.graph.initializer:
                     src = lazy.get(t.name) if t.data_location == TensorProto.EXTERNAL else None
@@ -188,6 +200,7 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
             inline_file_values(model, lazy)
         fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         tmp_files.append(Path(tmp_model))
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         if external:
