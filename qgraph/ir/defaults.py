@@ -62,3 +62,11 @@ def add_defaults(model: onnx.ModelProto, defaults: Mapping[str, gs.Constant]) ->
     names = {vi.name for vi in model.graph.input} & defaults.keys()
     for name in sorted(names):
         model.graph.initializer.append(OnnxExporter.export_tensor_proto(defaults[name]))
+
+
+def remove_defaults(model: onnx.ModelProto, defaults: Mapping[str, gs.Constant]) -> None:
+    """Drop the defaults :func:`add_defaults` wrote from ``model`` (for shape inference, which would take them as values)."""
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        if inits[i].name in defaults:
+            del inits[i]

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qgraph.errors import GraphCheckError, ModelLoadError, QGraphError
-from qgraph.ir.defaults import add_defaults, default_constants, split_defaults
+from qgraph.ir.defaults import add_defaults, default_constants, remove_defaults, split_defaults
 from qgraph.ir.files import (
     EXTERNAL_DATA_THRESHOLD,
     attach_file_values,
@@ -451,6 +451,8 @@ class Graph:
     def infer_shapes(self) -> Graph:
         """Run ONNX shape inference and return the graph with shapes filled in."""
         model = self.to_proto()
+        # Without the inputs' defaults: inference would propagate them as if they were the inputs' values.
+        remove_defaults(model, self.input_defaults)
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:
@@ -483,7 +485,7 @@ class Graph:
             if isinstance(t, gs.Constant) and t.name in mine:
                 t._values = mine[t.name]
         self._gs = other._gs
-        self.input_defaults = {n: self.input_defaults.get(n, c) for n, c in other.input_defaults.items()}
+        self.input_defaults = {**other.input_defaults, **self.input_defaults}  # inference drops them (infer_shapes)
         self._name_counts = collections.Counter()
 
     def __iter__(self) -> Iterator[Node]:
