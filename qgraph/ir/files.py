@@ -144,19 +144,20 @@ def check_room(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues
     declared = sum(s.length for s in sources)
     held = sum(p.stat().st_blocks * 512 for p in files)
     if declared > 2 * held:
-        hint = f" (its weights come from a sparse file: {_size(declared)} declared, {_size(held)} on disk)"
+        hint = f" (its weights come from a sparse file: {human_bytes(declared)} declared, {human_bytes(held)} on disk)"
     raise DiskSpaceError(
-        f"writing {out.name} needs {_size(needed)} but {out.parent} has {_size(free)} free{hint}; "
+        f"writing {out.name} needs {human_bytes(needed)} but {out.parent} has {human_bytes(free)} free{hint}; "
         "free some space or write the output elsewhere"
     )
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
 
 
 def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues], *, external: bool) -> dict[str, tuple[int, int]]:
