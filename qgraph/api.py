@@ -56,18 +56,6 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def weights_digest(folder: Path) -> str:
-    """A hash of a model folder's config and weight files (size, then content)."""
-    h = hashlib.sha256()
-    names = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
-    for p in names:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -158,6 +146,8 @@ class AutoModelForCausalLM:
                 folder = Path(snapshot_download(self.source.ref, local_files_only=True))
             except Exception:
                 folder = None
+        from qgraph.frontend.hf import weights_digest
+
         cfg = self.config.to_json_string(use_diff=False) if hasattr(self.config, "to_json_string") else str(self.config)
         return cache_key(cfg, weights_digest(folder) if folder else self.source.ref)
 
