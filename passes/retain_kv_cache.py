@@ -12,8 +12,10 @@ After (the retained-state contract in DESIGN.md):
   outputs ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
 * the mask is built from ``position_ids``: slot k is visible to query q iff
   ``k <= position_ids[q]``, as an additive float mask (0 / -10000, fp16-safe)
-  added to the attention scores just before each Softmax; the old mask
-  machinery and the ``attention_mask`` input are gone;
+  added to the attention scores just before each Softmax, or given as the mask
+  of an ONNX ``Attention`` op (opset 23, what dynamo writes at ``--opset 23``
+  and newer; ``is_causal`` is cleared, the position mask is causal); the old
+  mask machinery and the ``attention_mask`` input are gone;
 * ``logits`` is computed for the last valid position of each row only.
 
 Padding (position -1) never changes a slot a valid position can see: a padding
@@ -22,11 +24,20 @@ token writes the same slot and the same values as its row's last valid token
 token writes into the last slot, which no query can see until a real token at
 that position overwrites it in the same step.
 
-The cache is found by structure, not by name: a graph input that reaches (through
-Identity or one-input Concat) a two-input Concat along the sequence axis whose
-result is a graph output. Keys and values are told apart by where they go: keys
-feed the MatMul whose scores reach a Softmax; values feed the MatMul that reads
-that Softmax's probabilities.
+The cache is found by structure, not by name (:mod:`passes.kv_caches`): a graph
+input that reaches (through Identity or one-input Concat) a two-input Concat
+along the sequence axis whose result is a graph output. Keys and values are
+told apart by where they go: keys feed the MatMul whose scores reach a Softmax
+(or an ``Attention``'s input K); values feed the MatMul that reads that
+Softmax's probabilities (or its input V). An ``Attention`` that takes its own
+past, ``nonpad_kv_seqlen``, 3-D inputs or a constant mask, or whose present or
+scores outputs are used, is refused with the reason.
+
+A graph with no growing cache (an export without one, ONNX Runtime's combined
+``past_{i}`` [2, batch, heads, past_len, head_dim]) is left as it is; the pass
+says why in its ``declined`` list and the report's notes, and the pipeline's
+rewrite stage refuses the graph with that reason (``qgraph.pipeline.optimize``).
+An already retained graph is left alone without a note.
 """
 
 from __future__ import annotations
