@@ -13,24 +13,34 @@ them without doing anything slow, and ``compile(options=...)`` takes the result.
 
 Exports and artifacts are cached under ``QGRAPH_HOME`` (default
 ``~/.cache/qgraph``). A cache key hashes the model's config and weights, the
-pipeline, the options and qgraph's own code, so a changed weight or a changed
-pass never reuses a stale artifact. Work on one key holds a file lock, so two
+pipeline, the options, qgraph's own code and the versions of the libraries that
+export and compile (torch, transformers, onnx, onnxscript, onnx-graphsurgeon,
+onnxruntime and onnxruntime-qnn where installed), so a changed weight, pass or
+library never reuses a stale artifact. An entry is used only if its files match
+the hashes recorded when it was built (:mod:`qgraph.artifact.verify`); a damaged
+one is rebuilt with a warning. Using a complete entry writes nothing, so a
+read-only cache works; building one holds a file lock on its key, so two
 processes compiling the same model into the same cache do not collide.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qgraph.artifact.atomic import remove_stale_temps, replace_dir
+from qgraph.artifact.manifest import MANIFEST, ArtifactError, Manifest
+from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_artifact, verify_files
+from qgraph.errors import QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, check_dtype
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts
@@ -38,6 +48,15 @@ from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_le
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+#: The distributions whose versions change what an export or a compile writes: every cache key holds them.
+VERSIONED = ("torch", "transformers", "onnx", "onnxscript", "onnx-graphsurgeon", "onnxruntime", "onnxruntime-gpu", "onnxruntime-qnn")
+#: A cached export's record of its files' hashes (an artifact's is its manifest).
+EXPORT_RECORD = "export.json"
+
+
+class CacheError(QGraphError):
+    """The cache cannot hold what was asked for (a read-only cache without a complete entry)."""
 
 
 def qgraph_home() -> Path:
@@ -60,16 +79,50 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (a lock file) for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def library_versions() -> dict[str, str]:
+    """The installed version of each of :data:`VERSIONED` (those installed)."""
+    from importlib import metadata
+
+    found = {}
+    for name in VERSIONED:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_cached_artifact(entry: Path, target: str, options: Options) -> None:
+    """Raise :class:`ArtifactError` unless ``entry`` is a complete artifact of ``target`` compiled with
+    ``options`` (those of its key) whose files match its manifest."""
+    manifest = Manifest.load(entry)
+    if (manifest.target, manifest.options) != (target, options):
+        raise ArtifactError(f"{entry / MANIFEST} records target {manifest.target} with {manifest.options.to_dict()}, not those of "
+                            f"its key ({target} with {options.to_dict()}); recompile the artifact")  # fmt: skip
+    verify_artifact(entry, manifest)
+
+
+def check_cached_export(entry: Path) -> None:
+    """Raise :class:`ArtifactError` unless ``entry`` holds an export whose files match its record."""
+    text = read_small_file(entry / EXPORT_RECORD)
+    try:
+        hashes = json.loads(text)["hashes"] if text is not None else None
+        if not isinstance(hashes, dict):
+            raise TypeError("no 'hashes' map")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{entry / EXPORT_RECORD} is missing or unreadable ({e}); the export must be made again") from None
+    verify_files(entry, hashes, ["model.onnx"], record=EXPORT_RECORD, graphs=["model.onnx"])
+
+
+def _damage(entry: Path, check: Callable[[Path], None]) -> str | None:
+    """None if the cache entry is complete and verifies; "" if there is none; else what is wrong with it."""
+    if not entry.exists():
+        return ""
+    try:
+        check(entry)
+    except QGraphError as e:
+        return str(e)
+    return None
 
 
 @dataclass
@@ -151,6 +204,36 @@ class AutoModelForCausalLM:
         cfg = self.config.to_json_string(use_diff=False) if hasattr(self.config, "to_json_string") else str(self.config)
         return cache_key(cfg, weights_digest(folder) if folder else self.source.ref)
 
+    def _cached(self, entry: Path, what: str, check: Callable[[Path], None], build: Callable[[], Any]) -> None:
+        """Use the cache entry if it verifies (no lock, nothing written); else build it under its key's lock.
+
+        A damaged entry is rebuilt with a warning; a cache that cannot be written fails in one line.
+        """
+        why = _damage(entry, check)
+        if why is None:
+            self._say(f"using the cached {what} {entry}")
+            return
+        lock = entry.with_suffix(".lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError as e:
+            state = f"its {what} {entry.name} is damaged ({why})" if why else f"it holds no {what} {entry.name} for this model and options"
+            raise CacheError(f"the qgraph cache (QGRAPH_HOME={qgraph_home()}) cannot be written ({e.strerror or e}) and {state}; "
+                             "set QGRAPH_HOME to a writable folder") from None  # fmt: skip
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                why = _damage(entry, check)  # another process may have built it meanwhile
+                if why is None:
+                    self._say(f"using the cached {what} {entry}")
+                    return
+                if why:  # the advice to recompile is what happens next
+                    log.warning("the cached %s %s is damaged (%s); rebuilding it", what, entry, why.rpartition("; ")[0] or why)
+                build()
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def export(self, *, exporter: str = "dynamo", opset: int | None = None, out: str | Path | None = None) -> Path:
         """Export the plain model to ONNX (cached); returns the file."""
         from qgraph.frontend.export import export_model
@@ -158,15 +241,27 @@ class AutoModelForCausalLM:
         if out is not None:
             self.onnx_path = export_model(self.source, out, exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress).path
             return self.onnx_path
-        key = cache_key("export", self._model_digest(), exporter, opset, self.dtype, code_digest())
-        path = qgraph_home() / "exports" / key / "model.onnx"
-        with locked(path.parent.with_suffix(".lock")):
-            if not path.is_file():
-                export_model(self.source, path, exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress)
-            else:
-                self._say(f"using the cached export {path}")
-        self.onnx_path = path
-        return path
+        key = cache_key("export", self._model_digest(), exporter, opset, self.dtype, library_versions(), code_digest())
+        entry = qgraph_home() / "exports" / key
+
+        def build() -> None:
+            # Built under a temporary name with the record of its hashes, then renamed: never half an entry.
+            remove_stale_temps(entry.parent, (f".{entry.name}.tmp-", f".{entry.name}.old-"))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+                export_model(self.source, tmp / "model.onnx", exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress)
+                (tmp / EXPORT_RECORD).write_text(json.dumps({"hashes": hash_tree(tmp, skip=(EXPORT_RECORD, STAMP))}, indent=2))
+                replace_dir(tmp, entry)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+        self._cached(entry, "export", check_cached_export, build)
+        self.onnx_path = entry / "model.onnx"
+        return self.onnx_path
 
     def options(
         self,
@@ -218,13 +313,10 @@ class AutoModelForCausalLM:
             compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress)
         else:
             key = cache_key("compile", self._model_digest(), str(onnx_path), self.dtype, target, opts.to_dict(), dry_run, rewrite,
-                            specialize, code_digest())  # fmt: skip
+                            specialize, library_versions(), code_digest())  # fmt: skip
             out = qgraph_home() / "artifacts" / key
-            with locked(out.with_suffix(".lock")):
-                if (out / "manifest.json").is_file():
-                    self._say(f"using the cached artifact {out}")
-                else:
-                    compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress)
+            self._cached(out, "artifact", lambda entry: check_cached_artifact(entry, target, opts),
+                         lambda: compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress))  # fmt: skip
         self.artifact_dir = out
         self._options = opts
         self._runtime = None

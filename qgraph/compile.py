@@ -10,7 +10,9 @@ any of them runs.
 
 * ``manifest.json`` (:mod:`qgraph.artifact.manifest`): qgraph version, target,
   the resolved options, specializations with their files, the IO contract,
-  the pass reports, content hashes, and ``prefill_positions``:
+  the pass reports, the sha256 of every file (checked when the artifact is
+  opened, :mod:`qgraph.artifact.verify`), ``dry_run`` (the target wrote its
+  compiler's inputs only), and ``prefill_positions``:
   ``"consecutive"`` where the prefill graph takes the runtime's chunks only
   (``fuse-decode-attention`` reported it rewrote a chunk: in each row,
   consecutive positions from the chunk's first token, padding -1 only after
@@ -40,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from qgraph.artifact.atomic import remove_stale_temps, replace_dir
-from qgraph.artifact.manifest import MANIFEST, Manifest, model_info, sha256_file, specializations
+from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, model_info, specializations
+from qgraph.artifact.verify import hash_tree
 from qgraph.errors import CompileError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
@@ -71,6 +74,17 @@ def retained_cache_len(graph: Graph) -> int | None:
     kv = next((t for t in graph.inputs if t.name.startswith("past_key.")), None)
     shape = list(kv.shape or []) if kv is not None else []
     return int(shape[2]) if len(shape) == 4 and isinstance(shape[2], int) else None
+
+
+def check_pinned(graph: Graph, spec: Specialization) -> None:
+    """A specialization's graph takes its shape: a graph already pinned to another one cannot be re-pinned."""
+    ids = next((t for t in graph.inputs if t.name == "input_ids"), None)
+    shape = list(ids.shape or []) if ids is not None else []
+    if shape != [spec.batch_size, spec.seq_len]:
+        raise CompileError(
+            f"the {spec.name} specialization takes input_ids [{spec.batch_size}, {spec.seq_len}] but the graph's is {shape}: it was "
+            "pinned to other shapes; compile the raw export or a graph optimized without --batch-size/--seq-len"
+        )
 
 
 def _say(progress: Progress | None, msg: str) -> None:
@@ -144,6 +158,7 @@ def compile_artifact(
             _say(progress, f"pinning {spec.name} (batch {spec.batch_size}, seq_len {spec.seq_len}, ctx_len {spec.ctx_len})")
             g = Graph.load(base)
             report = run_passes(g, specialize, replace(opts, seq_len=spec.seq_len), initial_facts=facts)
+            check_pinned(g, spec)
             reports[spec.name] = report.to_dict()
             chunked = chunked or PREFILL_CHUNKS_CONSECUTIVE in report.facts
             _say(progress, f"compiling {spec.name} for {target}")
@@ -161,8 +176,9 @@ def compile_artifact(
             pass_reports=reports,
             fed_weights=extra.get("fed_weights", {}),
             prefill_positions="consecutive" if chunked else "any",
+            dry_run=bool(extra.get("dry_run", False)),
         )
-        manifest.hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest.hashes = hash_tree(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
         replace_dir(tmp, out)
     except BaseException:

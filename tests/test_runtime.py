@@ -87,12 +87,14 @@ def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], art
     out = rt.generate(PROMPTS, max_new_tokens=10)
     for prompt, got in zip(PROMPTS, out.tokens):
         assert got == hf_greedy(hf[0], prompt, 10, distinct=3)
-    # A weights file cut short is reported, not read past.
+    # A weights file cut short is reported, not read past: by its hash, and (unchecked) by the weight it ends in.
     w = next(iter(m.fed_weights.values()))
     with open(fed / "weights.data", "r+b") as f:
         f.truncate(int(w["offset"]) + 8)
-    with pytest.raises(GenerationError, match="ends before weight"):
+    with pytest.raises(ArtifactError, match="weights.data .* does not match its sha256"):
         Runtime(fed)
+    with pytest.raises(GenerationError, match="ends before weight"):
+        Runtime(fed, verify=False)
 
 
 def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
@@ -261,6 +263,7 @@ def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:
 def test_manifest_is_json(artifact: Path) -> None:
     data = json.loads((artifact / "manifest.json").read_text())
     assert data["prefill_positions"] == "any"  # batch 2: the prefill keeps the general graph, any positions
+    assert data["dry_run"] is False  # compiled: the runtime may run it
 
 
 def _keys(x: Any, skip: tuple[str, ...] = ("pass_reports", "io")) -> list[str]:
@@ -309,6 +312,12 @@ def test_an_artifact_compiled_in_format_1_still_opens(artifact: Path, tmp_path: 
     assert before.prefill_positions == now.prefill_positions and before.fed_weights == now.fed_weights == {}
     shape = [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in now.specializations]
     assert [(s.name, s.batch_size, s.seq_len, s.ctx_len, s.file, s.extra_files) for s in before.specializations] == shape
+    # Its hashes are those of the files the old code compiled, which today's compile no longer writes byte for byte:
+    # the runtime checks them and refuses this mix, naming a file; with this compile's hashes it opens.
+    if before.hashes != now.hashes:
+        with pytest.raises(ArtifactError, match="does not match its sha256"):
+            Runtime(old)
+        (old / "manifest.json").write_text(json.dumps({**json.loads(FORMAT_1.read_text()), "hashes": now.hashes}))
     rt = Runtime(old)
     assert (rt.batch_size, rt.prefill_seq_len, rt.ctx_len) == (2, PREFILL, CTX)
     assert rt.generate(PROMPTS, max_new_tokens=6).tokens == Runtime(artifact).generate(PROMPTS, max_new_tokens=6).tokens

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ class Manifest:
     fed_weights: dict[str, Any] = field(default_factory=dict)
     #: "consecutive" if the prefill graph takes the runtime's chunks only (see the module docstring), else "any".
     prefill_positions: str = "any"
+    #: The target wrote its compiler's inputs only (qaic --dry-run): there is nothing to run.
+    dry_run: bool = False
 
     def spec(self, name: str) -> Specialization:
         for s in self.specializations:
@@ -110,7 +113,17 @@ class Manifest:
             "hashes": self.hashes,
             "fed_weights": self.fed_weights,
             "prefill_positions": self.prefill_positions,
+            "dry_run": self.dry_run,
         }
+
+    def named_files(self) -> Iterator[tuple[str, str]]:
+        """(what names it, file) for every file the manifest names, hashes aside."""
+        for s in self.specializations:
+            yield f"the {s.name} specialization's file", s.file
+            for extra in s.extra_files:
+                yield f"an extra file of the {s.name} specialization", extra
+        for name, w in self.fed_weights.items():
+            yield f"fed weight '{name}'", str(w["file"])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -124,13 +137,15 @@ class Manifest:
         shapes = {s.name: s for s in specializations(options)}
         specs = []
         for entry in data["specializations"]:
-            spec = shapes[entry["name"]]
+            spec = shapes.pop(entry["name"])  # each specialization once
             spec.file, spec.extra_files = str(entry["file"]), list(entry.get("extra_files", []))
             specs.append(spec)
+        if shapes:
+            raise ValueError(f"no {' or '.join(shapes)} specialization")
         return cls(qgraph_version=data["qgraph_version"], target=data["target"], options=options, specializations=specs,
                    io=data["io"], model=data["model"], pass_reports=data["pass_reports"], hashes=data.get("hashes", {}),
                    format=data["format"], fed_weights=data.get("fed_weights", {}),
-                   prefill_positions=data.get("prefill_positions", "any"))  # fmt: skip
+                   prefill_positions=data.get("prefill_positions", "any"), dry_run=data.get("dry_run", False) is True)  # fmt: skip
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> Manifest:
@@ -143,9 +158,14 @@ class Manifest:
                 raise ArtifactError(
                     f"{path} has format {data.get('format')}, this qgraph reads {FORMAT_VERSION} (and converts 1); recompile the artifact"
                 )
-            return cls.from_dict(data)
+            manifest = cls.from_dict(data)
+            if not isinstance(manifest.hashes, dict) or not all(isinstance(v, str) for v in manifest.hashes.values()):
+                raise ValueError("'hashes' is not a map of file names to digests")
+            for what, name in [*manifest.named_files(), *(("a hashed file", h) for h in manifest.hashes)]:
+                confined(Path(artifact_dir), name, what)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ArtifactError(f"{path} is not a valid manifest ({e}); recompile the artifact") from None
+            raise ArtifactError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); recompile the artifact") from None
+        return manifest
 
 
 def from_format_1(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,6 +179,24 @@ def from_format_1(data: Mapping[str, Any]) -> dict[str, Any]:
     ]
     out["model"] = model_info(data["io"])
     return out
+
+
+def confined(folder: Path, name: str, what: str) -> Path:
+    """``folder/name``, refused unless it stays inside ``folder``: a relative path without ``..`` that no
+    symlink leads out of (it need not exist)."""
+    where = f"{folder / MANIFEST}: {what} '{name}'"
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise ArtifactError(f"{where} is not a usable file name; recompile the artifact")
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise ArtifactError(f"{where} is outside the artifact directory; an artifact's files stay in its folder (recompile it)")
+    try:
+        base = folder.resolve()
+        path = (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long
+        raise ArtifactError(f"{where} cannot be resolved ({e}); recompile the artifact") from None
+    if base not in path.parents:
+        raise ArtifactError(f"{where} leads outside the artifact directory (to {path}); an artifact's files stay in its folder")
+    return folder / name
 
 
 def sha256_file(path: Path) -> str:

@@ -1,8 +1,10 @@
 """The retained-state runtime: sessions per specialization, KV kept between steps.
 
 ``Runtime(artifact_dir)`` opens one ONNX Runtime session per specialization of a
-compiled artifact. The KV buffers are allocated once; where the target allows
-(``inplace_kv``), each ``past`` input and its ``_RetainedState`` output are
+compiled artifact, after checking every file against the manifest's hashes
+(:mod:`qgraph.artifact.verify`): a damaged artifact is one :class:`ArtifactError`
+naming the file, and a dry run is refused. The KV buffers are allocated once;
+where the target allows (``inplace_kv``), each ``past`` input and its ``_RetainedState`` output are
 bound to the same buffer, so a step updates the cache in place with no copies.
 Otherwise the outputs are bound to a second set of buffers and the two sets
 swap roles after every step (still no per-step allocation).
@@ -24,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from qgraph.artifact.manifest import ArtifactError, Manifest
+from qgraph.artifact.verify import verify_artifact
 from qgraph.artifact.weights import read_fed_weights
+from qgraph.errors import QGraphError
 from qgraph.ir.contract import RETAINED_SUFFIX, pad_chunk
 from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, check_at_least_one, check_prompts
 from qgraph.runtime.sampling import GenerationError, Sampling, choose
@@ -90,23 +94,28 @@ class GenerationOutput:
 class Runtime:
     """Run a compiled artifact directory (see the module docstring)."""
 
-    def __init__(self, artifact_dir: str | Path, *, threads: int | None = None, inplace: bool | None = None) -> None:
+    def __init__(self, artifact_dir: str | Path, *, threads: int | None = None, inplace: bool | None = None, verify: bool = True) -> None:
+        """``verify=False`` skips the hash check (for measuring it; a damaged file then fails later, or not at all)."""
         import onnxruntime as ort
 
         from qgraph.targets import get_target
 
         self.dir = Path(artifact_dir)
         self.manifest = Manifest.load(self.dir)
-        self.target = get_target(self.manifest.target)
         m = self.manifest
+        if m.dry_run:
+            raise ArtifactError(f"{self.dir} is a dry run: it holds the {m.target} compiler's inputs, nothing compiled to run; "
+                                "compile without --dry-run (or run its compile script) first")  # fmt: skip
+        if verify:
+            verify_artifact(self.dir, m)
+        self.target = get_target(m.target)
         #: The options the artifact was compiled with, as the manifest recorded them.
-        self.options = m.options
         self.options = m.options
         self.batch_size, self.ctx_len, self.prefill_seq_len = m.options.batch_size, m.options.ctx_len, m.options.prefill_seq_len
         self._ort = ort
         self._fed = self._load_fed_weights()  # before the sessions: a bad weights file is named here
-        self.sessions = {s.name: self.target.create_session(self.dir / s.file, m.options.target_options, threads=threads)
-                         for s in m.specializations}  # fmt: skip
+        self.sessions = {s.name: self._session(s.file, threads) for s in m.specializations}
+        self._check_shapes()
         sess = self.sessions["decode"]
         self.cache_names = [i.name for i in sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))]
         kv = next(i for i in sess.get_inputs() if i.name == self.cache_names[0])
@@ -139,6 +148,27 @@ class Runtime:
                     b.bind_ortvalue_input(i.name, self._fed[i.name])
             self._bindings[key] = b
         return self._bindings[key]
+
+    def _session(self, file: str, threads: int | None) -> Any:
+        try:
+            return self.target.create_session(self.dir / file, self.manifest.options.target_options, threads=threads)
+        except QGraphError:
+            raise
+        except Exception as e:  # ONNX Runtime raises its own types; one line, not its traceback
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ArtifactError(f"ONNX Runtime cannot load {self.dir / file}: {first[:300]}; recompile the artifact") from None
+
+    def _check_shapes(self) -> None:
+        """Each graph takes the shapes the manifest's options give it (a manifest edited or damaged after the compile would not)."""
+        for s in self.manifest.specializations:
+            inputs = {i.name: list(i.shape) for i in self.sessions[s.name].get_inputs()}
+            kv = [shape for name, shape in inputs.items() if name.startswith(("past_key.", "past_value."))]
+            want = {"input_ids": [s.batch_size, s.seq_len], "cache": [s.batch_size, s.ctx_len]}
+            got = {"input_ids": inputs.get("input_ids"), "cache": [kv[0][0], kv[0][2]] if kv and len(kv[0]) == 4 else None}
+            for what in want:
+                if got[what] != want[what]:
+                    raise ArtifactError(f"{self.dir / s.file} takes {what} {got[what]} but manifest.json gives the {s.name} "
+                                        f"specialization {want[what]}; recompile the artifact")  # fmt: skip
 
     def _load_fed_weights(self) -> dict[str, Any]:
         """The weights the artifact leaves to the runtime (``fed_weights``), one OrtValue per byte range."""

@@ -1,13 +1,18 @@
 """Cloud AI 100 inputs: specializations.json, custom_io.yaml and the qaic-exec command.
 
 The SDK cannot be installed everywhere, so these are plain text builders that
-the tests compare with golden files; ``QaicTarget`` runs the command where the
-SDK is present.
+the tests compare with golden files and check against the written model.onnx;
+``QaicTarget`` runs the command where the SDK is present. qaic-exec compiles
+one symbolic graph for every specialization, so each symbolic dim of the graph's
+inputs and outputs must be one that a specialization sets (input_ids's batch
+and sequence dims), and a dim already fixed must equal every specialization's.
+A dry run marks its manifest ``dry_run``: nothing in it was compiled.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,13 +34,28 @@ def specializations_json(specs: list[Specialization], graph: Graph) -> str:
 
     The batch and sequence dims are named as ``input_ids``'s; ctx_len is
     already a number in the graph (retain-kv-cache fixed it), so it is no key.
+    A graph whose dims qaic-exec could not specialize this way is refused.
     """
     ids = next((t for t in graph.inputs if t.name == "input_ids"), None)
     shape = list(ids.shape or []) if ids is not None else []
-    if len(shape) != 2 or not all(isinstance(d, str) for d in shape):
-        raise ValueError(f"input_ids must have two symbolic dims for qaic specializations, found {shape}")
-    batch, seq = shape
-    entries = [{batch: str(s.batch_size), seq: str(s.seq_len)} for s in specs]
+    if len(shape) != 2:
+        raise TargetError(f"qaic needs an input_ids input of shape [batch, seq_len], found {shape if ids is not None else 'none'}")
+    entries: list[dict[str, str]] = [{} for _ in specs]
+    for dim, field in zip(shape, ("batch_size", "seq_len")):
+        for entry, s in zip(entries, specs):
+            want = getattr(s, field)
+            if isinstance(dim, str):
+                entry[dim] = str(want)
+            elif dim != want:
+                raise TargetError(
+                    f"input_ids is fixed at {shape} but the {s.name} specialization takes {field} {want}: qaic-exec compiles one "
+                    "graph for every specialization; compile the raw export or an optimized graph without --batch-size/--seq-len"
+                )
+    for t in [*graph.inputs, *graph.outputs]:
+        loose = [d for d in (t.shape or []) if isinstance(d, str) and d not in entries[0]]
+        if loose:
+            raise TargetError(f"dim '{loose[0]}' of {t.name} is symbolic but is not input_ids's batch or sequence dim, which "
+                              "the specializations set; qaic-exec needs every dim set (pin it first)")  # fmt: skip
     return json.dumps({"specializations": entries}, indent=4) + "\n"
 
 
@@ -101,21 +121,27 @@ class QaicTarget(Target):
         spec.file = "model.onnx"
 
     def finish(self, out_dir: Path, base: Path, specs: list[Specialization], options: dict[str, Any], *, dry_run: bool,
-               progress: Callable[[str], None] | None) -> None:  # fmt: skip
+               progress: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
         g = Graph.load(base)
+        spec_text = specializations_json(specs, g)  # before anything is written: a graph qaic-exec cannot take fails here
         g.save(out_dir / "model.onnx", external=True)
-        (out_dir / "specializations.json").write_text(specializations_json(specs, g))
+        (out_dir / "specializations.json").write_text(spec_text)
         (out_dir / "custom_io.yaml").write_text(custom_io_yaml(g, options["kv_dtype"]))
         cmd = command(out_dir, options)
-        (out_dir / "qaic_compile.sh").write_text("#!/bin/sh\n# Run from this directory.\n" + " \\\n  ".join(cmd) + "\n")
+        script = out_dir / "qaic_compile.sh"
+        script.write_text("#!/bin/sh\n# Run from this directory.\n" + " \\\n  ".join(cmd) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        script.chmod(0o777 & ~umask)  # a script: executable, as the umask allows
         remove_model_files(base)
         if dry_run:
             if progress:
                 progress("dry run: " + " ".join(cmd))
-            return
+            return {"dry_run": True}
         if not QAIC_EXEC.is_file():
             raise TargetError(f"the Cloud AI 100 SDK is not installed ({QAIC_EXEC} is missing); "
                               "use --dry-run to write its inputs and print the command")  # fmt: skip
         result = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True)
         if result.returncode != 0:
             raise TargetError(f"qaic-exec failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-500:]}")
+        return {}
