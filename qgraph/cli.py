@@ -86,9 +86,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qgraph.ir.inspect import human_bytes
 
     res = export_model(args.model, args.output, exporter=args.exporter, opset=args.opset, progress=_progress)
-    print(
-        f"wrote {res.path} ({human_bytes(res.size_bytes)}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)", file=args.out
-    )
+    size = human_bytes(res.size_bytes)
+    print(f"wrote {res.path} ({size}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)", file=args.out)
     return 0
 
 

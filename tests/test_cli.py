@@ -228,17 +228,24 @@ def test_an_unreachable_hub_fails_fast_in_one_line_that_says_how_to_work_offline
 
 
 def test_an_unreachable_hub_uses_a_model_already_in_the_cache(tmp_path: Path) -> None:
+    """A hub model's snapshot in the Hugging Face cache runs at once, its generation_config.json's EOS honoured (issue 17, item 19)."""
+    torch = pytest.importorskip("torch")
     from helpers import random_gpt2
 
     env = _no_network_env(tmp_path)
     snapshot = Path(env["HF_HOME"]) / "hub" / "models--qgraph-test--tiny" / "snapshots" / ("0" * 40)
-    random_gpt2(snapshot, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=32)
+    _, hf = random_gpt2(snapshot, n_layer=1, n_head=2, n_embd=16, vocab_size=101, n_positions=32, initializer_range=0.3, seed=7)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    res = subprocess.run(cli_command("generate", "--model", "qgraph-test/tiny", "--input-ids", "1,2,3", "--max-new-tokens", "3", "--json"),
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 3:].tolist()
+    k = next(i for i in range(1, 6) if free[i] not in free[:i])
+    (snapshot / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[k]]}))
+    res = subprocess.run(cli_command("generate", "--model", "qgraph-test/tiny", "--input-ids", "1,2,3", "--max-new-tokens", "6", "--json"),
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert len(json.loads(res.stdout)["tokens"][0]) == 3
+    data = json.loads(res.stdout)
+    assert data["tokens"] == [free[: k + 1]] and data["finish_reasons"] == ["eos"]
     assert "Retry" not in res.stderr and res.stderr.count("cannot reach the Hugging Face hub") == 1, res.stderr
 
 
