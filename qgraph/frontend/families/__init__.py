@@ -3,9 +3,9 @@
 A family module reads its ``transformers`` config into a :class:`ModelSpec`
 (layers, heads, head size, positions, vocabulary, EOS ids; the EOS ids from
 generation_config.json where the model has one, as Hugging Face's generate
-reads them) and holds whatever
-else export, the API and the bench need to know about that architecture (the
-random-weight shapes of the bench, the weights a decode step does not read).
+reads them) and holds whatever else export, the API and the bench need to
+know about that architecture (the random-weight shapes of the bench, the
+weights a decode step does not read).
 Nothing outside the family modules reads config fields: everything else
 receives a :class:`ModelSpec`.
 """
