@@ -6,7 +6,8 @@ attention masks that exporters fill with ``finfo(float32).min`` (-3.4e38)
 become -inf, and ``0 * -inf`` or ``-inf - -inf`` downstream becomes NaN. This
 pass clamps finite float32 values into the fp16 range; infinities and NaNs stay
 as they are (a mask that is already -inf stays -inf, which is what the graph
-meant).
+meant). In a float16 model (``--dtype float16``) the constants are float16, in
+range by construction; the pass looks only at the float32 ones it may hold.
 
 Initializers and ``Constant`` nodes are both looked at. Reading a large weight
 means loading it from disk, and a trained weight beyond 65504 is rare, so

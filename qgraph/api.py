@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qgraph.frontend.export import DEFAULT_DTYPE, check_dtype
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts, check_token_ids
 
@@ -52,18 +53,6 @@ def code_digest() -> str:
         for f in sorted(root.rglob("*.py")):
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def weights_digest(folder: Path) -> str:
-    """A hash of a model folder's config and weight files (size, then content)."""
-    h = hashlib.sha256()
-    names = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin") and p.is_file())
-    for p in names:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -94,8 +83,13 @@ class GenerateResult:
 class AutoModelForCausalLM:
     """A Hugging Face causal LM, exported, rewritten and compiled by qgraph."""
 
-    def __init__(self, source: Any, *, trust_remote_code: bool = False, progress: Progress | None = None) -> None:
+    def __init__(
+        self, source: Any, *, dtype: str = DEFAULT_DTYPE, trust_remote_code: bool = False, progress: Progress | None = None
+    ) -> None:
+        check_dtype(dtype)
         self.source = source
+        #: What the model is exported in (``qgraph.frontend.export.DTYPES``).
+        self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.progress = progress
         self.onnx_path: Path | None = None
@@ -109,12 +103,12 @@ class AutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, model: str = "tiny-gpt2", *, trust_remote_code: bool = False, progress: Progress | None = None
+        cls, model: str = "tiny-gpt2", *, dtype: str = DEFAULT_DTYPE, trust_remote_code: bool = False, progress: Progress | None = None
     ) -> AutoModelForCausalLM:
-        """Name a model: a hub id, a local Hugging Face folder, or ``tiny-gpt2``."""
+        """Name a model: a hub id, a local Hugging Face folder, or ``tiny-gpt2``; ``dtype``: float32 or float16."""
         from qgraph.frontend.hf import resolve_model
 
-        return cls(resolve_model(model), trust_remote_code=trust_remote_code, progress=progress)
+        return cls(resolve_model(model), dtype=dtype, trust_remote_code=trust_remote_code, progress=progress)
 
     def _say(self, msg: str) -> None:
         log.info("%s", msg)
@@ -152,6 +146,8 @@ class AutoModelForCausalLM:
                 folder = Path(snapshot_download(self.source.ref, local_files_only=True))
             except Exception:
                 folder = None
+        from qgraph.frontend.hf import weights_digest
+
         cfg = self.config.to_json_string(use_diff=False) if hasattr(self.config, "to_json_string") else str(self.config)
         return cache_key(cfg, weights_digest(folder) if folder else self.source.ref)
 
@@ -160,13 +156,13 @@ class AutoModelForCausalLM:
         from qgraph.frontend.export import export_model
 
         if out is not None:
-            self.onnx_path = export_model(self.source, out, exporter=exporter, opset=opset, progress=self.progress).path
+            self.onnx_path = export_model(self.source, out, exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress).path
             return self.onnx_path
-        key = cache_key("export", self._model_digest(), exporter, opset, code_digest())
+        key = cache_key("export", self._model_digest(), exporter, opset, self.dtype, code_digest())
         path = qgraph_home() / "exports" / key / "model.onnx"
         with locked(path.parent.with_suffix(".lock")):
             if not path.is_file():
-                export_model(self.source, path, exporter=exporter, opset=opset, progress=self.progress)
+                export_model(self.source, path, exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress)
             else:
                 self._say(f"using the cached export {path}")
         self.onnx_path = path
@@ -221,8 +217,8 @@ class AutoModelForCausalLM:
             out = Path(artifacts)
             compile_artifact(onnx_path, target, out, opts, dry_run=dry_run, progress=self.progress)
         else:
-            key = cache_key("compile", self._model_digest(), str(onnx_path), target, opts.to_dict(), dry_run, rewrite, specialize,
-                            code_digest())  # fmt: skip
+            key = cache_key("compile", self._model_digest(), str(onnx_path), self.dtype, target, opts.to_dict(), dry_run, rewrite,
+                            specialize, code_digest())  # fmt: skip
             out = qgraph_home() / "artifacts" / key
             with locked(out.with_suffix(".lock")):
                 if (out / "manifest.json").is_file():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from qgraph.errors import OptionError, QGraphError
+from qgraph.frontend.export import DEFAULT_DTYPE, DTYPES
 from qgraph.pipeline.options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CTX_LEN,
@@ -85,9 +86,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qgraph.frontend.export import export_model
     from qgraph.ir.inspect import human_bytes
 
-    res = export_model(args.model, args.output, exporter=args.exporter, opset=args.opset, progress=_progress)
+    res = export_model(args.model, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype, progress=_progress)
     size = human_bytes(res.size_bytes)
-    print(f"wrote {res.path} ({size}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)", file=args.out)
+    print(f"wrote {res.path} ({size}, {res.dtype}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)", file=args.out)
     return 0
 
 
@@ -167,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise QGraphError("--input-ids takes comma-separated integers, e.g. --input-ids 15496,612") from None
     check_prompts(input_ids or args.prompt, None)  # names an empty prompt
-    model = AutoModelForCausalLM.from_pretrained(args.model, progress=_progress)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, progress=_progress)
     # A missing or unsupported model fails here too (its config is read), before any work.
     opts = model.options(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
                          **_target_options(args))  # fmt: skip
@@ -246,6 +247,7 @@ def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> N
 CTX_HELP = f"tokens the KV cache holds (default {DEFAULT_CTX_LEN}, or the model's maximum if smaller)"
 PREFILL_HELP = f"tokens of a prompt chunk, the prefill specialization's width (default {DEFAULT_PREFILL_SEQ_LEN})"
 BATCH_HELP = f"rows run together (default {DEFAULT_BATCH_SIZE})"
+DTYPE_HELP = f"the model's weights, caches and logits (default {DEFAULT_DTYPE})"
 
 
 def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"), help="output ONNX file (default model.onnx)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("optimize", parents=[common], help="rewrite an ONNX graph with the pass pipeline")
@@ -295,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
     p.add_argument("--input-ids", action="append", default=None, help="a prompt as token ids, e.g. 1,2,3 (repeatable)")
     p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens to add to each prompt (default %(default)s)")
     p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
     p.add_argument("--prefill-seq-len", type=int, default=None, help=PREFILL_HELP)

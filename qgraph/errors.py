@@ -18,6 +18,10 @@ class ModelLoadError(QGraphError):
     """An ONNX file (or its external data) could not be read safely."""
 
 
+class DiskSpaceError(QGraphError):
+    """An output would not fit in the free space of its filesystem; nothing was written."""
+
+
 class ModelSourceError(QGraphError):
     """A model id or folder could not be resolved to a Hugging Face model."""
 

@@ -243,3 +243,63 @@ def run_all(
             raise AssertionError(f"{commands[i]} did not finish in {timeout} s (did it open a FIFO?)") from None
         results[i] = subprocess.CompletedProcess(commands[i], proc.returncode, out, err)
     return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the runtime against Hugging Face
+def generate_recording_logits(rt: Any, prompts: list[list[int]], max_new_tokens: int, **kwargs: Any) -> tuple[Any, list[list[np.ndarray]]]:
+    """``rt.generate(prompts, ...)`` (a ``qgraph.runtime.Runtime``), and per prompt the logits each of its tokens
+    was chosen from: entry 0 after the whole prompt (its last prefill step), entry k after its k-th token (a decode step).
+
+    The steps are recorded as ``generate`` makes them; a step belongs to a row when the row has a valid
+    position in it (the runtime pads rows with -1), so the record does not depend on the positions being right.
+    """
+    groups: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    step, reset = rt.step, rt.reset
+
+    def recording_step(spec: str, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        logits = step(spec, ids, pos)
+        groups[-1].append((spec, np.array(pos), np.array(logits, dtype=np.float32)))
+        return logits
+
+    def recording_reset() -> None:  # generate resets the caches once per group of batch_size prompts
+        reset()
+        groups.append([])
+
+    rt.step, rt.reset = recording_step, recording_reset
+    try:
+        out = rt.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+    finally:
+        del rt.step, rt.reset
+    per_prompt: list[list[np.ndarray]] = []
+    for g, group in enumerate(groups):
+        for b in range(min(rt.batch_size, len(prompts) - g * rt.batch_size)):
+            mine = [(spec, logits[b, -1]) for spec, pos, logits in group if (pos[b] >= 0).any()]
+            per_prompt.append([x for s, x in mine if s == "prefill"][-1:] + [x for s, x in mine if s == "decode"])
+    return out, per_prompt
+
+
+def hf_logits_along(model: Any, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Hugging Face's logits (float32, [len(tokens), vocab]) that chose each of ``tokens`` after ``prompt``,
+    from one forward over ``prompt + tokens`` (teacher-forced: an early wrong token does not hide the later steps)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(tokens)])).logits[0]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].float().numpy()
+
+
+def hf_greedy(model: Any, prompt: list[int], n: int, *, distinct: int = 0) -> list[int]:
+    """Hugging Face's greedy continuation of ``prompt`` (``n`` tokens, no EOS stop unless the config has one).
+
+    ``distinct``: assert the reference has at least that many different tokens. A model that repeats one
+    token under greedy decoding agrees with a runtime whose cache is broken (random GPT-2s with the default
+    initializer_range 0.02 do; 0.3 gives varied tokens).
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=model.config.eos_token_id)  # fmt: skip
+    tokens = out[0, len(prompt) :].tolist()
+    assert len(set(tokens)) >= distinct, f"the reference {tokens} has fewer than {distinct} distinct tokens: it cannot see a cache bug"
+    return tokens

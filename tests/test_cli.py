@@ -66,8 +66,8 @@ def test_optimize_prints_the_report(tmp_path: Path) -> None:
 def test_export_bundled_model_offline(tmp_path: Path) -> None:
     res = qgraph("export", "tiny-gpt2", "-o", str(tmp_path / "tiny.onnx"), "--exporter", "torchscript")
     assert res.returncode == 0, res.stderr
-    # The whole line: the file, its size in KiB or MiB (the bundled model is about 1 MiB), the exporter, the opset.
-    line = re.fullmatch(r"wrote (\S+) \(([\d.]+) (KiB|MiB), torchscript exporter, opset \d+, [\d.]+ s\)", res.stdout.strip())
+    # The whole line: the file, its size in KiB or MiB (the bundled model is about 1 MiB), the dtype, the exporter, the opset.
+    line = re.fullmatch(r"wrote (\S+) \(([\d.]+) (KiB|MiB), float32, torchscript exporter, opset \d+, [\d.]+ s\)", res.stdout.strip())
     assert line is not None, res.stdout
     assert Path(line[1]) == tmp_path / "tiny.onnx" and float(line[2]) > 0
     assert (tmp_path / "tiny.onnx").is_file()

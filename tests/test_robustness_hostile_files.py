@@ -22,7 +22,9 @@ import pytest
 from helpers import OPTIMUM, cli_command, run_all
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph.errors import InvalidModelError, ModelLoadError
+from qgraph.cli import main
+from qgraph.errors import InvalidModelError, ModelLoadError, QGraphError
+from qgraph.ir import files
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import validate_model
 
@@ -281,6 +283,109 @@ def case_duplicate_initializer(d: Path) -> Path:
     return _save(model, d)
 
 
+# ---------------------------------------------------------------- subgraphs and functions
+def _if_model(then_nodes: list[onnx.NodeProto], then_out: str = "b") -> onnx.ModelProto:
+    """y = If(c, then: ``then_nodes`` making ``then_out``, else: Identity(x)); the branches read x from the outer graph."""
+    then = helper.make_graph(then_nodes, "then", [], [_vi(then_out)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e")])
+    node = helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)
+    return _model([node], [_vi("x"), _vi("c", [], TensorProto.BOOL)], [_vi("y")])
+
+
+def _loop_model(body_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """y = Loop(m, x) whose body turns v_in into v_out with ``body_nodes``."""
+    keep_going = helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")
+    body = helper.make_graph([keep_going, *body_nodes], "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL), _vi("v_in")],
+                             [_vi("cond_out", [], TensorProto.BOOL), _vi("v_out")])  # fmt: skip
+    node = helper.make_node("Loop", ["m", "", "x"], ["y"], name="loop", body=body)
+    return _model([node], [_vi("x"), _vi("m", [], TensorProto.INT64)], [_vi("y")])
+
+
+def _scan_model(body_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """y = Scan over the rows of x, each row turned into an output row by ``body_nodes`` (row -> out)."""
+    body = helper.make_graph(body_nodes, "body", [_vi("row", [4])], [_vi("out", [4])])
+    node = helper.make_node("Scan", ["x"], ["y"], name="scan", body=body, num_scan_inputs=1)
+    return _model([node], [_vi("x")], [_vi("y")])
+
+
+def _function_model(body_nodes: list[onnx.NodeProto], outputs: tuple[str, ...] = ("b",)) -> onnx.ModelProto:
+    """y = local.F(x), a model-local function whose body turns a into ``outputs`` with ``body_nodes``."""
+    f = helper.make_function("local", "F", ["a"], list(outputs), body_nodes, [helper.make_opsetid("", 17)])
+    model = _model([helper.make_node("F", ["x"], ["y"], name="call", domain="local")], [_vi("x")], [_vi("y")], opsets={"": 17, "local": 1})
+    model.functions.append(f)
+    return model
+
+
+def case_if_body_empty_op_type(d: Path) -> Path:
+    return _save(_if_model([helper.make_node("", ["x"], ["b"], name="bad")]), d)
+
+
+def case_if_body_unknown_op(d: Path) -> Path:
+    return _save(_if_model([helper.make_node("Reluu", ["x"], ["b"], name="bad")]), d)
+
+
+def case_if_body_two_producers(d: Path) -> Path:
+    return _save(_if_model([helper.make_node("Relu", ["x"], ["b"], name="p1"), helper.make_node("Neg", ["x"], ["b"], name="p2")]), d)
+
+
+def case_if_body_writes_an_outer_name(d: Path) -> Path:
+    return _save(_if_model([helper.make_node("Relu", ["x"], ["c"], name="again"), helper.make_node("Neg", ["c"], ["b"], name="n")]), d)
+
+
+def case_if_body_output_not_produced(d: Path) -> Path:
+    return _save(_if_model([helper.make_node("Relu", ["x"], ["h"], name="r")], then_out="b"), d)
+
+
+def case_loop_body_dangling_input(d: Path) -> Path:
+    return _save(_loop_model([helper.make_node("Add", ["v_in", "nobody_makes_this"], ["v_out"], name="bad")]), d)
+
+
+def case_loop_body_cycle(d: Path) -> Path:
+    nodes = [helper.make_node("Add", ["v_in", "q"], ["p"], name="n1"), helper.make_node("Relu", ["p"], ["q"], name="n2"),
+             helper.make_node("Relu", ["q"], ["v_out"], name="n3")]  # fmt: skip
+    return _save(_loop_model(nodes), d)
+
+
+def case_scan_body_op_newer_than_opset(d: Path) -> Path:
+    return _save(_scan_model([helper.make_node("Gelu", ["row"], ["out"], name="bad")]), d)
+
+
+def case_function_body_empty_op_type(d: Path) -> Path:
+    return _save(_function_model([helper.make_node("", ["a"], ["b"], name="bad")]), d)
+
+
+def case_function_body_unknown_op(d: Path) -> Path:
+    return _save(_function_model([helper.make_node("Reluu", ["a"], ["b"], name="bad")]), d)
+
+
+def case_function_body_dangling_input(d: Path) -> Path:
+    return _save(_function_model([helper.make_node("Add", ["a", "nobody_makes_this"], ["b"], name="bad")]), d)
+
+
+def case_function_body_two_producers(d: Path) -> Path:
+    return _save(_function_model([helper.make_node("Relu", ["a"], ["b"], name="p1"), helper.make_node("Neg", ["a"], ["b"], name="p2")]), d)
+
+
+def case_function_output_not_produced(d: Path) -> Path:
+    return _save(_function_model([helper.make_node("Relu", ["a"], ["h"], name="r")]), d)
+
+
+def case_function_body_if_unknown_op(d: Path) -> Path:
+    then = helper.make_graph([helper.make_node("Reluu", ["a"], ["t"], name="bad")], "then", [], [_vi("t")])
+    other = helper.make_graph([helper.make_node("Identity", ["a"], ["e"], name="id")], "else", [], [_vi("e")])
+    nodes = [helper.make_node("Constant", [], ["k"], name="k", value=helper.make_tensor("k", TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["k"], ["b"], name="inner_if", then_branch=then, else_branch=other)]  # fmt: skip
+    return _save(_function_model(nodes), d)
+
+
+def case_function_constant_with_external_data(d: Path) -> Path:
+    _outside(d)
+    value = TensorProto(name="v", data_type=TensorProto.FLOAT, dims=[2, 4], data_location=TensorProto.EXTERNAL)
+    value.external_data.add(key="location", value=f"../{d.name}-outside.bin")
+    nodes = [helper.make_node("Constant", [], ["v"], name="const", value=value), helper.make_node("Add", ["a", "v"], ["b"], name="add")]
+    return _save(_function_model(nodes), d)
+
+
 #: Each hostile file, and what the error must say.
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "random_bytes": (case_random_bytes, "not a readable ONNX model"),
@@ -321,6 +426,48 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "ir_version_from_the_future": (case_ir_version_from_the_future, "IR version 99, newer than this onnx"),
     "opset_from_the_future": (case_opset_from_the_future, "imports opset 9999, newer than this onnx"),
     "duplicate_initializer": (case_duplicate_initializer, "initializer 'W' is given twice"),
+    "if_body_empty_op_type": (case_if_body_empty_op_type, r"node 'bad' \(\) in attribute 'then_branch' of node 'if' has no op type"),
+    "if_body_unknown_op": (case_if_body_unknown_op, r"node 'bad' \(Reluu\) in attribute 'then_branch' of node 'if' is not an ONNX op"),
+    "if_body_two_producers": (
+        case_if_body_two_producers,
+        r"tensor 'b' is produced by node 'p1' \(Relu\) and by node 'p2' \(Neg\) in attribute 'then_branch'",
+    ),
+    "if_body_writes_an_outer_name": (
+        case_if_body_writes_an_outer_name,
+        r"node 'again' \(Relu\) in attribute 'then_branch' of node 'if' writes 'c', which an enclosing graph",
+    ),
+    "if_body_output_not_produced": (
+        case_if_body_output_not_produced,
+        r"output 'b' of attribute 'then_branch' of node 'if' is not produced",
+    ),
+    "loop_body_dangling_input": (
+        case_loop_body_dangling_input,
+        r"node 'bad' \(Add\) in attribute 'body' of node 'loop' reads 'nobody_makes_this'",
+    ),
+    "loop_body_cycle": (case_loop_body_cycle, r"attribute 'body' of node 'loop' has a cycle"),
+    "scan_body_op_newer_than_opset": (
+        case_scan_body_op_newer_than_opset,
+        r"node 'bad' \(Gelu\) in attribute 'body' of node 'scan' needs opset 20",
+    ),
+    "function_body_empty_op_type": (case_function_body_empty_op_type, r"node 'bad' \(\) in function 'local.F' has no op type"),
+    "function_body_unknown_op": (case_function_body_unknown_op, r"node 'bad' \(Reluu\) in function 'local.F' is not an ONNX op"),
+    "function_body_dangling_input": (
+        case_function_body_dangling_input,
+        r"node 'bad' \(Add\) in function 'local.F' reads 'nobody_makes_this'",
+    ),
+    "function_body_two_producers": (
+        case_function_body_two_producers,
+        r"tensor 'b' is produced by node 'p1' \(Relu\) and by node 'p2' \(Neg\) in function 'local.F'",
+    ),
+    "function_output_not_produced": (case_function_output_not_produced, r"output 'b' of function 'local.F' is not produced"),
+    "function_body_if_unknown_op": (
+        case_function_body_if_unknown_op,
+        r"node 'bad' \(Reluu\) in attribute 'then_branch' of node 'inner_if' in function 'local.F' is not an ONNX op",
+    ),
+    "function_constant_with_external_data": (
+        case_function_constant_with_external_data,
+        r"attribute 'value' of node 'const' in function 'local.F' keeps its data in an external file",
+    ),
 }
 
 
@@ -377,6 +524,63 @@ def test_legal_models_still_load(tmp_path: Path) -> None:
     g = Graph.load(path)
     np.testing.assert_array_equal(g.const_value(g.tensors()["W"]), np.arange(16, dtype=np.float32).reshape(4, 4))
     Graph.load(OPTIMUM)
+
+
+def test_legal_subgraphs_and_functions_still_load() -> None:
+    # Branches that read outer names (one returns an outer name as is), and a function whose Constant
+    # takes its value from the caller's attribute (a reference, no value of its own).
+    Graph.from_proto(_if_model([helper.make_node("Relu", ["x"], ["b"], name="r")]))
+    Graph.from_proto(_if_model([], then_out="x"))
+    Graph.from_proto(_loop_model([helper.make_node("Add", ["v_in", "x"], ["v_out"], name="add")]))
+    model = _function_model([helper.make_node("Constant", [], ["k"], name="k", value=helper.make_tensor("k", TensorProto.FLOAT, [], [1.0])),
+                             helper.make_node("Add", ["a", "k"], ["b"], name="add")])  # fmt: skip
+    Graph.from_proto(model)
+    ref = helper.make_node("Constant", [], ["k"], name="k")
+    ref.attribute.append(onnx.AttributeProto(name="value", ref_attr_name="scale", type=onnx.AttributeProto.TENSOR))
+    model = _function_model([ref, helper.make_node("Add", ["a", "k"], ["b"], name="add")])
+    model.functions[0].attribute.append("scale")
+    model.graph.node[0].attribute.append(helper.make_attribute("scale", helper.make_tensor("s", TensorProto.FLOAT, [], [2.0])))
+    onnx.checker.check_model(model, full_check=True)
+    Graph.from_proto(model)
+
+
+def _sparse_model(folder: Path, nbytes: int) -> Path:
+    """y = x @ W with W [nbytes/16, 4] float32 in a sparse file: it declares ``nbytes`` and holds almost nothing on disk."""
+    rows = nbytes // 16
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[rows, 4], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "w.bin"), ("offset", "0"), ("length", str(nbytes))):
+        w.external_data.add(key=k, value=v)
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [1, rows])], [_vi("y", [1, 4])], [w])
+    path = _save(model, folder)
+    with open(folder / "w.bin", "wb") as f:
+        f.truncate(nbytes)  # a hole: no block is written
+    return path
+
+
+def test_an_output_that_cannot_fit_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # 16 MiB declared by a sparse file, 1 MiB free on the output's filesystem (the probe is patched: nothing
+    # is filled): save and `qgraph optimize` refuse in one line and leave nothing behind, inline or external.
+    path = _sparse_model(tmp_path / "m", 16 << 20)
+    assert path.stat().st_size < 200
+    probed: list[Path] = []
+    monkeypatch.setattr(files, "free_bytes", lambda p: probed.append(p) or 1 << 20, raising=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    g = Graph.load(path)
+    for external in (True, False):
+        with pytest.raises(QGraphError, match=r"needs 16\.0 MiB .* has 1\.0 MiB free"):
+            g.save(out_dir / "out.onnx", external=external)
+        assert not list(out_dir.iterdir())
+    assert main(["optimize", str(path), "-o", str(out_dir / "out.onnx"), "--passes", "fold-constants,cleanup"]) == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]  # after the progress lines
+    assert "Traceback" not in err and line.startswith("qgraph optimize: error: ") and "sparse" in line, err
+    assert not list(out_dir.iterdir()) and probed
+    # With room enough the same model is written (its hole copied as zeros).
+    monkeypatch.setattr(files, "free_bytes", lambda p: 1 << 40)
+    g.save(out_dir / "out.onnx", external=True)
+    assert (out_dir / "out.onnx.data").stat().st_size >= 16 << 20
 
 
 def test_validation_is_cheap_on_a_large_graph() -> None:

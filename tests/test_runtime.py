@@ -1,5 +1,12 @@
-"""Compile for cpu and run: tokens equal Hugging Face's greedy generate, in-place KV,
-chunked prefill, padded batches, stopping rules, sampling, streaming and errors."""
+"""Compile for cpu and run: tokens equal Hugging Face's greedy generate and logits equal Hugging Face's at
+every step, in-place KV, chunked prefill, padded batches, stopping rules, sampling, streaming and errors.
+
+The model is a random GPT-2 with initializer_range 0.3: its greedy output varies (the default 0.02 repeats
+one token, and a runtime that writes every decode step into one cache slot then gives the same tokens).
+ORT CPU and PyTorch compute in float32: the logits (up to about 6 here) differ by at most 5e-6 (measured),
+so ATOL = 1e-4 has a 20x margin while a wrong cache slot or position moves them by 1 or more (measured with the
+decode position frozen, one too high, and the prompt's chunks starting one too late).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import random_gpt2
+from helpers import cli_command, generate_recording_logits, hf_greedy, hf_logits_along, random_gpt2, run_all
 
 from qgraph.artifact.manifest import ArtifactError, Manifest
 from qgraph.compile import CompileError, compile_model
@@ -22,6 +29,7 @@ torch = pytest.importorskip("torch")
 
 PREFILL = 8
 CTX = 48
+ATOL = 1e-4  # see the module docstring
 FORMAT_1 = Path(__file__).parent / "data" / "format-1-manifest.json"
 
 
@@ -29,7 +37,7 @@ FORMAT_1 = Path(__file__).parent / "data" / "format-1-manifest.json"
 def hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     from qgraph.frontend.export import export_model
 
-    config, model = random_gpt2(n_layer=2, n_head=3, n_embd=24, vocab_size=211, n_positions=64, seed=5)
+    config, model = random_gpt2(n_layer=2, n_head=3, n_embd=24, vocab_size=211, n_positions=64, seed=0, initializer_range=0.3)
     path = export_model(model, tmp_path_factory.mktemp("export") / "raw.onnx", exporter="torchscript").path
     return model, path
 
@@ -37,13 +45,6 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 @pytest.fixture(scope="module")
 def artifact(hf: tuple[Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_model(hf[1], "cpu", tmp_path_factory.mktemp("art") / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2)
-
-
-def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             eos_token_id=model.config.eos_token_id)  # fmt: skip
-    return out[0, len(prompt) :].tolist()
 
 
 PROMPTS = [[5, 17, 42], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [100, 3, 9, 9, 1]]  # one longer than P
@@ -85,7 +86,7 @@ def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], art
     assert len({id(v) for v in rt._fed.values()}) == len({(w["offset"], w["length"]) for w in m.fed_weights.values()})  # one copy each
     out = rt.generate(PROMPTS, max_new_tokens=10)
     for prompt, got in zip(PROMPTS, out.tokens):
-        assert got == _hf_greedy(hf[0], prompt, 10)
+        assert got == hf_greedy(hf[0], prompt, 10, distinct=3)
     # A weights file cut short is reported, not read past.
     w = next(iter(m.fed_weights.values()))
     with open(fed / "weights.data", "r+b") as f:
@@ -96,13 +97,13 @@ def test_large_matmul_weights_are_bound_by_the_runtime(hf: tuple[Any, Path], art
 
 def test_one_prompt_matches_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
     out = Runtime(artifact).generate([PROMPTS[0]], max_new_tokens=12)
-    assert out.tokens[0] == _hf_greedy(hf[0], PROMPTS[0], 12)
+    assert out.tokens[0] == hf_greedy(hf[0], PROMPTS[0], 12, distinct=3)
 
 
 def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifact: Path) -> None:
     out = Runtime(artifact).generate(PROMPTS, max_new_tokens=10)
     for prompt, got in zip(PROMPTS, out.tokens):
-        assert got == _hf_greedy(hf[0], prompt, 10)
+        assert got == hf_greedy(hf[0], prompt, 10, distinct=3)
     s = out.stats
     assert s.generated_tokens == sum(len(t) for t in out.tokens) and s.prompt_tokens == sum(map(len, PROMPTS))
     assert s.ttft_s > 0 and s.prefill_s > 0 and s.decode_tokens_per_s > 0 and s.total_tokens_per_s > 0 and s.e2e_s >= s.ttft_s
@@ -111,9 +112,27 @@ def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifa
         assert key in table and key in s.to_dict()
 
 
+def _assert_logits_match_hf(model: Any, prompts: list[list[int]], tokens: list[list[int]], logits: list[list[np.ndarray]]) -> None:
+    """Every step's logits, for every prompt, equal Hugging Face's on the same tokens."""
+    for i, (prompt, toks, got) in enumerate(zip(prompts, tokens, logits, strict=True)):
+        assert len(got) == len(toks), f"prompt {i}: {len(toks)} tokens chosen from {len(got)} steps' logits"
+        want = hf_logits_along(model, prompt, toks)
+        for k, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"prompt {i}, step {k} (0: after the prompt)")
+
+
+def test_logits_match_hf_at_every_step(hf: tuple[Any, Path], artifact: Path) -> None:
+    """Three prompts at batch 2 (a padded row, a prompt of two chunks, a second group after a reset): the
+    logits every token was chosen from equal Hugging Face's, step by step, and the tokens are its greedy ones."""
+    out, logits = generate_recording_logits(Runtime(artifact), PROMPTS, 12)
+    assert out.tokens == [hf_greedy(hf[0], p, 12, distinct=3) for p in PROMPTS]
+    _assert_logits_match_hf(hf[0], PROMPTS, out.tokens, logits)
+
+
 def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf: tuple[Any, Path], tmp_path: Path) -> None:
     """One row: fuse-decode-attention rewrites the prefill too; prompts of one chunk, two chunks (the last
-    padded) and ctx_len - 1 tokens match HF greedy, with the caches in place and double-buffered."""
+    padded) and ctx_len - 1 tokens match HF greedy and HF's logits at every step, with the caches in place and
+    double-buffered."""
     art = compile_model(hf[1], "cpu", tmp_path / "cpu1", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=1)
     ops = [n.op_type for n in onnx.load(str(art / "prefill.onnx"), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and not {"ScatterND", "MultiHeadAttention"} & set(ops)
@@ -128,8 +147,10 @@ def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf
     for inplace in (True, False):
         rt = Runtime(art, inplace=inplace)
         for prompt in (PROMPTS[0], PROMPTS[1], long):
-            n = min(6, CTX - len(prompt))
-            assert rt.generate([prompt], max_new_tokens=n).tokens[0] == _hf_greedy(hf[0], prompt, n), (inplace, len(prompt))
+            n = min(12, CTX - len(prompt))
+            out, logits = generate_recording_logits(rt, [prompt], n)
+            assert out.tokens[0] == hf_greedy(hf[0], prompt, n, distinct=3 if n > 6 else 0), (inplace, len(prompt))
+            _assert_logits_match_hf(hf[0], [prompt], out.tokens, logits)
 
 
 def test_worker_threads_stop_spinning_when_a_step_returns(artifact: Path) -> None:
@@ -212,6 +233,19 @@ def test_sampling_is_seeded_and_streaming_sees_every_token(artifact: Path) -> No
 def test_bad_generate_arguments(artifact: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(GenerationError, match=match):
         Runtime(artifact).generate(**kwargs)
+
+
+def test_a_ctx_len_beyond_the_models_positions_is_refused_by_optimize_and_compile(hf: tuple[Any, Path], tmp_path: Path) -> None:
+    """The raw export's position table has 64 rows: --ctx-len 65 is refused by the CLI's optimize and compile in one
+    line (exit 2), before anything is written (accepted, generation crashed in ONNX Runtime at position 64)."""
+    raw = str(hf[1])
+    commands = {"optimize": cli_command("optimize", raw, "-o", str(tmp_path / "opt.onnx"), "--ctx-len", "65"),
+                "compile": cli_command("compile", raw, "--target", "cpu", "-o", str(tmp_path / "art"), "--ctx-len", "65")}  # fmt: skip
+    for (name, _), res in zip(commands.items(), run_all(list(commands.values()))):
+        errors = [line for line in res.stderr.splitlines() if not line.startswith("[qgraph] ")]  # progress lines aside
+        assert (res.returncode, errors) == (2, [f"qgraph {name}: error: ctx_len 65 is larger than the model's maximum length 64; "
+                                                "use --ctx-len 64 or less"]), res.stderr  # fmt: skip
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_compile_arguments(hf: tuple[Any, Path], tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qgraph.errors import ExportError
+from qgraph.errors import ExportError, InvalidModelError
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.frontend.hf import ModelSource, load_model, require_hf
 
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("dynamo", "torchscript")
+#: The dtypes a model is exported in (its weights, caches and logits): what ONNX Runtime's CPU and QNN HTP run.
+DTYPES = ("float32", "float16")
+DEFAULT_DTYPE = "float32"
 #: The dynamo exporter emits opset 18 and newer only.
 DYNAMO_MIN_OPSET = 18
 DIM_NAMES = ("batch", "seq_len", "past_len", "total_len")
@@ -67,6 +70,13 @@ class ExportResult:
     opset: int
     spec: ModelSpec
     seconds: float
+    dtype: str = DEFAULT_DTYPE
+
+
+def check_dtype(dtype: str) -> None:
+    """Rule: a model is exported in one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be {' or '.join(DTYPES)}, not {dtype!r}; pass --dtype {' or --dtype '.join(DTYPES)}")
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -220,13 +230,16 @@ def export_model(
     *,
     exporter: str = "dynamo",
     opset: int | None = None,
+    dtype: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` (a model name, see :func:`qgraph.hf.resolve_model`, or a
     loaded GPT-2-like causal LM) to the ONNX file ``out``, unchanged.
 
     ``exporter`` is ``dynamo`` (opset 18 and newer) or ``torchscript``; ``opset``
-    defaults to the exporter's own default. Weights over 64 MB go to
+    defaults to the exporter's own default. ``dtype`` (one of :data:`DTYPES`) is
+    what a named model is loaded in (default float32); a loaded model is exported
+    in its own dtype, which ``dtype`` must then match. Weights over 64 MB go to
     ``<out>.data``. Both files are written under temporary names and renamed.
     """
     from qgraph.ir.graph import EXTERNAL_DATA_THRESHOLD, Graph
@@ -242,14 +255,20 @@ def export_model(
         raise ExportError(
             f"the dynamo exporter starts at opset {DYNAMO_MIN_OPSET} (asked for {opset}); use --exporter torchscript for older opsets"
         )
+    if dtype is not None:
+        check_dtype(dtype)
     torch, _ = require_hf()
     start = time.perf_counter()
     if isinstance(model, (str, ModelSource)):
-        say(f"loading model {model}")
-        model = load_model(model)
+        say(f"loading model {model}" + (f" in {dtype}" if dtype else ""))
+        model = load_model(model, dtype or DEFAULT_DTYPE)
     spec = spec_of(getattr(model, "config", None), f"the {type(model).__name__}")
     num_layers, num_kv_heads, head_dim, vocab = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size
-    dtype = next(model.parameters()).dtype
+    weight_dtype = next(model.parameters()).dtype
+    have = str(weight_dtype).removeprefix("torch.")
+    if dtype is not None and have != dtype:
+        # Converting here would change the caller's module in place (torch's .to() does).
+        raise ExportError(f"the model is {have}, not the {dtype} asked for; convert it first (model.to(torch.{dtype})) or leave dtype out")
     if spec.max_positions < _PAST + _SEQ:
         raise ExportError(
             f"the model has {spec.max_positions} positions; export traces {_PAST + _SEQ} positions, so it needs at least that many"
@@ -259,7 +278,7 @@ def export_model(
         torch.zeros(_BATCH, _SEQ, dtype=torch.int64),
         torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64),
         torch.arange(_PAST, _PAST + _SEQ, dtype=torch.int64).expand(_BATCH, _SEQ).contiguous(),
-        *(torch.zeros(_BATCH, num_kv_heads, _PAST, head_dim, dtype=dtype) for _ in range(2 * num_layers)),
+        *(torch.zeros(_BATCH, num_kv_heads, _PAST, head_dim, dtype=weight_dtype) for _ in range(2 * num_layers)),
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +299,13 @@ def export_model(
         finally:
             model.train(was_training)
 
-        graph = Graph.load(raw)
+        try:
+            graph = Graph.load(raw)
+        except InvalidModelError as e:
+            # e.g. TorchScript on a float16 GPT-2: a float32 residual next to float16 LayerNormalization weights.
+            why = str(e).removeprefix(f"{raw}: ").splitlines()[0]
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise ExportError(f"the {exporter} exporter wrote an invalid graph ({why}); try --exporter {other}") from e
         got_opset = graph.opset()
         if opset is not None and got_opset != opset:
             raise ExportError(f"the {exporter} exporter wrote opset {got_opset}, not the opset {opset} asked for; try another opset")
@@ -294,6 +319,6 @@ def export_model(
     if not external:
         data.unlink(missing_ok=True)  # left by an earlier, larger export to this path
     size = out.stat().st_size + (data.stat().st_size if external else 0)
-    result = ExportResult(out, size, exporter, int(got_opset or 0), spec, time.perf_counter() - start)
+    result = ExportResult(out, size, exporter, int(got_opset or 0), spec, time.perf_counter() - start, have)
     log.info("exported %s: %.1f MB, opset %s, %.1f s", out, size / 1e6, result.opset, result.seconds)
     return result

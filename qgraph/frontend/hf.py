@@ -14,11 +14,18 @@ imports without them (they are the ``hf`` install extra). Nothing a model
 folder holds is executed: remote code (a config's ``auto_map``) is never run
 unless a caller passes ``trust_remote_code=True`` explicitly, and weights are
 read from safetensors files only, never from pickle-based ``.bin`` files.
+
+:func:`model_files` names exactly the files loading reads from a folder (as
+transformers picks them), refusing weight files outside it; their headers are
+checked (:mod:`qgraph.frontend.checkpoint`) before transformers opens them,
+and :func:`weights_digest`, the model's part of a cache key, hashes just them.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from qgraph.errors import MissingDependencyError, ModelSourceError
+from qgraph.frontend.checkpoint import check_safetensors, confined, index_shards
 from qgraph.frontend.families import family_of
 
 if TYPE_CHECKING:
@@ -45,6 +53,10 @@ _OFFLINE_HINT = (
     "(--model ./my-model), or use the bundled model (--model tiny-gpt2)"
 )
 GENERATION_CONFIG = "generation_config.json"
+#: What loading reads from a folder besides the weights (the ones present).
+CONFIG_FILES = ("config.json", GENERATION_CONFIG)
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
 
 T = TypeVar("T")
 
@@ -194,6 +206,64 @@ def check_supported(config: Any, name: str = "the model") -> None:
     family_of(config, name)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files loading reads from ``folder``, as transformers picks them (an index first, then its shards).
+
+    A config's ``transformers_weights`` names the file, else ``model.safetensors``,
+    else ``model.safetensors.index.json`` and the shards it lists. A name that is
+    absolute or climbs out with ``..`` raises :class:`ModelSourceError`.
+    """
+    explicit = None
+    try:
+        explicit = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        pass  # no readable config: loading the config says so
+    if explicit is not None:
+        first = confined(folder, explicit, "config.json's transformers_weights")
+        if not first.name.endswith((".safetensors", ".safetensors.index.json")) or not first.is_file():
+            raise ModelSourceError(f"config.json's transformers_weights names '{explicit}', which is not a safetensors file in {folder}")
+    elif (folder / SAFE_WEIGHTS).is_file():
+        first = folder / SAFE_WEIGHTS
+    elif (folder / SAFE_INDEX).is_file():
+        first = folder / SAFE_INDEX
+    else:
+        return []
+    return [first, *index_shards(first)] if first.name.endswith(".index.json") else [first]
+
+
+def model_files(folder: Path) -> list[Path]:
+    """Exactly the files loading a model from ``folder`` reads: its configs and :func:`weight_files`."""
+    return [folder / n for n in CONFIG_FILES if (folder / n).is_file()] + weight_files(folder)
+
+
+def check_model_files(folder: Path) -> None:
+    """Refuse, in one line, weight files that are outside ``folder`` or malformed; reads only their headers."""
+    for p in weight_files(folder):
+        if p.name.endswith(".safetensors"):
+            check_safetensors(p)
+
+
+def weights_digest(folder: Path) -> str:
+    """A hash of the files loading reads from ``folder`` (:func:`model_files`): names, then content."""
+    h = hashlib.sha256()
+    for p in model_files(folder):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _cached_snapshot(ref: str) -> Path | None:
+    """A hub model's folder in the local Hugging Face cache, or None (never touches the network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not cached, or no huggingface_hub: transformers reports it
+        return None
+
+
 def load_model(
     source: ModelSource | str,
     dtype: str | torch.dtype = "float32",
@@ -208,6 +278,9 @@ def load_model(
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelSourceError(f"'{dtype}' is not a torch dtype; use e.g. 'float32' or 'float16'")
     log.info("loading %s as %s", src, torch_dtype)
+    folder = src.path or _cached_snapshot(src.ref)
+    if folder is not None:
+        check_model_files(folder)  # before transformers reads them: it answers a lying header with a traceback
 
     def load(**kw: Any) -> Any:
         # safetensors only: a pickle (.bin) can run code when it is loaded.
@@ -224,6 +297,11 @@ def load_model(
                 "(pytorch_model.bin), which can run code when loaded: convert them with save_pretrained() in a trusted environment"
             ) from e
         raise _hub_error(src, "weights", e) from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        # A hub model downloaded just now, so not checked above.
+        raise ModelSourceError(f"a safetensors file of '{src.ref}' is malformed ({e}); download the model again") from None
     return model.eval()
 
 

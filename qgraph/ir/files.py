@@ -6,7 +6,7 @@ pass asks for that one tensor's values. Saving streams external tensors from
 their source file into the new weights file in chunks, so a large model is
 never held in memory twice, and the 2 GB protobuf limit never applies to the
 graph file. Both files are written under temporary names and renamed when
-complete.
+complete, with the mode the umask gives a new file.
 
 These helpers work on onnx-graphsurgeon graphs and ModelProtos, never on a
 :class:`qgraph.ir.graph.Graph`: the graph core calls them from ``load``,
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from qgraph.errors import ModelLoadError
+from qgraph.errors import DiskSpaceError, ModelLoadError
 from qgraph.ir.validate import ExternalRef
 
 #: Models whose weights add up to more than this are saved with external data.
@@ -62,6 +63,11 @@ class _FileValues(LazyValues):  # type: ignore[misc]
             return f.read(self.length)
 
 
+def file_backed(tensor: TensorProto, ref: ExternalRef | None) -> LazyValues:
+    """Lazy values of ``tensor``: read from its checked external file (``ref``), else from the proto."""
+    return _FileValues(tensor, ref.path, ref.offset, ref.length) if ref is not None else LazyValues(tensor)
+
+
 # ---------------------------------------------------------------------- load
 def read_model(p: Path) -> onnx.ModelProto:
     """The ModelProto of the ONNX file ``p``, external data left on disk.
@@ -89,9 +95,10 @@ def attach_file_values(g: gs.Graph, externals: Mapping[str, ExternalRef]) -> Non
             tensor._values = _FileValues(tensor._values.tensor, ref.path, ref.offset, ref.length)
 
 
-def file_values(g: gs.Graph) -> dict[str, _FileValues]:
-    """Name -> lazy values of every constant of ``g`` that is still read from its file."""
-    return {t.name: t._values for t in g.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
+def file_values(g: gs.Graph, extra: Iterable[gs.Constant] = ()) -> dict[str, _FileValues]:
+    """Name -> lazy values of every constant of ``g`` (and of ``extra``) that is still read from its file."""
+    constants = [*g.tensors().values(), *extra]
+    return {t.name: t._values for t in constants if isinstance(t, gs.Constant) and isinstance(t._values, _FileValues)}
 
 
 # ---------------------------------------------------------------------- save
@@ -104,14 +111,65 @@ def inline_file_values(model: onnx.ModelProto, lazy: Mapping[str, _FileValues]) 
             del t.external_data[:]
 
 
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (``mkstemp`` makes its files 0600 whatever the umask)."""
+    try:  # Linux says it without changing it (os.umask can only be read by setting it, which races other threads)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an ordinary user may still write on ``folder``'s filesystem (the probe tests replace)."""
+    return shutil.disk_usage(folder).free
+
+
+def check_room(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues]) -> None:
+    """Raise :class:`DiskSpaceError` unless writing ``model`` (and the weights ``lazy`` holds) fits beside ``out``.
+
+    A weights file may be sparse: a tiny model can declare a terabyte that its
+    file does not hold, and copying it would fill the disk. So the bytes to
+    write are counted from what the model declares, before anything is written.
+    """
+    sources = [lazy[t.name] for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL and t.name in lazy]
+    needed = model.ByteSize() + sum(s.length for s in sources) + _ALIGN * len(model.graph.initializer)
+    free = free_bytes(out.parent)
+    if needed <= free:
+        return
+    hint = ""
+    files = {s.path for s in sources}
+    declared = sum(s.length for s in sources)
+    held = sum(p.stat().st_blocks * 512 for p in files)
+    if declared > 2 * held:
+        hint = f" (its weights come from a sparse file: {human_bytes(declared)} declared, {human_bytes(held)} on disk)"
+    raise DiskSpaceError(
+        f"writing {out.name} needs {human_bytes(needed)} but {out.parent} has {human_bytes(free)} free{hint}; "
+        "free some space or write the output elsewhere"
+    )
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValues], *, external: bool) -> dict[str, tuple[int, int]]:
     """Write ``model`` to ``out``; with ``external`` its large weights go to ``<out>.data``.
 
     ``lazy`` (:func:`file_values`) gives the source of each tensor still on
-    disk; its bytes are streamed, never held whole. Both files are written
-    under temporary names and renamed when complete. Returns name ->
-    (offset, length) of each tensor written to the weights file.
+    disk; its bytes are streamed, never held whole. The free space is checked
+    first (:func:`check_room`); both files are written under temporary names
+    and renamed when complete. Returns name -> (offset, length) of each tensor
+    written to the weights file.
     """
+    check_room(model, out, lazy)
     data_name = out.name + ".data"
     tmp_files: list[Path] = []
     moved: dict[str, tuple[int, int]] = {}
@@ -119,6 +177,7 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
         if external:
             fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", dir=out.parent)
             tmp_files.append(Path(tmp_data))
+            os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as f:
                 for t in model.graph.initializer:
                     src = lazy.get(t.name) if t.data_location == TensorProto.EXTERNAL else None
@@ -142,6 +201,7 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
             inline_file_values(model, lazy)
         fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         tmp_files.append(Path(tmp_model))
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         if external:
@@ -154,10 +214,12 @@ def write_model(model: onnx.ModelProto, out: Path, lazy: Mapping[str, _FileValue
     return moved
 
 
-def reattach_file_values(g: gs.Graph, model: onnx.ModelProto, moved: Mapping[str, tuple[int, int]], data_path: Path) -> None:
-    """Make the tensors :func:`write_model` moved read their values from ``data_path``, the file just written."""
+def reattach_file_values(
+    g: gs.Graph, model: onnx.ModelProto, moved: Mapping[str, tuple[int, int]], data_path: Path, extra: Iterable[gs.Constant] = ()
+) -> None:
+    """Make the tensors :func:`write_model` moved (of ``g`` and ``extra``) read their values from ``data_path``, the file just written."""
     by_name = {t.name: t for t in model.graph.initializer}
-    for t in g.tensors().values():
+    for t in [*g.tensors().values(), *extra]:
         if isinstance(t, gs.Constant) and t.name in moved:
             offset, nbytes = moved[t.name]
             t._values = _FileValues(copy.deepcopy(by_name[t.name]), data_path, offset, nbytes)

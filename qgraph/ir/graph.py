@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qgraph.errors import GraphCheckError, ModelLoadError, QGraphError
+from qgraph.ir.defaults import add_defaults, default_constants, remove_defaults, split_defaults
 from qgraph.ir.files import (
     EXTERNAL_DATA_THRESHOLD,
     attach_file_values,
@@ -71,6 +72,8 @@ class Graph:
         self.ir_version = ir_version
         self.metadata: dict[str, str] = dict(metadata or {})
         self._name_counts: collections.Counter[str] = collections.Counter()
+        #: Graph inputs with a default (:mod:`qgraph.ir.defaults`): name -> the default, kept out of the graph.
+        self.input_defaults: dict[str, Constant] = {}
 
     @property
     def _gs(self) -> gs.Graph:
@@ -145,13 +148,16 @@ class Graph:
         for models it made itself.
         """
         externals = validate_model(model, base_dir) if validate else external_refs(model, base_dir)
+        plain, defaults = split_defaults(model)  # an input's default is no constant: graphsurgeon would make it one
         try:
-            g = gs.import_onnx(model)
+            g = gs.import_onnx(plain)
         except Exception as e:
             raise ModelLoadError(f"the graph could not be imported ({type(e).__name__}: {e})") from None
         attach_file_values(g, externals)
         meta = {p.key: p.value for p in model.metadata_props}
-        return cls(g, base_dir=base_dir, ir_version=model.ir_version or DEFAULT_IR_VERSION, metadata=meta)
+        graph = cls(g, base_dir=base_dir, ir_version=model.ir_version or DEFAULT_IR_VERSION, metadata=meta)
+        graph.input_defaults = default_constants(defaults, externals)
+        return graph
 
     @classmethod
     def parse(cls, text: str) -> Graph:
@@ -277,7 +283,7 @@ class Graph:
 
     def weights_nbytes(self) -> int:
         total = 0
-        for t in self._gs.tensors().values():
+        for t in [*self._gs.tensors().values(), *self.input_defaults.values()]:
             if isinstance(t, gs.Constant):
                 vals = t._values
                 total += int(vals.nbytes) if isinstance(vals, LazyValues) else int(np.asarray(vals).nbytes)
@@ -380,6 +386,7 @@ class Graph:
     def copy(self) -> Graph:
         """An independent copy; weights are shared read-only (they are lazy)."""
         g = Graph(self._gs.copy(), base_dir=self.base_dir, ir_version=self.ir_version, metadata=self.metadata)
+        g.input_defaults = dict(self.input_defaults)
         return g
 
     # ------------------------------------------------------------------ export
@@ -391,6 +398,7 @@ class Graph:
             # A lazily loaded tensor whose values were read is inline now.
             if t.data_location == TensorProto.EXTERNAL and not any(e.key == "location" for e in t.external_data):
                 t.data_location = TensorProto.DEFAULT
+        add_defaults(model, self.input_defaults)
         del model.metadata_props[:]
         for k, v in self.metadata.items():
             model.metadata_props.add(key=k, value=v)
@@ -399,7 +407,7 @@ class Graph:
     def to_proto_inline(self) -> onnx.ModelProto:
         """The ModelProto with every weight inline (for small models and ORT from bytes)."""
         model = self.to_proto()
-        inline_file_values(model, file_values(self._gs))
+        inline_file_values(model, file_values(self._gs, self.input_defaults.values()))
         return model
 
     def save(self, path: str | os.PathLike[str], *, external: bool | None = None) -> Path:
@@ -412,13 +420,14 @@ class Graph:
         if external is None:
             # This module's name for the threshold: export reads it from here too, and a test lowers it here.
             external = self.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
-        lazy = file_values(self._gs)
+        lazy = file_values(self._gs, self.input_defaults.values())
         model = self.to_proto()
         moved = write_model(model, out, lazy, external=external)
         if external:
             # The in-memory graph now reads its weights from the new file, which
             # may have replaced the old one.
-            reattach_file_values(self._gs, model, moved, (out.parent / (out.name + ".data")).resolve())
+            data = (out.parent / (out.name + ".data")).resolve()
+            reattach_file_values(self._gs, model, moved, data, self.input_defaults.values())
             self.base_dir = out.parent
         log.info("saved %s (%s)", out, "external data" if external else "inline weights")
         return out
@@ -442,6 +451,8 @@ class Graph:
     def infer_shapes(self) -> Graph:
         """Run ONNX shape inference and return the graph with shapes filled in."""
         model = self.to_proto()
+        # Without the inputs' defaults: inference would propagate them as if they were the inputs' values.
+        remove_defaults(model, self.input_defaults)
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:
@@ -474,6 +485,7 @@ class Graph:
             if isinstance(t, gs.Constant) and t.name in mine:
                 t._values = mine[t.name]
         self._gs = other._gs
+        self.input_defaults = {**other.input_defaults, **self.input_defaults}  # inference drops them (infer_shapes)
         self._name_counts = collections.Counter()
 
     def __iter__(self) -> Iterator[Node]:

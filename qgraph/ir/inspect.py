@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qgraph.ir.files import human_bytes
 from qgraph.ir.graph import Graph
 
 
@@ -70,12 +71,3 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("symbolic dims: none (fully static)")
     lines.append("ops: " + ", ".join(f"{op} {n}" for op, n in s["ops"].items()))
     return "\n".join(lines)
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

@@ -7,17 +7,20 @@ to do. It checks, in this order:
 
 * there is a graph, and it has outputs;
 * every tensor stored in the model (initializers, and tensors in node
-  attributes and subgraphs): a defined data type, dimensions that are not
-  negative, rank at most :data:`MAX_RANK`, at most :data:`MAX_TENSOR_BYTES`,
-  and stored data whose size matches its dtype and shape;
-* external data (initializers only): a relative location that stays inside
-  the model's folder (no absolute path, no ``..``, no symlink that leads
-  out), a file that exists, and an offset and length that lie inside it.
-  Only file metadata is read here; the weights themselves are not;
+  attributes, subgraphs and function bodies): a defined data type, dimensions
+  that are not negative, rank at most :data:`MAX_RANK`, at most
+  :data:`MAX_TENSOR_BYTES`, and stored data whose size matches its dtype and
+  shape;
+* external data (the main graph's initializers only; anywhere else it is
+  refused): a relative location that stays inside the model's folder (no
+  absolute path, no ``..``, no symlink that leads out), a file that exists,
+  and an offset and length that lie inside it. Only file metadata is read
+  here; the weights themselves are not;
 * graph inputs, outputs and value_info: no negative dimension, rank at most
   :data:`MAX_RANK`, and no static size above :data:`MAX_TENSOR_BYTES`;
-* nodes: an op that the imported opset of a standard domain defines, and an
-  opset import for every domain a node uses (custom domains are legal);
+* nodes: an op type, an op that the imported opset of a standard domain
+  defines, and an opset import for every domain a node uses (custom domains
+  and model-local functions are legal);
 * structure: each tensor made once, every input made by something (a graph
   input, an initializer or a node; ``""`` is an omitted optional input), and
   no cycle. An acyclic graph whose nodes are out of order is accepted;
@@ -25,7 +28,11 @@ to do. It checks, in this order:
   are fatal (a node that binds one type parameter to two element types, or a
   declared type that contradicts the inferred one).
 
-All of it is linear in the size of the graph.
+The nodes, structure and value_info checks run on every body
+(:mod:`qgraph.ir.bodies`): the main graph, each ``If``/``Loop``/``Scan``
+subgraph at any depth, and each model-local function, where a subgraph may
+read the names of the graphs around it. All of it is linear in the size of
+the model.
 """
 
 from __future__ import annotations
@@ -33,16 +40,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, TensorProto, helper
+from onnx import GraphProto, TensorProto, helper
 
 from qgraph.errors import InvalidModelError, ModelLoadError
+from qgraph.ir.bodies import Body, attribute_tensors, check_structure, iter_bodies
 
 #: Tensors may have at most this many dimensions.
 MAX_RANK = 64
@@ -57,7 +64,6 @@ _SUB_BYTE_BITS = {
     if hasattr(TensorProto, name)
 }
 _COMPLEX = (TensorProto.COMPLEX64, TensorProto.COMPLEX128)
-_MAX_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -95,11 +101,16 @@ def validate_model(model: onnx.ModelProto, base_dir: Path | None = None) -> dict
     if not g.output:
         what = "is empty (no nodes and no outputs)" if not g.node else "has no outputs"
         raise InvalidModelError(f"the graph {what}; an ONNX graph must declare at least one output")
-    externals = _check_stored_tensors(g, base_dir)
-    _check_value_infos(g)
-    _check_ops(model)
-    order = _check_structure(g)
-    _check_types(model, order)
+    _check_opset_imports(model)
+    bodies = list(iter_bodies(model))
+    externals = _check_stored_tensors(g, bodies, base_dir)
+    for body in bodies:
+        _check_value_infos(body.graph or g, body)
+    functions = {(f.domain, f.name) for f in model.functions}
+    for body in bodies:
+        _check_ops(body, functions)
+    orders = [check_structure(body) for body in bodies]
+    _check_types(model, orders[0])
     return externals
 
 
@@ -173,25 +184,7 @@ def _dtype_name(dt: int) -> str:
         return f"type-{dt}"
 
 
-def _attribute_tensors(g: GraphProto, path: str) -> Iterator[tuple[TensorProto, str]]:
-    """Tensors in node attributes and in subgraphs (their initializers too), with where they are."""
-    for node in g.node:
-        for a in node.attribute:
-            where = f"attribute '{a.name}' of node '{node.name or node.op_type}'{path}"
-            if a.type == AttributeProto.TENSOR:
-                yield a.t, f"the tensor in {where}"
-            elif a.type == AttributeProto.TENSORS:
-                for t in a.tensors:
-                    yield t, f"a tensor in {where}"
-            elif a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
-                for sub in [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs):
-                    inner = f" (in the subgraph {where})"
-                    for t in sub.initializer:
-                        yield t, f"initializer '{t.name}'{inner}"
-                    yield from _attribute_tensors(sub, inner)
-
-
-def _check_stored_tensors(g: GraphProto, base_dir: Path | None) -> dict[str, ExternalRef]:
+def _check_stored_tensors(g: GraphProto, bodies: list[Body], base_dir: Path | None) -> dict[str, ExternalRef]:
     externals: dict[str, ExternalRef] = {}
     seen: set[str] = set()
     for t in g.initializer:
@@ -204,7 +197,7 @@ def _check_stored_tensors(g: GraphProto, base_dir: Path | None) -> dict[str, Ext
             externals[t.name] = _external_ref(t, nbytes, base_dir)
         else:
             _check_data(t, nbytes, where)
-    for t, where in _attribute_tensors(g, ""):
+    for t, where in attribute_tensors(bodies):
         nbytes = _tensor_bytes(t, where)
         if t.data_location == TensorProto.EXTERNAL:
             raise InvalidModelError(
@@ -277,13 +270,13 @@ def external_refs(model: onnx.ModelProto, base_dir: Path | None) -> dict[str, Ex
 
 
 # ---------------------------------------------------------------- inputs, outputs, value_info
-def _check_value_infos(g: GraphProto) -> None:
+def _check_value_infos(g: GraphProto, body: Body) -> None:
     for kind, infos in (("graph input", g.input), ("graph output", g.output), ("value_info", g.value_info)):
         for vi in infos:
             if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
                 continue
             tt = vi.type.tensor_type
-            where = f"{kind} '{vi.name}'"
+            where = body.of(f"{kind} '{vi.name}'")
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
             known = [d for d in dims if d is not None]
             _check_dims(known, where)
@@ -297,10 +290,9 @@ def _check_value_infos(g: GraphProto) -> None:
 
 
 # ---------------------------------------------------------------- ops and opsets
-def _check_ops(model: onnx.ModelProto) -> None:
-    opsets: dict[str, int] = {}
+def _check_opset_imports(model: onnx.ModelProto) -> None:
     newest = onnx.defs.onnx_opset_version()
-    for imp in model.opset_import:
+    for imp in [*model.opset_import, *(i for f in model.functions for i in f.opset_import)]:
         domain = "" if imp.domain == "ai.onnx" else imp.domain
         shown = f"domain '{domain}'" if domain else "the default ONNX domain"
         if imp.version < 1:
@@ -309,11 +301,13 @@ def _check_ops(model: onnx.ModelProto) -> None:
             raise InvalidModelError(
                 f"the model imports opset {imp.version}, newer than this onnx ({onnx.__version__}) knows ({newest}); upgrade onnx or export at opset {newest} or lower"
             )
-        opsets[domain] = imp.version
-    functions = {(f.domain, f.name) for f in model.functions}
-    for node in model.graph.node:
+
+
+def _check_ops(body: Body, functions: set[tuple[str, str]]) -> None:
+    opsets = body.opsets
+    for node in body.nodes:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        what = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type or 'nameless'} node"
+        what = body.of(f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type or 'nameless'} node")
         if not node.op_type:
             raise InvalidModelError(f"{what} has no op type; the model is malformed: re-export it")
         if (node.domain, node.op_type) in functions:
@@ -327,82 +321,6 @@ def _check_ops(model: onnx.ModelProto) -> None:
                 since = onnx.defs.get_schema(node.op_type, domain=domain).since_version
                 raise InvalidModelError(f"{what} needs opset {since} or newer, but the model imports {where}; raise the model's opset")
             raise InvalidModelError(f"{what} is not an ONNX op ({where} has no {node.op_type}); put custom ops in a custom domain")
-
-
-# ---------------------------------------------------------------- structure
-def _label(node: onnx.NodeProto, i: int) -> str:
-    return f"'{node.name}' ({node.op_type})" if node.name else f"#{i} ({node.op_type})"
-
-
-def _check_structure(g: GraphProto) -> list[int]:
-    """Raise for a malformed structure; returns a topological order of the nodes."""
-    inputs: set[str] = set()
-    for vi in g.input:
-        if vi.name in inputs:
-            raise InvalidModelError(f"graph input '{vi.name}' is declared twice; input names must be unique")
-        inputs.add(vi.name)
-    given = inputs | {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
-    producer: dict[str, int] = {}
-    for i, node in enumerate(g.node):
-        for name in node.output:
-            if not name:
-                continue
-            if name in producer:
-                first = producer[name]
-                raise InvalidModelError(
-                    f"tensor '{name}' is produced by node {_label(g.node[first], first)} and by node {_label(node, i)}; "
-                    "each tensor must be produced once"
-                )
-            if name in given:
-                raise InvalidModelError(
-                    f"node {_label(node, i)} writes '{name}', which is a graph input or initializer; rename one of them"
-                )
-            producer[name] = i
-    for i, node in enumerate(g.node):
-        for name in node.input:
-            if name and name not in given and name not in producer:
-                raise InvalidModelError(
-                    f"node {_label(node, i)} reads '{name}', which is not a graph input, an initializer or any node's output; "
-                    "the graph is incomplete (add the missing input, or re-export it)"
-                )
-    for out in g.output:
-        if out.name not in given and out.name not in producer:
-            raise InvalidModelError(f"graph output '{out.name}' is not produced by any node; the graph is incomplete")
-    return _check_acyclic(g, producer)
-
-
-def _check_acyclic(g: GraphProto, producer: dict[str, int]) -> list[int]:
-    """Kahn's algorithm over the node -> node edges: the order, or an error naming one cycle."""
-    n = len(g.node)
-    deps = [{producer[x] for x in node.input if x in producer} for node in g.node]
-    users: list[list[int]] = [[] for _ in range(n)]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    missing = [len(d) for d in deps]
-    ready = [i for i in reversed(range(n)) if missing[i] == 0]
-    order: list[int] = []
-    while ready:
-        i = ready.pop()
-        order.append(i)
-        for u in users[i]:
-            missing[u] -= 1
-            if missing[u] == 0:
-                ready.append(u)
-    if len(order) == n:
-        return order
-    # Every node left waits on another node left: walking back from one must repeat.
-    left = {i for i in range(n) if missing[i] > 0}
-    path: list[int] = []
-    seen: dict[int, int] = {}
-    i = next(iter(sorted(left)))
-    while i not in seen:
-        seen[i] = len(path)
-        path.append(i)
-        i = next(j for j in sorted(deps[i]) if j in left)
-    cycle = path[seen[i] :] + [i]
-    shown = " -> ".join(_label(g.node[j], j) for j in reversed(cycle[-(_MAX_SHOWN * 2) :]))
-    raise InvalidModelError(f"the graph has a cycle ({shown}); an ONNX graph must be acyclic: re-export the model")
 
 
 # ---------------------------------------------------------------- types

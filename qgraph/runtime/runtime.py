@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 
 #: Called with (row, token id) for every generated token, as soon as it exists.
 Streamer = Callable[[int, int], None]
+#: The numpy dtype of a buffer bound to a float input or output, by ONNX Runtime's type name (numpy has no bfloat16).
+_BUFFER_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _buffer_dtype(arg: Any) -> Any:
+    """The dtype of the buffer bound to ``arg`` (a session's input or output): the graph's own, float16 models included."""
+    if arg.type not in _BUFFER_DTYPES:
+        raise GenerationError(
+            f"this artifact's '{arg.name}' is {arg.type}; the runtime holds caches and logits as float32 or float16: "
+            "export the model with --dtype float32 or float16"
+        )
+    return _BUFFER_DTYPES[arg.type]
 
 
 @dataclass
@@ -99,14 +111,16 @@ class Runtime:
         self.cache_names = [i.name for i in sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))]
         kv = next(i for i in sess.get_inputs() if i.name == self.cache_names[0])
         self.cache_shape = tuple(int(d) for d in kv.shape)
-        self.cache_dtype = np.float16 if "float16" in kv.type else np.float32
-        self.vocab_size = int(next(o for o in sess.get_outputs() if o.name == "logits").shape[-1])
+        self.cache_dtype = _buffer_dtype(kv)
+        logits = next(o for o in sess.get_outputs() if o.name == "logits")
+        self.vocab_size = int(logits.shape[-1])
         self.inplace = self.target.inplace_kv if inplace is None else inplace
         # The buffers are numpy arrays that the OrtValues wrap without copying: reset() zeroes them in place.
         self._arrays: list[np.ndarray] = []
         self._a = self._cache_buffers()
         self._b = self._a if self.inplace else self._cache_buffers()
-        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((self.batch_size, 1, self.vocab_size), np.float32))
+        # The logits in the graph's dtype (float16 for a float16 model): ONNX Runtime refuses an output bound to another.
+        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((self.batch_size, 1, self.vocab_size), _buffer_dtype(logits)))
         self._bindings: dict[tuple[str, bool], Any] = {}
 
     # -- one step ---------------------------------------------------------------
