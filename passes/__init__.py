@@ -5,7 +5,9 @@ The other modules are what passes share, none of them a pass: ``constants``;
 types and shapes); ``matching`` and ``pattern`` (the fusions' graph walks and
 their declarative matcher); ``norms`` (what both norm fusions match); ``opset``
 (raising the opset for a fused op newer than the graph); ``folding`` and
-``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes).
+``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes);
+``kv_caches`` (an export's growing KV caches and the attention each feeds, for
+retain-kv-cache).
 """
 
 from __future__ import annotations

@@ -27,6 +27,17 @@ that are not static numbers or differ between Q, K and V, a bias that does not
 broadcast as ``[B or 1, N or 1, S, L]`` (MultiHeadAttention does not broadcast
 the last two), an intermediate used outside the pattern, and custom-domain ops.
 
+The standard ONNX ``Attention`` op (opset 23, what dynamo writes at opset 23
+and 24, its mask made the additive position mask by retain-kv-cache) is the
+same computation and becomes the same node, with its ``scale`` (default
+1/sqrt(H)). Declined, with the reason, besides the above: a bool mask,
+fewer K/V heads than query heads (grouped), ``softcap``, ``is_causal``, a
+softmax precision other than float32, its own past key/value, and a used
+present or scores output. Measured on the opset-23 tiny GPT-2, the fused
+graph is what the MatMul/Softmax spelling gives, so fuse-decode-attention
+rewrites it the same way; an Attention op this pass declines runs as the
+opset-23 op on ONNX Runtime's kernel.
+
 When Q comes from ``Transpose(X, [0, 2, 1, 3])`` (the usual head split) the
 query is X reshaped, and when the output's only use is the usual head merge
 (``Transpose([0, 2, 1, 3])`` then a Reshape to [B, S, N*H]), the fused node
@@ -143,17 +154,20 @@ class FuseAttention(FusionPass[AttentionMatch]):
     requires = ("static_shapes",)
     produces = ("attention_fused",)
     invalidates = ("no_dead_nodes",)
-    anchors = ("Softmax",)
+    anchors = ("Softmax", "Attention")
     stat = "attention"
 
     def prepare(self, graph: Graph) -> None:
         graph.import_domain(MS_DOMAIN, MS_VERSION)
 
     def run(self, graph: Graph) -> PassResult:
-        graph.infer_shapes_if_missing((n.inputs[0] for n in graph.nodes if n.op == "Softmax" and n.inputs), self.name)
+        wanted = [t for n in graph.nodes for t in (n.inputs[:1] if n.op == "Softmax" else n.inputs[:4] if n.op == "Attention" else [])]
+        graph.infer_shapes_if_missing((t for t in wanted if t.name), self.name)
         return super().run(graph)
 
     def match(self, graph: Graph, anchor: Node) -> AttentionMatch | str:
+        if anchor.op == "Attention":
+            return self._match_attention_op(graph, anchor)
         # out = Softmax(Q @ K^T * scale + bias) @ V
         roles: list[Role] = [("the Softmax", anchor)]
         rank = len(anchor.inputs[0].shape) if anchor.inputs[0].shape is not None else None
@@ -186,6 +200,35 @@ class FuseAttention(FusionPass[AttentionMatch]):
         if isinstance(key, str):
             return key
         return self.check(graph, roles, query=query, key=key, value=value, bias=bias, out=out, scale=s_scale * q_scale * k_scale)
+
+    def _match_attention_op(self, graph: Graph, anchor: Node) -> AttentionMatch | str:
+        # Attention(Q, K, V, bias) = Softmax(Q @ K^T * scale + bias) @ V, when nothing else of the op is in use
+        if not is_onnx_op(anchor, "Attention"):
+            return "an Attention outside the ONNX domain"
+        ins, attrs = anchor.inputs, anchor.attrs
+        if any(t.name for t in ins[4:]) or any(t.name and (t.outputs or graph.is_graph_output(t)) for t in anchor.outputs[1:]):
+            return "the Attention takes its own past key/value or uses its present or scores outputs"
+        if int(attrs.get("is_causal", 0)):
+            return "the Attention is causal (is_causal=1), which MultiHeadAttention does not compute the same way"
+        if float(attrs.get("softcap", 0.0)):
+            return f"the Attention has softcap {float(attrs['softcap'])}, which MultiHeadAttention does not apply"
+        if int(attrs.get("softmax_precision", TensorProto.FLOAT)) != TensorProto.FLOAT:
+            return "the Attention's softmax precision is not float32"
+        query, key, value = ins[:3]
+        bias = ins[3] if len(ins) > 3 and ins[3].name else None
+        if bias is not None and tensor_dtype(graph, bias) == TensorProto.BOOL:
+            return "the Attention mask is bool; MultiHeadAttention takes an additive float bias"
+        q_shape, k_shape = static_dims(query.shape), static_dims(key.shape)
+        if q_shape is not None and k_shape is not None and len(q_shape) == len(k_shape) == 4 and q_shape[1] != k_shape[1]:
+            return f"Q has {q_shape[1]} heads and K/V {k_shape[1]} (grouped); MultiHeadAttention needs as many K/V heads as query heads"
+        if "scale" in attrs:
+            scale = float(attrs["scale"])
+        elif q_shape is not None and len(q_shape) == 4:
+            scale = 1.0 / float(np.sqrt(q_shape[3]))  # the op's default
+        else:
+            return "Q needs a static 4-D shape [B, N, S, H] (run pin-static-shapes first)"
+        return self.check(graph, [("the Attention", anchor)], query=query, key=key, value=value, bias=bias, out=anchor.outputs[0],
+                          scale=scale)  # fmt: skip
 
     def check(self, graph: Graph, roles: list[Role], *, query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, out: Tensor,
               scale: float) -> AttentionMatch | str:  # fmt: skip

@@ -59,6 +59,12 @@ to the last valid position right and the slots after it undefined; no later
 step reads a slot before a token writes it, so generation is unchanged (the
 runtime's double-buffered mode relies on this).
 
+An export with the ONNX ``Attention`` op (dynamo at opset 23 and newer) reaches
+this pass the same way: fuse-attention makes its Attention ops
+MultiHeadAttention first. One that fuse-attention declines (not float32,
+grouped K/V heads, softcap, ...; its near misses say which) stays an opset-23
+``Attention`` and runs on ONNX Runtime's kernel, the cache written by ScatterND.
+
 Declined, with a reason: a chunk in several rows or a cache that is not a whole
 number of chunks, a head size that is not a multiple of 8 (the CPU kernel
 refuses it at run time), a cache that is not a graph input written once by

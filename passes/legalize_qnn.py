@@ -10,7 +10,9 @@ random GPT-2 exports (dynamo and TorchScript, opsets 14 to 20):
   int64 ``ReduceMax``/``ArgMax``/``Where``/comparisons, ``GatherElements``,
   ``ScatterND`` (duplicate indices included), the one-hot ``MatMul``,
   ``LayerNormalization``, ``Gelu`` (tanh and erf), ``IsNaN``, ``Gather`` with
-  index -1. On that graph this pass changes nothing;
+  index -1. On that graph this pass changes nothing. The same holds for
+  dynamo's opset-23 and -24 exports: retain-kv-cache gives their ``Attention``
+  ops the additive float position mask [B, 1, S, C], which the HTP takes;
 * rejected, and rewritten here:
 
   - ``GatherND``: rejected on bool data (Hugging Face's padding-mask lookup,

@@ -12,8 +12,10 @@ After (the retained-state contract in DESIGN.md):
   outputs ``past_key.{i}_RetainedState`` / ``past_value.{i}_RetainedState``;
 * the mask is built from ``position_ids``: slot k is visible to query q iff
   ``k <= position_ids[q]``, as an additive float mask (0 / -10000, fp16-safe)
-  added to the attention scores just before each Softmax; the old mask
-  machinery and the ``attention_mask`` input are gone;
+  added to the attention scores just before each Softmax, or given as the mask
+  of an ONNX ``Attention`` op (opset 23, what dynamo writes at ``--opset 23``
+  and newer; ``is_causal`` is cleared, the position mask is causal); the old
+  mask machinery and the ``attention_mask`` input are gone;
 * ``logits`` is computed for the last valid position of each row only.
 
 Padding (position -1) never changes a slot a valid position can see: a padding
@@ -22,22 +24,41 @@ token writes the same slot and the same values as its row's last valid token
 token writes into the last slot, which no query can see until a real token at
 that position overwrites it in the same step.
 
-The cache is found by structure, not by name: a graph input that reaches (through
-Identity or one-input Concat) a two-input Concat along the sequence axis whose
-result is a graph output. Keys and values are told apart by where they go: keys
-feed the MatMul whose scores reach a Softmax; values feed the MatMul that reads
-that Softmax's probabilities.
+The cache is found by structure, not by name (:mod:`passes.kv_caches`): a graph
+input that reaches (through Identity or one-input Concat) a two-input Concat
+along the sequence axis whose result is a graph output. Keys and values are
+told apart by where they go: keys feed the MatMul whose scores reach a Softmax
+(or an ``Attention``'s input K); values feed the MatMul that reads that
+Softmax's probabilities (or its input V). An ``Attention`` that takes its own
+past, ``nonpad_kv_seqlen``, 3-D inputs or a constant mask, or whose present or
+scores outputs are used, is refused with the reason.
+
+A graph with no growing cache (an export without one, ONNX Runtime's combined
+``past_{i}`` [2, batch, heads, past_len, head_dim]) is left as it is; the pass
+says why in its ``declined`` list and the report's notes, and the pipeline's
+rewrite stage refuses the graph with that reason (``qgraph.pipeline.optimize``).
+An already retained graph is left alone without a note.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from passes.constants import MASK_VALUE
+from passes.kv_caches import (
+    ATTENTION_ROLES,
+    Cache,
+    find_caches,
+    first_reader,
+    is_passthrough,
+    is_retained,
+    softmax_after,
+    softmax_before,
+    why_no_cache,
+)
 from qgraph.errors import RewriteError
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.structure import live_node_ids
@@ -45,99 +66,6 @@ from qgraph.pipeline.manager import Pass, PassResult
 from qgraph.pipeline.options import check_at_least_one
 
 log = logging.getLogger(__name__)
-
-# Ops between a cache and its attention MatMul that only move or scale data.
-_LAYOUT_OPS = {"Transpose", "Reshape", "Mul", "Div", "Cast", "Identity", "Unsqueeze", "Squeeze", "Expand"}
-# Ops between the probabilities' Softmax and the value MatMul.
-_PROB_OPS = {"Where", "Cast", "Identity", "Dropout"}
-
-
-@dataclass
-class _Cache:
-    past: Tensor  # the graph input
-    concat: Node  # the Concat that grows it
-    new: Tensor  # this step's keys or values
-    present: Tensor  # the Concat's output
-    outputs: list[Tensor]  # graph outputs carrying it (the Concat output or Identity copies)
-    role: str = ""
-    matmul: Node | None = None
-    softmax: Node | None = None
-
-
-def _is_passthrough(node: Node) -> bool:
-    return node.op == "Identity" or (node.op == "Concat" and len(node.inputs) == 1)
-
-
-def _find_caches(graph: Graph) -> list[_Cache]:
-    outputs = {id(t) for t in graph.outputs}
-    caches = []
-    for inp in graph.inputs:
-        rank = len(inp.shape) if inp.shape is not None else None
-        chain = [inp]
-        for t in chain:  # grows while walking through pass-through nodes
-            for node in t.outputs:
-                if _is_passthrough(node):
-                    chain.append(node.outputs[0])
-                elif node.op == "Concat" and len(node.inputs) == 2 and node.inputs[0] is t:
-                    axis = int(node.attrs.get("axis", 0))
-                    if rank is not None and axis % rank != rank - 2:
-                        continue
-                    present = node.outputs[0]
-                    carried = [present] if id(present) in outputs else []
-                    carried += [c.outputs[0] for c in present.outputs if c.op == "Identity" and id(c.outputs[0]) in outputs]
-                    if carried:
-                        caches.append(_Cache(inp, node, node.inputs[1], present, carried))
-    return caches
-
-
-def _first_matmul(t: Tensor) -> Node | None:
-    """The first MatMul reached from ``t`` through layout ops, reading it as input B."""
-    frontier, seen = [t], set()
-    while frontier:
-        x = frontier.pop(0)
-        for node in x.outputs:
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op == "MatMul" and node.inputs[1] is x:
-                return node
-            if node.op in _LAYOUT_OPS and node.inputs[0] is x:
-                frontier.append(node.outputs[0])
-    return None
-
-
-def _softmax_after(graph: Graph, matmul: Node) -> Node | None:
-    """The Softmax reached from the scores MatMul through mask and scale ops."""
-    cur = matmul.outputs[0]
-    for _ in range(16):
-        if len(cur.outputs) != 1:
-            return None
-        node = cur.outputs[0]
-        if node.op == "Softmax":
-            return node
-        if node.op not in ("Add", "Sub", "Where", "Mul", "Div", "Cast"):
-            return None
-        cur = node.outputs[0]
-    return None
-
-
-def _softmax_before(matmul: Node) -> Node | None:
-    """The Softmax whose probabilities the value MatMul reads (input A)."""
-    t = matmul.inputs[0]
-    for _ in range(8):
-        node = t.inputs[0] if t.inputs else None
-        if node is None:
-            return None
-        if node.op == "Softmax":
-            return node
-        if node.op not in _PROB_OPS:
-            return None
-        # Where(IsNaN(p), 0, p): follow the data input that is not constant.
-        data = [x for x in node.inputs[1:] if x.inputs and x.inputs[0].op != "Constant"] if node.op == "Where" else node.inputs[:1]
-        if len(data) != 1:
-            return None
-        t = data[0]
-    return None
 
 
 def _live_nodes(graph: Graph) -> set[int]:
@@ -180,11 +108,15 @@ class RetainKvCache(Pass):
     # -- the pass ----------------------------------------------------------------
     def run(self, graph: Graph) -> PassResult:
         self.declined = []
+        if is_retained(graph):
+            return PassResult(graph, False)  # already the contract: nothing to do, nothing to explain
         self._names = graph.tensors()
-        caches = _find_caches(graph)
+        caches = find_caches(graph)
         if not caches:
-            self.declined.append("no graph input is concatenated into a graph output (no growing KV cache)")
-            return PassResult(graph, False)
+            # Not an error here: a user who names the passes gets the graph as it is, and why (the pipeline's
+            # rewrite stage refuses it: qgraph.pipeline.optimize).
+            self.declined.append(why_no_cache(graph))
+            return PassResult(graph, False, {"declined": 1}, notes=tuple(self.declined))
         layers = self._pair(graph, caches)
         inputs = {t.name: t for t in graph.inputs}
         pos = inputs.get("position_ids")
@@ -199,7 +131,13 @@ class RetainKvCache(Pass):
             for cache, role in ((key, "key"), (value, "value")):
                 self._retain(graph, cache, shared)
                 self._rename_cache(graph, cache, f"past_{role}.{i}")
-        removed = sum(self._rewrite_mask(graph, key.matmul, key.softmax, shared["mask"]) for key, _ in layers)  # type: ignore[arg-type]
+        removed = attention_ops = 0
+        for key, _ in layers:
+            assert key.matmul is not None and key.softmax is not None  # set by _pair
+            if key.matmul.op == "Attention":
+                attention_ops += self._mask_attention_op(graph, key.matmul, shared["mask"], dtype)
+            else:
+                removed += self._rewrite_mask(graph, key.matmul, key.softmax, shared["mask"])
         logits = self._last_position_logits(graph, layers, shared)
         # The contract's IO order: ids, positions, then the caches by layer.
         graph.gs.outputs = [logits] + [c.retained for pair in layers for c in pair]  # type: ignore[attr-defined]
@@ -224,23 +162,29 @@ class RetainKvCache(Pass):
         graph.remove_nodes([n for n in graph.nodes if id(n) not in live])
         graph.gs.inputs = new_inputs
         stats = {"layers": len(layers), "caches": 2 * len(layers), "mask_ops_removed": removed, "ctx_len": self.ctx_len}
+        if attention_ops:
+            stats["attention_ops"] = attention_ops
         return PassResult(graph, True, stats)
 
-    def _pair(self, graph: Graph, caches: list[_Cache]) -> list[tuple[_Cache, _Cache]]:
-        by_softmax: dict[int, dict[str, _Cache]] = {}
+    def _pair(self, graph: Graph, caches: list[Cache]) -> list[tuple[Cache, Cache]]:
+        by_softmax: dict[int, dict[str, Cache]] = {}
         order: dict[int, int] = {id(n): i for i, n in enumerate(graph.nodes)}
         for c in caches:
-            mm = _first_matmul(c.present)
-            if mm is None:
-                raise RewriteError(f"cache '{c.past.name}' reaches no attention MatMul")
-            sm = _softmax_after(graph, mm)
-            if sm is not None:
-                c.role, c.softmax = "key", sm
+            found = first_reader(c.present)
+            if found is None:
+                raise RewriteError(f"cache '{c.past.name}' reaches no attention (a MatMul or an ONNX Attention op)")
+            mm, index = found
+            if mm.op == "Attention":
+                self._check_attention_op(graph, mm, c, index)
+                c.role, sm = ATTENTION_ROLES[index], mm
+            elif (sm := softmax_after(mm)) is not None:
+                c.role = "key"
             else:
-                sm = _softmax_before(mm)
+                sm = softmax_before(mm)
                 if sm is None:
                     raise RewriteError(f"cache '{c.past.name}' feeds MatMul '{mm.name}', which is neither a scores nor a values MatMul")
-                c.role, c.softmax = "value", sm
+                c.role = "value"
+            c.softmax = sm
             c.matmul = mm
             slot = by_softmax.setdefault(id(sm), {})
             if c.role in slot:
@@ -253,6 +197,35 @@ class RetainKvCache(Pass):
             layers.append((slot["key"], slot["value"]))
         layers.sort(key=lambda kv: order[id(kv[0].matmul)])
         return layers
+
+    @staticmethod
+    def _check_attention_op(graph: Graph, node: Node, c: Cache, index: int) -> None:
+        """Refuse, before anything changes, an ONNX Attention whose cache or mask this pass cannot take over."""
+        where = f"Attention '{node.name}' (reading cache '{c.past.name}')"
+        named = [i for i, t in enumerate(node.inputs) if t.name]
+        if 4 in named or 5 in named or index not in ATTENTION_ROLES:
+            raise RewriteError(f"{where} takes its own past_key/past_value; retain-kv-cache rewrites caches grown by a Concat only")
+        if 6 in named:
+            raise RewriteError(f"{where} takes nonpad_kv_seqlen, which would hide slots of the retained cache")
+        for t in node.outputs[1:]:
+            if t.name and (t.outputs or graph.is_graph_output(t)):
+                raise RewriteError(f"{where} uses output '{t.name}' (its present key/value or scores); only its result can be kept")
+        if any(t.shape is not None and len(t.shape) != 4 for t in node.inputs[:3]):
+            raise RewriteError(f"{where} takes 3-D inputs [batch, seq, heads * head_dim]; retain-kv-cache needs 4-D ones")
+        if 3 in named and _is_static(graph, node.inputs[3]):
+            raise RewriteError(f"{where} has a constant mask (a bias?), which the position mask would replace")
+
+    def _mask_attention_op(self, graph: Graph, node: Node, mask: Tensor, dtype: Any) -> int:
+        """Attention(q, k, v, old mask, is_causal) -> Attention(q, k, v, position mask): the position mask is
+        causal already, and additive float (QNN rejects a bool mask); softcap, if any, applies before it, as before."""
+        q_dtype = node.inputs[0].dtype
+        if q_dtype is not None and np.dtype(q_dtype) != np.dtype(dtype):  # the mask has the query's type
+            mask = self._node(graph, "Cast", [mask], {"to": _onnx_dtype(q_dtype)}, before=node)
+        while len(node.inputs) < 4:
+            node.inputs.append(graph.omitted())
+        node.inputs[3] = mask
+        node.attrs["is_causal"] = 0
+        return 1
 
     def _shared(self, graph: Graph, pos: Tensor, past: Tensor, dtype: Any, first: Node) -> dict[str, Tensor]:
         """Nodes every layer shares: the mask, the scatter indices, the last position."""
@@ -297,7 +270,7 @@ class RetainKvCache(Pass):
         is_last = self._node(graph, "Equal", [pos, maxpos], **n)
         return {"mask": mask, "indices": indices, "src": self._unsqueeze(graph, src, [1, 3], **n), "is_last": is_last}
 
-    def _retain(self, graph: Graph, c: _Cache, shared: dict[str, Tensor]) -> None:
+    def _retain(self, graph: Graph, c: Cache, shared: dict[str, Tensor]) -> None:
         # retained = ScatterND(past, indices, new[with padding rows copied from the last valid token])
         at = c.concat
         src = self._node(graph, "Expand", [shared["src"], self._node(graph, "Shape", [c.new], before=at)], before=at)
@@ -308,7 +281,7 @@ class RetainKvCache(Pass):
             graph.replace_uses(out, retained)
         c.retained = retained  # type: ignore[attr-defined]
 
-    def _rename_cache(self, graph: Graph, c: _Cache, name: str) -> None:
+    def _rename_cache(self, graph: Graph, c: Cache, name: str) -> None:
         past, retained = c.past, c.retained  # type: ignore[attr-defined]
         shape = list(past.shape) if past.shape is not None else ["batch", None, None, None]
         shape[2] = self.ctx_len
@@ -348,7 +321,7 @@ class RetainKvCache(Pass):
                 removed += 1
         return removed
 
-    def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[_Cache, _Cache]]) -> None:
+    def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[Cache, Cache]]) -> None:
         """Nothing live may still read the old cache (e.g. its length, which is ctx_len now)."""
         live = _live_nodes(graph)
         for pair in layers:
@@ -356,7 +329,7 @@ class RetainKvCache(Pass):
                 chain = [c.past]
                 for t in chain:
                     for node in t.outputs:
-                        if _is_passthrough(node):
+                        if is_passthrough(node):
                             chain.append(node.outputs[0])
                         elif id(node) in live and node.op != "ScatterND" and 2 in (_dims_read(graph, node, 4) or {2}):
                             raise RewriteError(
@@ -364,7 +337,7 @@ class RetainKvCache(Pass):
                                 "retain-kv-cache cannot tell what it computes"
                             )
 
-    def _last_position_logits(self, graph: Graph, layers: list[tuple[_Cache, _Cache]], shared: dict[str, Tensor]) -> Tensor:
+    def _last_position_logits(self, graph: Graph, layers: list[tuple[Cache, Cache]], shared: dict[str, Tensor]) -> Tensor:
         cache_outputs = {id(c.retained) for pair in layers for c in pair}  # type: ignore[attr-defined]
         rest = [t for t in graph.outputs if id(t) not in cache_outputs]
         if len(rest) != 1:

@@ -122,7 +122,7 @@ def compile_artifact(
     reports: dict[str, Any] = {}
     if rewrite:
         _say(progress, f"optimizing ({graph.node_count()} nodes)")
-        report = run_passes(graph, rewrite, opts, initial_facts=facts)
+        report = run_passes(graph, rewrite, opts, initial_facts=facts, require_retained=True)
         reports["optimize"] = report.to_dict()
         facts = set(report.facts)
     if not any(t.name.startswith("past_key.") for t in graph.inputs):

@@ -76,3 +76,32 @@ scores_plus_scores (float[1,2,3,4] q, float[1,2,3,4] k, float[1,2,3,4] v) => (fl
     p = FuseAttention()
     assert not p.run(g).modified
     assert [m.reason for m in p.near_misses] == ["the bias is computed inside the attention pattern"]
+
+
+# -- the standard ONNX Attention op (opset 23): the same MultiHeadAttention, where it computes the same
+
+
+def test_onnx_attention_op_at_decode_reads_the_unsplit_query_and_writes_the_merged_output(golden: Any) -> None:
+    out = fused("onnx_attention_decode", golden)
+    (mha,) = out.nodes_by_op("MultiHeadAttention")
+    assert mha.inputs[0].name == "q_in" and mha.inputs[5].name == "mask"
+    assert mha.attrs["num_heads"] == 2 and mha.attrs["scale"] == pytest.approx(0.25)
+    assert out.op_counts() == {"MultiHeadAttention": 1, "Reshape": 1}
+
+
+def test_onnx_attention_op_default_scale_and_heads_layout_restored(golden: Any) -> None:
+    out = fused("onnx_attention_default_scale", golden)
+    (mha,) = out.nodes_by_op("MultiHeadAttention")
+    assert len(mha.inputs) == 3 and mha.attrs["scale"] == pytest.approx(0.5)  # 1/sqrt(4)
+    assert out.producer(out.outputs[0]).op == "Transpose"
+
+
+def test_onnx_attention_op_near_misses_decline_with_a_reason(golden: Any) -> None:
+    assert declined("onnx_attention_near_misses", golden) == [
+        "the Attention mask is bool; MultiHeadAttention takes an additive float bias",
+        "Q has 2 heads and K/V 1 (grouped); MultiHeadAttention needs as many K/V heads as query heads",
+        "the Attention has softcap 30.0, which MultiHeadAttention does not apply",
+        "the Attention is causal (is_causal=1), which MultiHeadAttention does not compute the same way",
+        "Q is float16; MultiHeadAttention on CPU is float32",
+        "the Attention takes its own past key/value or uses its present or scores outputs",
+    ]

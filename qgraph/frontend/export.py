@@ -14,6 +14,10 @@ Every input and output dimension is either a number or one of ``batch``,
 themselves (dynamo's ``s53`` or ``past_len + seq_len``), so they are renamed
 after export. A prefill passes past tensors with past_len = 0.
 
+At opset 23 and newer the dynamo exporter writes attention as the standard ONNX
+``Attention`` op (one per layer, reading the concatenated caches as K and V,
+with a bool mask); TorchScript keeps MatMul/Softmax. The passes take both.
+
 Passing a ``DynamicCache`` to either exporter fails, so a small wrapper module
 takes flat past tensors, builds the cache inside and returns flat presents.
 torch is imported inside the functions: the core package must import without it.

@@ -33,6 +33,8 @@ class PassResult:
     #: Facts this run established about the graph beyond the pass's declared ``produces``
     #: (e.g. fuse-decode-attention's "prefill_chunks_consecutive" when it rewrote a prompt chunk).
     facts: tuple[str, ...] = ()
+    #: What a user should read about this run (e.g. why retain-kv-cache found no cache): the report's notes, after the pass's name.
+    notes: tuple[str, ...] = ()
 
 
 class Pass:
@@ -197,6 +199,7 @@ class PassManager:
                     raise GraphCheckError(f"after pass '{p.name}': {e}") from None
                 rec.checked = True
             report.records.append(rec)
+            report.notes += [f"{p.name}: {note}" for note in result.notes]
             done.append(p.name)
             facts = (set(report.facts) - set(p.invalidates)) | set(p.produces) | set(result.facts)
             report.facts = sorted(facts)

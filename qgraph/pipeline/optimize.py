@@ -12,9 +12,10 @@ import collections
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from qgraph.errors import RewriteError
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import is_custom_domain
-from qgraph.pipeline.facts import observe
+from qgraph.pipeline.facts import KV_RETAINED, observe
 from qgraph.pipeline.manager import Pass, PassManager, Report
 from qgraph.pipeline.options import Options
 from qgraph.pipeline.registry import build_passes
@@ -35,10 +36,12 @@ def graph_max_positions(graph: Graph) -> int | None:
 
 
 def run_passes(graph: Graph, passes: Sequence[str | Pass] | None, opts: Options, *, check: bool = False,
-               initial_facts: Iterable[str] | None = None) -> Report:  # fmt: skip
+               initial_facts: Iterable[str] | None = None, require_retained: bool = False) -> Report:  # fmt: skip
     """Rewrite ``graph`` in place with ``passes`` (None: the default pipeline) made from resolved ``opts``.
 
     ``initial_facts`` (default: what the graph shows, :func:`~qgraph.pipeline.facts.observe`) start the order check.
+    ``require_retained``: the passes are the rewrite stage, so a graph that did not become the retained-state
+    contract is an error (:class:`~qgraph.errors.RewriteError`) that gives the report's reasons.
     """
     if passes is None:
         instances = build_passes(None, opts)
@@ -53,6 +56,9 @@ def run_passes(graph: Graph, passes: Sequence[str | Pass] | None, opts: Options,
         # Custom ops are legal ONNX: every pass leaves them alone, and the user should know.
         ops = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(custom.items()))
         report.notes.append(f"{sum(custom.values())} node(s) from custom domains left untouched: {ops}")
+    if require_retained and KV_RETAINED not in observe(graph):
+        why = "; ".join(report.notes) or "no pass made it"
+        raise RewriteError(f"this graph cannot become the retained-state contract ({why})")
     return report
 
 
@@ -70,9 +76,12 @@ def optimize(
     ``ctx_len`` defaults to the model's maximum length or 128, whichever is
     smaller (:class:`~qgraph.pipeline.options.Options`). With ``batch_size``
     and ``seq_len`` the shapes are pinned too. In check mode the graph is
-    verified after every pass. Returns the pass report.
+    verified after every pass. Returns the pass report. The default pipeline
+    raises :class:`~qgraph.errors.RewriteError` with the reason when the graph
+    cannot become the retained-state contract (no growing KV cache).
     """
     opts = Options.resolve(ctx_len=ctx_len, batch_size=batch_size, seq_len=seq_len, max_positions=graph_max_positions(graph))
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
-    return run_passes(graph, passes, opts, check=check)
+    # The default pipeline promises the contract; passes named by the caller may leave a partial graph (the report says why).
+    return run_passes(graph, passes, opts, check=check, require_retained=passes is None)
