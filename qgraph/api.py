@@ -43,7 +43,7 @@ from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_art
 from qgraph.errors import QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, check_dtype
 from qgraph.frontend.families import ModelSpec, spec_of
-from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts
+from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,10 @@ class AutoModelForCausalLM:
     @property
     def config(self) -> Any:
         if self._config is None:
-            from qgraph.frontend.hf import load_config
+            from qgraph.frontend.hf import load_config, load_generation_config
 
             self._config = load_config(self.source, trust_remote_code=self.trust_remote_code)
-            self._spec = spec_of(self._config, str(self.source))
+            self._spec = spec_of(self._config, str(self.source), load_generation_config(self.source))
         return self._config
 
     @property
@@ -348,6 +348,7 @@ class AutoModelForCausalLM:
         if (prompts is None) == (input_ids is None):
             raise GenerationError("give either prompts (with a tokenizer) or input_ids")
         check_at_least_one("max_new_tokens", max_new_tokens)
+        Sampling(**sampling).check()
         if prompts is not None:
             check_prompts(prompts, None)
             if tokenizer is None:
@@ -356,12 +357,13 @@ class AutoModelForCausalLM:
                 tokenizer = load_tokenizer(self.source, trust_remote_code=self.trust_remote_code)
             ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
         else:
-            ids = [list(map(int, row)) for row in input_ids]  # type: ignore[union-attr]
+            ids = list(input_ids)  # type: ignore[arg-type]
         if not ids:
             raise GenerationError("no prompts given")
-        # Before the (slow) compile that generating may start: the options it compiles with.
+        # Before the (slow) compile that generating may start: the options it compiles with, and the ids.
         opts = self._options or self.options()
         check_prompts(ids, opts.ctx_len)
+        ids = check_token_ids(ids, self.spec.vocab_size)
         if self.artifact_dir is None:
             self.compile(options=opts)
         out = self.runtime.generate(

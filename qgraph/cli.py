@@ -3,19 +3,27 @@
 Each subcommand is a small function over the Python API. Errors a user can
 cause (:class:`qgraph.errors.QGraphError`) print as one line on stderr and exit
 non-zero; ``--debug`` shows the traceback instead.
+
+Stdout carries a command's result and nothing else: while the command works,
+file descriptor 1 points at stderr, so whatever a library writes there (Python
+prints, or native code such as onnxruntime-qnn's "# LIBNATIVE: ..." banner)
+lands on stderr; the result goes to the real stdout (``args.out``), so that
+``--json`` prints exactly one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
-from qgraph.errors import QGraphError
+from qgraph.errors import OptionError, QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, DTYPES
 from qgraph.pipeline.options import (
     DEFAULT_BATCH_SIZE,
@@ -24,6 +32,7 @@ from qgraph.pipeline.options import (
     DEFAULT_PREFILL_SEQ_LEN,
     check_at_least_one,
     check_prompts,
+    check_token_ids,
 )
 
 
@@ -42,12 +51,44 @@ def _progress(msg: str) -> None:
     print(f"[qgraph] {msg}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _results_only_on_stdout() -> Iterator[TextIO]:
+    """Point fd 1 at stderr while a command works; yield the stream for its result, on the real stdout.
+
+    Native libraries write to fd 1 below Python (onnxruntime-qnn prints "# LIBNATIVE: ..." when it
+    loads), so only moving the descriptor keeps them out of a ``--json`` document. Where sys.stdout
+    is not fd 1 (an embedding, or a test that captures it) the result goes to sys.stdout as it is.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all: nothing can write there
+        yield sys.stdout
+        return
+    try:
+        is_fd1 = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        is_fd1 = False
+    out = open(saved, "w", encoding=getattr(sys.stdout, "encoding", None), closefd=False) if is_fd1 else sys.stdout
+    os.dup2(2, 1)
+    try:
+        yield out
+    finally:
+        out.flush()
+        if out is not sys.stdout:
+            out.close()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from qgraph.frontend.export import export_model
     from qgraph.ir.inspect import human_bytes
 
     res = export_model(args.model, args.output, exporter=args.exporter, opset=args.opset, dtype=args.dtype, progress=_progress)
-    print(f"wrote {res.path} ({human_bytes(res.size_bytes)}, {res.dtype}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)")
+    size = human_bytes(res.size_bytes)
+    print(f"wrote {res.path} ({size}, {res.dtype}, {res.exporter} exporter, opset {res.opset}, {res.seconds:.1f} s)", file=args.out)
     return 0
 
 
@@ -56,7 +97,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from qgraph.ir.inspect import format_summary, summarize
 
     summary = summarize(Graph.load(args.file))
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary), file=args.out)
     return 0
 
 
@@ -77,8 +118,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         graph, _pass_list(args.passes), ctx_len=args.ctx_len, batch_size=args.batch_size, seq_len=args.seq_len, check=args.check
     )
     out = graph.save(args.output)
-    print(report.to_json() if args.json else report.table())
-    print(f"wrote {out} ({graph.node_count()} nodes)", file=sys.stderr if args.json else sys.stdout)
+    print(report.to_json() if args.json else report.table(), file=args.out)
+    print(f"wrote {out} ({graph.node_count()} nodes)", file=sys.stderr if args.json else args.out)
     return 0
 
 
@@ -97,11 +138,14 @@ def _target_options(args: argparse.Namespace) -> dict[str, object]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qgraph.compile import compile_model
 
+    if args.dry_run and args.target != "qaic":
+        raise OptionError(f"--dry-run is for --target qaic (it writes qaic-exec's inputs and prints its command); "
+                          f"--target {args.target} compiles here, so drop --dry-run")  # fmt: skip
     out = compile_model(args.input, args.target, args.output, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
                         batch_size=args.batch_size, options=_target_options(args), dry_run=args.dry_run, progress=_progress)  # fmt: skip
     if args.target == "qaic":
-        print((out / "qaic_compile.sh").read_text().split("\n", 2)[-1].strip())
-    print(f"wrote {out}")
+        print((out / "qaic_compile.sh").read_text().split("\n", 2)[-1].strip(), file=args.out)
+    print(f"wrote {out}", file=args.out)
     return 0
 
 
@@ -136,36 +180,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(model.source)
         ids = [tokenizer(p)["input_ids"] for p in args.prompt]
     check_prompts(ids, opts.ctx_len)
+    check_token_ids(ids, model.spec.vocab_size)
     model.compile(args.target, artifacts=args.artifacts, options=opts)
     streamer = None
     n_rows = len(args.prompt or input_ids or [])
+    stdout = args.out
     if tokenizer is not None and n_rows == 1 and not args.json:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
+        stdout.write(args.prompt[0])
+        stdout.flush()
         seen: list[int] = []
         printed = [0]
 
         def streamer(row: int, tok: int) -> None:
             seen.append(tok)
             text = tokenizer.decode(seen, skip_special_tokens=True)
-            sys.stdout.write(text[printed[0] :])
-            sys.stdout.flush()
+            stdout.write(text[printed[0] :])
+            stdout.flush()
             printed[0] = len(text)
 
     out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
                          streamer=streamer, **sampling)  # fmt: skip
     if args.json:
         print(json.dumps({"tokens": out.tokens, "text": out.text, "stats": out.stats.to_dict(), "target": args.target,
-                          "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}))  # fmt: skip
+                          "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}), file=stdout)  # fmt: skip
         return 0
     if streamer is not None:
-        print()
+        print(file=stdout)
     else:
         for i, row in enumerate(out.text or out.tokens):
             prefix = args.prompt[i] if args.prompt else ""
-            print(f"[{i}] {prefix}{row}")
-    print()
-    print(out.stats.table())
+            print(f"[{i}] {prefix}{row}", file=stdout)
+    print(file=stdout)
+    print(out.stats.table(), file=stdout)
     return 0
 
 
@@ -177,21 +223,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_json(report, args.output)
     if args.plot:
         save_plot(report, args.plot)
-    print(json.dumps(report.to_dict()) if args.json else report.table())
+    print(json.dumps(report.to_dict()) if args.json else report.table(), file=args.out)
     _progress(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 
-def _add_target_options(p: argparse.ArgumentParser) -> None:
+def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> None:
+    """The options of ``targets`` only: a command lists (and takes) no option of a target it cannot build."""
     g = p.add_argument_group("target options")
-    g.add_argument("--threads", type=int, default=None, help="cpu: intra-op threads (default: ONNX Runtime's)")
-    g.add_argument("--soc-model", type=int, default=None, help="qnn: HTP SoC model (default works on x86: 60)")
-    g.add_argument("--fp16", action="store_true", help="qnn: run in fp16")
-    g.add_argument("--allow-cpu-fallback", action="store_true", help="qnn: let nodes QNN rejects run on the CPU")
-    g.add_argument("--aic-hw-version", default=None, help="qaic: -aic-hw-version (default 2.0)")
-    g.add_argument("--num-cores", type=int, default=None, help="qaic: -aic-num-cores (default 16)")
-    g.add_argument("--mxfp6-matmul", action="store_true", help="qaic: -mxfp6-matmul")
-    g.add_argument("--kv-dtype", choices=("float16", "float32"), default=None, help="qaic: KV cache precision on the device")
+    if "cpu" in targets:
+        g.add_argument("--threads", type=int, default=None, help="cpu: intra-op threads (default: ONNX Runtime's)")
+    if "qnn" in targets:
+        g.add_argument("--soc-model", type=int, default=None, help="qnn: HTP SoC model (default works on x86: 60)")
+        g.add_argument("--fp16", action="store_true", help="qnn: run in fp16")
+        g.add_argument("--allow-cpu-fallback", action="store_true", help="qnn: let nodes QNN rejects run on the CPU")
+    if "qaic" in targets:
+        g.add_argument("--aic-hw-version", default=None, help="qaic: -aic-hw-version (default 2.0)")
+        g.add_argument("--num-cores", type=int, default=None, help="qaic: -aic-num-cores (default 16)")
+        g.add_argument("--mxfp6-matmul", action="store_true", help="qaic: -mxfp6-matmul")
+        g.add_argument("--kv-dtype", choices=("float16", "float32"), default=None, help="qaic: KV cache precision on the device")
 
 
 CTX_HELP = f"tokens the KV cache holds (default {DEFAULT_CTX_LEN}, or the model's maximum if smaller)"
@@ -200,13 +250,20 @@ BATCH_HELP = f"rows run together (default {DEFAULT_BATCH_SIZE})"
 DTYPE_HELP = f"the model's weights, caches and logits (default {DEFAULT_DTYPE})"
 
 
+def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log one line per pass")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qgraph", description="A graph-rewriting compiler for ONNX causal LMs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log one line per pass")
+    _add_global_options(parser, False)
+    # --debug and -v after the subcommand too; SUPPRESS: a subcommand that is not given them keeps the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("export", help="export a Hugging Face GPT-2 to plain ONNX (no rewriting)")
+    p = sub.add_parser("export", parents=[common], help="export a Hugging Face GPT-2 to plain ONNX (no rewriting)")
     p.add_argument("model", nargs="?", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"), help="output ONNX file (default model.onnx)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
@@ -214,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("optimize", help="rewrite an ONNX graph with the pass pipeline")
+    p = sub.add_parser("optimize", parents=[common], help="rewrite an ONNX graph with the pass pipeline")
     p.add_argument("input", type=Path, help="ONNX file (a raw export, or any GPT-2-like graph)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output ONNX file")
     p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
@@ -225,18 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("compile", help="compile an optimized graph (or a raw export) for a device")
+    p = sub.add_parser("compile", parents=[common], help="compile an optimized graph (or a raw export) for a device")
     p.add_argument("input", type=Path, help="ONNX file: a raw export or an optimized (retained-state) graph")
     p.add_argument("--target", choices=("cpu", "qnn", "qaic"), required=True)
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory")
     p.add_argument("--prefill-seq-len", type=int, default=None, help=PREFILL_HELP)
     p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
-    p.add_argument("--dry-run", action="store_true", help="qaic: write the compiler's inputs and print its command")
-    _add_target_options(p)
+    p.add_argument("--dry-run", action="store_true", help="qaic only: write the compiler's inputs and print its command")
+    _add_target_options(p, ("cpu", "qnn", "qaic"))
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("generate", help="export, optimize, compile and run a model; print text and latency")
+    p = sub.add_parser("generate", parents=[common], help="export, optimize, compile and run a model; print text and latency")
     p.add_argument("prompt", nargs="*", help="text prompts")
     p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
     p.add_argument("--input-ids", action="append", default=None, help="a prompt as token ids, e.g. 1,2,3 (repeatable)")
@@ -252,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_target_options(p)
+    _add_target_options(p, ("cpu", "qnn"))
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, the kernel ceiling and the memory bound")
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, the kernel ceiling and the memory bound",
+    )
     p.add_argument(
         "--model",
         default="random:gpt2",
@@ -271,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="save a bar chart (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("inspect", help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
+    p = sub.add_parser("inspect", parents=[common], help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
@@ -283,11 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub logs through a handler of its own; propagating too printed each of its warnings twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _results_only_on_stdout() as out:
+            args.out = out
+            return int(args.func(args) or 0)
     except QGraphError as e:
         if args.debug:
             raise

@@ -5,7 +5,9 @@ A model is named in one of three ways:
 * ``tiny-gpt2``: the small GPT-2 bundled with qgraph (``qgraph/models/tiny-gpt2``);
 * a local folder holding a Hugging Face model (it has a ``config.json``);
 * a hub id (``gpt2``, ``org/name``), loaded with ``from_pretrained``; this works
-  offline when the model is in the local Hugging Face cache.
+  offline when the model is in the local Hugging Face cache. Where the hub
+  cannot be reached, one request without retries tells, and the model is read
+  from that cache at once (the libraries' own back-off took about 25 s to fail).
 
 torch and transformers are imported inside the functions, so the core package
 imports without them (they are the ``hf`` install extra). Nothing a model
@@ -21,13 +23,15 @@ and :func:`weights_digest`, the model's part of a cache key, hashes just them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from qgraph.errors import MissingDependencyError, ModelSourceError
 from qgraph.frontend.checkpoint import check_safetensors, confined, index_shards
@@ -44,10 +48,17 @@ BUNDLED_MODELS = ("tiny-gpt2",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 _INSTALL_HINT = "install the export extra: pip install 'qgraph[hf]'"
+_OFFLINE_HINT = (
+    "to work offline, set HF_HUB_OFFLINE=1 (for models already in the Hugging Face cache), pass a local model folder "
+    "(--model ./my-model), or use the bundled model (--model tiny-gpt2)"
+)
+GENERATION_CONFIG = "generation_config.json"
 #: What loading reads from a folder besides the weights (the ones present).
-CONFIG_FILES = ("config.json", "generation_config.json")
+CONFIG_FILES = ("config.json", GENERATION_CONFIG)
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,13 +118,58 @@ def _as_source(source: ModelSource | str) -> ModelSource:
     return source if isinstance(source, ModelSource) else resolve_model(source)
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _hub_error(source: ModelSource, what: str, err: Exception) -> ModelSourceError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if source.kind == "hub":
-        hint = "check the id and your network (HF_HUB_OFFLINE=1 skips the network), or pass a local model folder"
+    import huggingface_hub
+
+    if source.kind == "hub" and huggingface_hub.is_offline_mode():
+        hint = ("HF_HUB_OFFLINE is set, so only the Hugging Face cache is read: download the model once with the network "
+                "(HF_HUB_OFFLINE unset), pass a local model folder (--model ./my-model), or use the bundled model (--model tiny-gpt2)")  # fmt: skip
+    elif source.kind == "hub":
+        hint = f"check the id and your network; {_OFFLINE_HINT}"
     else:
         hint = "check that the folder holds a complete save_pretrained() output"
-    return ModelSourceError(f"could not load the {what} of '{source.ref}' ({first}); {hint}")
+    return ModelSourceError(f"could not load the {what} of '{source.ref}' ({_first_line(err)}); {hint}")
+
+
+@functools.cache
+def _unreachable_hub(ref: str) -> str | None:
+    """Why the hub cannot be reached, from one request without retries; None if it answered (even "no such
+    model") or the libraries are offline anyway. Asked once per process and model."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.is_offline_mode():
+        return None
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(ref, "config.json"), retry_on_errors=False)
+    except HfHubHTTPError:
+        return None  # an answer: from_pretrained says what it was
+    except Exception as e:  # refused, no route, DNS, timeout, TLS: whatever the transport raises
+        return _first_line(e)
+    return None
+
+
+@functools.cache
+def _say_offline(ref: str, why: str) -> None:
+    log.warning("cannot reach the Hugging Face hub (%s); using '%s' from the local cache", why, ref)
+
+
+def _from_hub(src: ModelSource, what: str, load: Callable[..., T]) -> T:
+    """``load()``; for a hub model whose hub cannot be reached, ``load(local_files_only=True)`` at once."""
+    why = _unreachable_hub(src.ref) if src.kind == "hub" else None
+    if why is None:
+        return load()
+    try:
+        out = load(local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot reach the Hugging Face hub ({why}) and the local cache has no {what} of '{src.ref}'; "
+                               f"{_OFFLINE_HINT}") from e  # fmt: skip
+    _say_offline(src.ref, why)  # once per model
+    return out
 
 
 def load_config(source: ModelSource | str, *, trust_remote_code: bool = False) -> Any:
@@ -121,9 +177,28 @@ def load_config(source: ModelSource | str, *, trust_remote_code: bool = False) -
     src = _as_source(source)
     _, transformers = require_hf()
     try:
-        return transformers.AutoConfig.from_pretrained(src.ref, trust_remote_code=trust_remote_code)
+        return _from_hub(
+            src, "config", lambda **kw: transformers.AutoConfig.from_pretrained(src.ref, trust_remote_code=trust_remote_code, **kw)
+        )
     except (OSError, ValueError) as e:
         raise _hub_error(src, "config", e) from e
+
+
+def load_generation_config(source: ModelSource | str) -> Any | None:
+    """The model's ``generation_config.json`` (a ``transformers.GenerationConfig``), or None where it has none.
+
+    Where it exists, Hugging Face's generate takes its EOS ids from it, not from the config.
+    """
+    src = _as_source(source)
+    _, transformers = require_hf()
+    if src.path is not None and not (src.path / GENERATION_CONFIG).is_file():
+        return None
+    try:
+        return _from_hub(src, "generation config", lambda **kw: transformers.GenerationConfig.from_pretrained(src.ref, **kw))
+    except (OSError, ValueError, ModelSourceError) as e:
+        if src.kind == "hub":
+            return None  # a hub model without one (or a cache without it)
+        raise ModelSourceError(f"{src.path / GENERATION_CONFIG} cannot be read ({_first_line(e)}); fix it or delete it") from e
 
 
 def check_supported(config: Any, name: str = "the model") -> None:
@@ -206,11 +281,15 @@ def load_model(
     folder = src.path or _cached_snapshot(src.ref)
     if folder is not None:
         check_model_files(folder)  # before transformers reads them: it answers a lying header with a traceback
-    try:
+
+    def load(**kw: Any) -> Any:
         # safetensors only: a pickle (.bin) can run code when it is loaded.
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            src.ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            src.ref, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kw
         )
+
+    try:
+        model = _from_hub(src, "weights", load)
     except (OSError, ValueError) as e:
         if "safetensors" in str(e):
             raise ModelSourceError(
@@ -227,10 +306,22 @@ def load_model(
 
 
 def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer."""
+    """The model's tokenizer, or :class:`ModelSourceError` where the model has none."""
     src = _as_source(source)
     _, transformers = require_hf()
+
+    def load(**kw: Any) -> Any:
+        return transformers.AutoTokenizer.from_pretrained(src.ref, trust_remote_code=trust_remote_code, **kw)
+
     try:
-        return transformers.AutoTokenizer.from_pretrained(src.ref, trust_remote_code=trust_remote_code)
+        tokenizer = _from_hub(src, "tokenizer", load)
     except (OSError, ValueError) as e:
         raise _hub_error(src, "tokenizer", e) from e
+    # Without tokenizer files transformers builds the config's tokenizer class from nothing: no vocabulary but its
+    # special tokens, so every text would become no ids at all.
+    if len(tokenizer.get_vocab()) <= len(getattr(tokenizer, "added_tokens_encoder", {})):
+        raise ModelSourceError(
+            f"'{src.ref}' has no tokenizer (no tokenizer.json, or vocab.json and merges.txt); copy the model's tokenizer files "
+            "there (tokenizer.save_pretrained(folder)) or give token ids instead (--input-ids 15496,612; input_ids= in the API)"
+        )
+    return tokenizer

@@ -14,6 +14,7 @@ only an ONNX file is given.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -71,6 +72,28 @@ def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
                 f"prompt {i} has {len(p)} tokens, which leaves no room to generate in ctx_len {ctx_len} (a prompt must be "
                 f"shorter than ctx_len); shorten it or compile with ctx_len {len(p) + 1} or more"
             )
+
+
+def check_token_ids(prompts: Sequence[Sequence[Any]], vocab_size: int) -> list[list[int]]:
+    """Rules: token ids are integers (a float is refused, never truncated), each in ``[0, vocab_size)``.
+
+    Returns the ids as lists of Python ints.
+    """
+    rows: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        row: list[int] = []
+        for t in p:
+            try:
+                row.append(operator.index(t))  # ints and numpy/torch integers; not 1.5, not "1"
+            except TypeError:
+                raise GenerationError(
+                    f"prompt {i} has a token id that is not an integer: {t!r}; token ids are integers, e.g. 15496"
+                ) from None
+        out = [t for t in row if not 0 <= t < vocab_size]
+        if out:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary (0..{vocab_size - 1}): {out[:5]}")
+        rows.append(row)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from qgraph.artifact.verify import verify_artifact
 from qgraph.artifact.weights import read_fed_weights
 from qgraph.errors import QGraphError
 from qgraph.ir.contract import RETAINED_SUFFIX, pad_chunk
-from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, check_at_least_one, check_prompts
+from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, check_at_least_one, check_prompts, check_token_ids
 from qgraph.runtime.sampling import GenerationError, Sampling, choose
 
 log = logging.getLogger(__name__)
@@ -236,10 +236,7 @@ class Runtime:
         if not prompts:
             raise GenerationError("no prompts given")
         check_prompts(prompts, self.ctx_len)
-        for i, p in enumerate(prompts):
-            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
-            if bad:
-                raise GenerationError(f"prompt {i} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
+        prompts = check_token_ids(prompts, self.vocab_size)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         rng = np.random.default_rng(sampling.seed)
         tokens: list[list[int]] = []

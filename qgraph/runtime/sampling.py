@@ -1,14 +1,20 @@
-"""Choosing the next token: greedy, or sampled with temperature, top-k and top-p."""
+"""Choosing the next token: greedy, or sampled with temperature, top-k and top-p.
+
+:func:`distribution` is what a sampled token is drawn from, built as Hugging
+Face's logits warpers build it (temperature, then top-k, then top-p), so that,
+seeds aside, qgraph and Hugging Face sample from the same probabilities.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from qgraph.errors import GenerationError
 
-__all__ = ["GenerationError", "Sampling", "choose"]
+__all__ = ["GenerationError", "Sampling", "choose", "distribution"]
 
 
 @dataclass
@@ -21,21 +27,29 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        # nan passes every comparison's negation, so each rule is written as what is allowed.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
+        if not (_is_int(self.top_k) and self.top_k >= 0):
+            raise GenerationError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (_is_int(self.seed) and self.seed >= 0):
+            raise GenerationError(f"seed must be an integer >= 0, got {self.seed}; leave it out for a fresh random seed")
 
 
-def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Pick the next token from one row of logits."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The probabilities a sampled token is drawn from (temperature > 0): softmax(logits / temperature)
+    over the top_k most likely tokens (all of them if top_k is 0 or larger than the vocabulary), then
+    over the smallest set of those whose mass reaches top_p; ties with the last kept token are kept."""
     z = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k:
-        kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+    k = min(sampling.top_k, len(z))  # Hugging Face clamps top_k to the vocabulary too
+    if k:
+        kth = np.partition(z, -k)[-k]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max())
     p /= p.sum()
@@ -46,4 +60,12 @@ def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
         mask[order[keep]] = True
         p = np.where(mask, p, 0)
         p /= p.sum()
+    return p
+
+
+def choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    p = distribution(logits, sampling)
     return int(rng.choice(len(p), p=p))

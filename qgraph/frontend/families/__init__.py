@@ -1,9 +1,11 @@
 """Model families: one module per family owns what is specific to it.
 
 A family module reads its ``transformers`` config into a :class:`ModelSpec`
-(layers, heads, head size, positions, vocabulary, EOS ids) and holds whatever
-else export, the API and the bench need to know about that architecture (the
-random-weight shapes of the bench, the weights a decode step does not read).
+(layers, heads, head size, positions, vocabulary, EOS ids; the EOS ids from
+generation_config.json where the model has one, as Hugging Face's generate
+reads them) and holds whatever else export, the API and the bench need to
+know about that architecture (the random-weight shapes of the bench, the
+weights a decode step does not read).
 Nothing outside the family modules reads config fields: everything else
 receives a :class:`ModelSpec`.
 """
@@ -35,9 +37,10 @@ def family_of(config: Any, name: str = "the model") -> ModuleType:
     return family
 
 
-def spec_of(config: Any, name: str = "the model") -> ModelSpec:
-    """What qgraph needs to know about a model, read from its config by its family."""
-    spec: ModelSpec = family_of(config, name).spec(config)
+def spec_of(config: Any, name: str = "the model", generation_config: Any = None) -> ModelSpec:
+    """What qgraph needs to know about a model, read from its config (and its generation_config.json,
+    :func:`qgraph.frontend.hf.load_generation_config`, where it has one) by its family."""
+    spec: ModelSpec = family_of(config, name).spec(config, generation_config)
     return spec
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qgraph.frontend.families.spec import ModelSpec
+from qgraph.frontend.families.spec import ModelSpec, eos_token_ids
 
 MODEL_TYPES = ("gpt2",)
 
@@ -22,10 +22,9 @@ RANDOM_SHAPES: dict[str, dict[str, int]] = {
 }
 
 
-def spec(config: Any) -> ModelSpec:
+def spec(config: Any, generation_config: Any = None) -> ModelSpec:
+    """``config``'s shape; the EOS ids of ``generation_config`` (generation_config.json) where the model has one."""
     heads = int(config.n_head)
-    eos = config.eos_token_id
-    eos_ids = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
     return ModelSpec(
         family="gpt2",
         num_layers=int(config.n_layer),
@@ -35,7 +34,7 @@ def spec(config: Any) -> ModelSpec:
         hidden_size=int(config.n_embd),
         vocab_size=int(config.vocab_size),
         max_positions=int(config.n_positions),
-        eos_token_ids=eos_ids,
+        eos_token_ids=eos_token_ids(config, generation_config),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,10 @@ class ModelSpec:
     #: Positions the model has embeddings for (the longest context it can take).
     max_positions: int
     eos_token_ids: tuple[int, ...] = ()
+
+
+def eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """The EOS ids Hugging Face's generate stops at: generation_config.json's where the model has one (even
+    when it names none: then there are none, as there are for HF), else the config's; one id or a list."""
+    eos = config.eos_token_id if generation_config is None else generation_config.eos_token_id
+    return () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
