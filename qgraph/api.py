@@ -305,7 +305,9 @@ class AutoModelForCausalLM:
             raise TypeError("compile() takes resolved options or the numbers and target options to resolve, not both")
         # Everything that can be checked before the (slow) export is: the options, and the order of every pass.
         opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size, **target_options)
-        rewrite, specialize = compile_pipeline(get_target(target), rewrite=True)
+        impl = get_target(target)
+        impl.check_dry_run(dry_run)
+        rewrite, specialize = compile_pipeline(impl, rewrite=True)
         check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len))
         onnx_path = self.onnx_path or self.export()
         if artifacts is not None:

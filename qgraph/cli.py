@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from qgraph.errors import OptionError, QGraphError
+from qgraph.errors import QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, DTYPES
 from qgraph.pipeline.options import (
     DEFAULT_BATCH_SIZE,
@@ -138,9 +138,6 @@ def _target_options(args: argparse.Namespace) -> dict[str, object]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qgraph.compile import compile_model
 
-    if args.dry_run and args.target != "qaic":
-        raise OptionError(f"--dry-run is for --target qaic (it writes qaic-exec's inputs and prints its command); "
-                          f"--target {args.target} compiles here, so drop --dry-run")  # fmt: skip
     out = compile_model(args.input, args.target, args.output, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
                         batch_size=args.batch_size, options=_target_options(args), dry_run=args.dry_run, progress=_progress)  # fmt: skip
     if args.target == "qaic":

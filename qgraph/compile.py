@@ -113,6 +113,7 @@ def compile_model(
     graph's cache length is its default ctx_len).
     """
     impl = get_target(target)
+    impl.check_dry_run(dry_run)  # before the graph is read
     graph = source if isinstance(source, Graph) else Graph.load(source)
     opts = Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=options, target=impl,
                            max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph))  # fmt: skip
@@ -124,6 +125,7 @@ def compile_artifact(
 ) -> Path:
     """Compile ``source`` for ``target`` into ``out_dir`` with ``opts`` resolved for this model; returns the directory."""
     impl = get_target(target)
+    impl.check_dry_run(dry_run)
     start = time.perf_counter()
     graph = source if isinstance(source, Graph) else Graph.load(source)
     facts = observe(graph)

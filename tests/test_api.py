@@ -92,3 +92,16 @@ def test_options_are_resolved_against_the_config_before_anything_slow(tmp_path: 
     with pytest.raises(PassOrderError, match="'fuse-decode-attention' requires 'attention_fused'"):
         model.compile(options=opts)
     assert not home.exists()
+
+
+@pytest.mark.parametrize("target", ["cpu", "qnn"])
+def test_a_dry_run_is_refused_where_the_target_compiles_here(tmp_path: Path, home: Path, target: str) -> None:
+    from qgraph.compile import compile_model
+    from qgraph.targets import TargetError
+
+    model = AutoModelForCausalLM.from_pretrained("tiny-gpt2")
+    with pytest.raises(TargetError, match=f"--target {target} compiles here, so drop --dry-run"):
+        model.compile(target, dry_run=True)
+    assert not home.exists()  # refused before the export
+    with pytest.raises(TargetError, match="drop --dry-run"):
+        compile_model(tmp_path / "never-read.onnx", target, tmp_path / "out", dry_run=True)

@@ -37,6 +37,14 @@ class Target:
     defaults: dict[str, Any] = {}
     #: The passes this target puts in the pipeline's slots ("legalize", "final"; see qgraph.pipeline.stages).
     slots: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: A dry run writes the device compiler's inputs and prints its command (qaic); other targets compile here.
+    dry_runs = False
+
+    def check_dry_run(self, dry_run: bool) -> None:
+        """Rule: only a target whose compiler runs elsewhere takes a dry run (one message, for the CLI and the API)."""
+        if dry_run and not self.dry_runs:
+            raise TargetError(f"--dry-run is for --target qaic (it writes qaic-exec's inputs and prints its command); "
+                              f"--target {self.name} compiles here, so drop --dry-run")  # fmt: skip
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - set(self.defaults))

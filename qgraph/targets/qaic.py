@@ -103,6 +103,7 @@ class QaicTarget(Target):
 
     name = "qaic"
     keeps_base = True
+    dry_runs = True
     defaults: dict[str, Any] = {"aic_hw_version": "2.0", "num_cores": 16, "kv_dtype": "float16", "mxfp6_matmul": False,
                                 "convert_to_fp16": True}  # fmt: skip
     #: None: qaic-exec lowers the ONNX ops itself, and compiles the symbolic optimized graph (the pinned copies only prove each shape).
