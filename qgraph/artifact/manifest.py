@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qgraph.errors import QGraphError
+from qgraph.ir.paths import Escape, EscapeError, inside
 from qgraph.pipeline.options import Options
 
 MANIFEST = "manifest.json"
@@ -184,19 +184,21 @@ def from_format_1(data: Mapping[str, Any]) -> dict[str, Any]:
 def confined(folder: Path, name: str, what: str) -> Path:
     """``folder/name``, refused unless it stays inside ``folder``: a relative path without ``..`` that no
     symlink leads out of (it need not exist)."""
-    where = f"{folder / MANIFEST}: {what} '{name}'"
-    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
-        raise ArtifactError(f"{where} is not a usable file name; recompile the artifact")
-    if os.path.isabs(name) or ".." in Path(name).parts:
-        raise ArtifactError(f"{where} is outside the artifact directory; an artifact's files stay in its folder (recompile it)")
     try:
-        base = folder.resolve()
-        path = (folder / name).resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long
-        raise ArtifactError(f"{where} cannot be resolved ({e}); recompile the artifact") from None
-    if base not in path.parents:
-        raise ArtifactError(f"{where} leads outside the artifact directory (to {path}); an artifact's files stay in its folder")
+        inside(folder, name)
+    except EscapeError as e:
+        where = f"{folder / MANIFEST}: {what} '{name}'"
+        raise ArtifactError(f"{where} {_ESCAPES[e.kind].format(detail=e.detail)}") from None
     return folder / name
+
+
+_ESCAPES = {
+    Escape.NOT_A_NAME: "is not a usable file name; recompile the artifact",
+    Escape.ABSOLUTE: "is outside the artifact directory; an artifact's files stay in its folder (recompile it)",
+    Escape.DOTDOT: "is outside the artifact directory; an artifact's files stay in its folder (recompile it)",
+    Escape.UNRESOLVABLE: "cannot be resolved ({detail}); recompile the artifact",
+    Escape.LINKS_OUT: "leads outside the artifact directory (to {detail}); an artifact's files stay in its folder",
+}
 
 
 def sha256_file(path: Path) -> str:

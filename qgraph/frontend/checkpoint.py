@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import struct
 from pathlib import Path
 from typing import Any
 
 from qgraph.errors import ModelSourceError
+from qgraph.ir.paths import Escape, EscapeError, inside
 
 #: The largest header the safetensors library reads (its own limit).
 MAX_HEADER_BYTES = 100_000_000
@@ -97,11 +96,15 @@ def _check_entries(path: Path, header: dict[str, Any], data_bytes: int) -> None:
 
 def confined(folder: Path, name: Any, what: str) -> Path:
     """``folder / name`` for a relative ``name`` that stays in ``folder``; else one line naming ``what`` refers to it."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise ModelSourceError(f"{what} names the file {name!r}, which is not a file name; {_REDO}")
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in Path(name.replace("\\", "/")).parts:
-        raise ModelSourceError(f"{what} sends tensors to '{name}', outside the model's folder; weight files must sit in the folder")
-    return folder / name
+    try:
+        # Names only: a Hugging Face cache snapshot's files are links into its blob store.
+        return inside(folder, name, follow_links=False)
+    except EscapeError as e:
+        if e.kind is Escape.NOT_A_NAME:
+            raise ModelSourceError(f"{what} names the file {name!r}, which is not a file name; {_REDO}") from None
+        raise ModelSourceError(
+            f"{what} sends tensors to '{name}', outside the model's folder; weight files must sit in the folder"
+        ) from None
 
 
 def index_shards(index: Path) -> list[Path]:

@@ -38,7 +38,6 @@ the model.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from onnx import GraphProto, TensorProto, helper
 
 from qgraph.errors import InvalidModelError, ModelLoadError
 from qgraph.ir.bodies import Body, attribute_tensors, check_structure, iter_bodies
+from qgraph.ir.paths import Escape, EscapeError, inside
 
 #: Tensors may have at most this many dimensions.
 MAX_RANK = 64
@@ -209,6 +209,15 @@ def _check_stored_tensors(g: GraphProto, bodies: list[Body], base_dir: Path | No
 
 
 # ---------------------------------------------------------------- external data
+_EXTERNAL_ESCAPES = {
+    Escape.NOT_A_NAME: "has no usable location; external data must name a file in the model's folder",
+    Escape.ABSOLUTE: "is not a relative path; external data must sit in the model's folder",
+    Escape.DOTDOT: "points outside the model's folder ('..'); move the weights beside the model",
+    Escape.UNRESOLVABLE: "cannot be resolved ({detail}); move the weights beside the model",
+    Escape.LINKS_OUT: "resolves outside the model's folder; move the weights beside the model",
+}
+
+
 def resolve_external_path(base_dir: Path, location: str, tensor_name: str) -> Path:
     """Return the file an external tensor's ``location`` names, refusing escapes.
 
@@ -217,20 +226,10 @@ def resolve_external_path(base_dir: Path, location: str, tensor_name: str) -> Pa
     path is resolved; the file is not opened.
     """
     where = f"external data of tensor '{tensor_name}' ('{location}')"
-    if not location or "\0" in location:
-        raise ModelLoadError(f"{where} has no usable location; external data must name a file in the model's folder")
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
-        raise ModelLoadError(f"{where} is not a relative path; external data must sit in the model's folder")
-    parts = Path(location.replace("\\", "/")).parts
-    if ".." in parts:
-        raise ModelLoadError(f"{where} points outside the model's folder ('..'); move the weights beside the model")
     try:
-        base = base_dir.resolve()
-        path = (base / location).resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long
-        raise ModelLoadError(f"{where} cannot be resolved ({e}); move the weights beside the model") from None
-    if base != path and base not in path.parents:
-        raise ModelLoadError(f"{where} resolves outside the model's folder; move the weights beside the model")
+        path = inside(base_dir, location)
+    except EscapeError as e:
+        raise ModelLoadError(f"{where} {_EXTERNAL_ESCAPES[e.kind].format(detail=e.detail)}") from None
     if not path.is_file():
         raise ModelLoadError(f"{where} is missing: expected the file {path}")
     return path
