@@ -30,14 +30,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qgraph.artifact.atomic import remove_stale_temps, replace_dir
+from qgraph.artifact.atomic import building
 from qgraph.artifact.manifest import MANIFEST, ArtifactError, Manifest
 from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_artifact, verify_files
 from qgraph.errors import QGraphError
@@ -246,18 +244,9 @@ class AutoModelForCausalLM:
 
         def build() -> None:
             # Built under a temporary name with the record of its hashes, then renamed: never half an entry.
-            remove_stale_temps(entry.parent, (f".{entry.name}.tmp-", f".{entry.name}.old-"))
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
-            try:
-                umask = os.umask(0)
-                os.umask(umask)
-                tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+            with building(entry) as tmp:
                 export_model(self.source, tmp / "model.onnx", exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress)
                 (tmp / EXPORT_RECORD).write_text(json.dumps({"hashes": hash_tree(tmp, skip=(EXPORT_RECORD, STAMP))}, indent=2))
-                replace_dir(tmp, entry)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
 
         self._cached(entry, "export", check_cached_export, build)
         self.onnx_path = entry / "model.onnx"

@@ -30,9 +30,6 @@ old and their process is gone.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.artifact.atomic import remove_stale_temps, replace_dir
+from qgraph.artifact.atomic import building
 from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, model_info, specializations
 from qgraph.artifact.verify import hash_tree
 from qgraph.errors import CompileError
@@ -145,13 +142,7 @@ def compile_artifact(
         raise CompileError("the graph has no past_key.{i} inputs; it does not follow the retained-state contract")
     io = io_contract(graph)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    with building(out) as tmp:
         base = tmp / "optimized.onnx"
         graph.save(base, external=True)
         specs = specializations(opts)
@@ -182,10 +173,6 @@ def compile_artifact(
         )
         manifest.hashes = hash_tree(tmp)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(progress, f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return out
 

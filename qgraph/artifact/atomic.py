@@ -6,11 +6,16 @@ the same place removes such leftovers once they are old and their process is gon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from qgraph.ir.files import process_umask
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +85,20 @@ def replace_dir(new: Path, dst: Path, attempts: int = 5) -> None:
             if old.exists():
                 shutil.rmtree(old, ignore_errors=True)
         return
+
+
+@contextlib.contextmanager
+def building(dst: Path) -> Iterator[Path]:
+    """A hidden empty folder beside ``dst`` to build it in, renamed to ``dst`` when the block completes and
+    removed if it fails; what killed runs left there is removed first. The folder gets the mode an ordinary
+    new folder gets (``mkdtemp`` makes it private)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dst.parent, (f".{dst.name}.tmp-", f".{dst.name}.old-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
+    try:
+        tmp.chmod(0o777 & ~process_umask())
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

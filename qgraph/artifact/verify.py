@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto
 
 from qgraph.artifact.manifest import MANIFEST, ArtifactError, Manifest, confined, sha256_file
+from qgraph.ir.files import new_file_mode
 
 #: Where a folder's last verification is recorded.
 STAMP = ".verified.json"
@@ -160,9 +161,7 @@ def _write_stamp(folder: Path, stamp: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{STAMP}.", dir=folder)
         with os.fdopen(fd, "w") as f:
             json.dump(stamp, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, folder / STAMP)
     except OSError:
         if tmp is not None:

@@ -111,15 +111,20 @@ def inline_file_values(model: onnx.ModelProto, lazy: Mapping[str, _FileValues]) 
             del t.external_data[:]
 
 
-def new_file_mode() -> int:
-    """The mode ``open`` gives a new file under the process's umask (``mkstemp`` makes its files 0600 whatever the umask)."""
-    try:  # Linux says it without changing it (os.umask can only be read by setting it, which races other threads)
+def process_umask() -> int:
+    """The process's umask (Linux says it without changing it: os.umask can only be read by setting it, which races other threads)."""
+    try:
         with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
         mask = os.umask(0o022)
         os.umask(mask)
-    return 0o666 & ~mask
+        return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (``mkstemp`` makes its files 0600 whatever the umask)."""
+    return 0o666 & ~process_umask()
 
 
 def free_bytes(folder: Path) -> int:

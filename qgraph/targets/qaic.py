@@ -12,13 +12,12 @@ A dry run marks its manifest ``dry_run``: nothing in it was compiled.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qgraph.ir.files import remove_model_files
+from qgraph.ir.files import process_umask, remove_model_files
 from qgraph.ir.graph import Graph
 from qgraph.targets.base import Target, TargetError
 
@@ -131,9 +130,7 @@ class QaicTarget(Target):
         cmd = command(out_dir, options)
         script = out_dir / "qaic_compile.sh"
         script.write_text("#!/bin/sh\n# Run from this directory.\n" + " \\\n  ".join(cmd) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        script.chmod(0o777 & ~umask)  # a script: executable, as the umask allows
+        script.chmod(0o777 & ~process_umask())  # a script: executable, as the umask allows
         remove_model_files(base)
         if dry_run:
             if progress:
