@@ -38,7 +38,7 @@ from typing import Any
 from qgraph.artifact.atomic import building
 from qgraph.artifact.manifest import MANIFEST, ArtifactError, Manifest
 from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_artifact, verify_files
-from qgraph.errors import QGraphError
+from qgraph.errors import OptionError, QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, check_dtype
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts, check_token_ids
@@ -266,6 +266,12 @@ class AutoModelForCausalLM:
         from qgraph.targets import get_target
 
         impl = get_target(target)
+        window = self.spec.sliding_window
+        if ctx_len is not None and window is not None and ctx_len > window:
+            raise OptionError(
+                f"ctx_len {ctx_len} is longer than the model's sliding attention window {window}: qgraph's cache keeps every position, "
+                f"so it cannot drop the ones that fall out of the window; use --ctx-len {window} or less"
+            )
         return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
                                target=impl, max_positions=self.spec.max_positions)  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Export a Hugging Face GPT-2-like causal LM to ONNX, unchanged (the raw export).
+"""Export a Hugging Face causal LM (any family in :mod:`qgraph.frontend.families`) to ONNX, unchanged (the raw export).
 
 The raw export is the plain model with a concat-grown KV cache and these IOs:
 
@@ -238,7 +238,7 @@ def export_model(
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` (a model name, see :func:`qgraph.hf.resolve_model`, or a
-    loaded GPT-2-like causal LM) to the ONNX file ``out``, unchanged.
+    loaded causal LM of a known family) to the ONNX file ``out``, unchanged.
 
     ``exporter`` is ``dynamo`` (opset 18 and newer) or ``torchscript``; ``opset``
     defaults to the exporter's own default. ``dtype`` (one of :data:`DTYPES`) is

@@ -16,11 +16,11 @@ from types import ModuleType
 from typing import Any
 
 from qgraph.errors import ModelSourceError
-from qgraph.frontend.families import gpt2
+from qgraph.frontend.families import gemma, gpt2, llama, mistral, phi3, qwen2
 from qgraph.frontend.families.spec import ModelSpec
 
 #: Family modules by ``config.model_type``.
-FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2,) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (gpt2, llama, qwen2, mistral, phi3, gemma) for t in m.MODEL_TYPES}
 #: Architectures qgraph can export and rewrite (``config.model_type``).
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -31,9 +31,7 @@ def family_of(config: Any, name: str = "the model") -> ModuleType:
     family = FAMILIES.get(str(model_type))
     if family is None:
         supported = ", ".join(repr(t) for t in SUPPORTED_MODEL_TYPES)
-        raise ModelSourceError(
-            f"{name} is a '{model_type}' model; qgraph supports GPT-2-like causal LMs (model_type {supported}); pass a GPT-2 model"
-        )
+        raise ModelSourceError(f"{name} is a '{model_type}' model; qgraph supports these causal LMs (model_type): {supported}")
     return family
 
 

@@ -21,6 +21,9 @@ class ModelSpec:
     #: Positions the model has embeddings for (the longest context it can take).
     max_positions: int
     eos_token_ids: tuple[int, ...] = ()
+    #: The attention window of a model that only looks back so far (Mistral's ``sliding_window``), or None. qgraph's
+    #: cache keeps every position, so it honours a window only while ctx_len is within it: ``max_positions`` is capped.
+    sliding_window: int | None = None
 
 
 def eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:

@@ -1,0 +1,27 @@
+"""Phi-3 (``Phi3ForCausalLM``: packed ``qkv_proj`` and ``gate_up_proj``).
+
+Its config names its shape as every Llama-style decoder does (:mod:`qgraph.frontend.families.decoder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgraph.frontend.families import decoder
+from qgraph.frontend.families.spec import ModelSpec
+
+MODEL_TYPES = ("phi3",)
+#: Shapes for ``random:NAME`` models: Phi3Config fields.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {}
+unread_weight_bytes = decoder.unread_weight_bytes
+
+
+def spec(config: Any, generation_config: Any = None) -> ModelSpec:
+    """``config``'s shape; the EOS ids of ``generation_config`` where the model has one."""
+    return decoder.spec("phi3", config, generation_config)
+
+
+def save_random(shape: dict[str, Any], folder: Path, *, seed: int = 0) -> Path:
+    """A Phi3ForCausalLM of ``shape`` (config fields) with random weights, saved as a Hugging Face folder."""
+    return decoder.save_random("Phi3Config", "Phi3ForCausalLM", shape, folder, seed=seed)

@@ -1,0 +1,27 @@
+"""Qwen2 (``Qwen2ForCausalLM``: biases on the q, k and v projections).
+
+Its config names its shape as every Llama-style decoder does (:mod:`qgraph.frontend.families.decoder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgraph.frontend.families import decoder
+from qgraph.frontend.families.spec import ModelSpec
+
+MODEL_TYPES = ("qwen2",)
+#: Shapes for ``random:NAME`` models: Qwen2Config fields.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {}
+unread_weight_bytes = decoder.unread_weight_bytes
+
+
+def spec(config: Any, generation_config: Any = None) -> ModelSpec:
+    """``config``'s shape; the EOS ids of ``generation_config`` where the model has one."""
+    return decoder.spec("qwen2", config, generation_config)
+
+
+def save_random(shape: dict[str, Any], folder: Path, *, seed: int = 0) -> Path:
+    """A Qwen2ForCausalLM of ``shape`` (config fields) with random weights, saved as a Hugging Face folder."""
+    return decoder.save_random("Qwen2Config", "Qwen2ForCausalLM", shape, folder, seed=seed)
