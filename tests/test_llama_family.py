@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from helpers import generate_recording_logits, hf_greedy, hf_logits_along
 
@@ -83,9 +84,15 @@ def test_generate_matches_hf_tokens_and_logits_at_every_step(model: tuple[str, A
     batch 2: three prompts, a padded row and a second group after a reset."""
     name, hf, path = model
     art = compile_model(path, "cpu", tmp_path / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=batch)
+    spec = spec_of(hf.config)
+    for graph in ("prefill", "decode"):
+        ops = [n.op_type for n in onnx.load(str(art / f"{graph}.onnx"), load_external_data=False).graph.node]
+        # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 8 and a chunk in one row only
+        fused = spec.head_dim % 8 == 0 and (graph == "decode" or batch == 1)
+        assert ops.count("GroupQueryAttention" if fused else "MultiHeadAttention") == spec.num_layers, (name, graph, ops)
     rt = Runtime(art)
     prompts = PROMPTS if batch > 1 else PROMPTS[:2]
-    out, logits = generate_recording_logits(rt, prompts, NEW, eos_token_id=spec_of(hf.config).eos_token_ids)  # stops as HF does
+    out, logits = generate_recording_logits(rt, prompts, NEW, eos_token_id=spec.eos_token_ids)  # stops as HF does
     for i, (prompt, toks, got) in enumerate(zip(prompts, out.tokens, logits, strict=True)):
         assert toks == hf_greedy(hf, prompt, NEW, distinct=3), (name, i)
         want = hf_logits_along(hf, prompt, toks)
