@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import GOLDEN_DIR, assert_same_outputs, check_case, declined_reasons, run_pass, session
+from helpers import GOLDEN_DIR, assert_same_outputs, check_case, declined_reasons, hf_greedy, run_pass, session
 
 from passes import FoldConstants, FuseRotary
 from qgraph.ir.graph import Graph
@@ -112,3 +112,32 @@ def test_optimum_export_gets_one_rotary_per_attention_input() -> None:
     dims = {"batch_size": 2, "sequence_length": 3, "past_sequence_length": 5, "past_sequence_length + sequence_length": 8}
     feeds = {"position_ids": np.array([[5, 6, 7], [5, 6, 7]]), "attention_mask": np.ones((2, 8), np.int64)}
     assert_same_outputs(before, result.graph, dims=dims, feeds=feeds, atol=1e-4)
+
+
+def test_cpu_compile_rotates_q_and_k_of_every_layer_like_hugging_face(tmp_path: Path) -> None:
+    """A Llama with llama3 rope scaling, head_dim 10 and GQA 4 on the cpu target: one RotaryEmbedding per attention
+    input (q and k of every layer) in both specializations, and Hugging Face's greedy tokens over a padded batch
+    (padding positions -1 go through the fused nodes) with a prompt longer than the prefill chunk."""
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from qgraph.compile import compile_model
+    from qgraph.frontend.export import export_model
+    from qgraph.frontend.families import FAMILIES
+    from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
+    from qgraph.runtime import Runtime
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=10, intermediate_size=96,
+                 vocab_size=211, max_position_embeddings=64, initializer_range=RANDOM_INIT_RANGE, rope_scaling=llama3)  # fmt: skip
+    folder = FAMILIES["llama"].save_random(shape, tmp_path / "hf", seed=2)
+    raw = export_model(str(folder), tmp_path / "raw.onnx", exporter="torchscript").path
+    art = compile_model(raw, "cpu", tmp_path / "art", prefill_seq_len=4, ctx_len=32, batch_size=2)
+    for spec in ("prefill", "decode"):
+        ops = [n.op_type for n in onnx.load(str(art / f"{spec}.onnx"), load_external_data=False).graph.node]
+        assert ops.count("RotaryEmbedding") == 2 * shape["num_hidden_layers"], (spec, sorted(set(ops)))
+        assert "Sin" not in ops and "Cos" not in ops
+    prompts = [[5, 17, 42, 9, 100, 3, 8], [7, 8, 9]]
+    got = Runtime(art).generate(prompts, max_new_tokens=10).tokens
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert got == [hf_greedy(hf, p, 10, distinct=4) for p in prompts]
