@@ -1,10 +1,11 @@
-"""Mistral (``MistralForCausalLM``): its sliding window and the raw export.
+"""Mistral (``MistralForCausalLM``): its sliding window, the raw export and the cpu pipeline.
 
 qgraph's cache keeps every position, so a sliding-window model runs only while
 ctx_len is within the window (attention there is full); a longer ctx_len is
 refused in one line before anything is exported. The export builds a full cache
 for every layer (Mistral's window layers made torch.export fail), which within
-the window is the model's own computation: the raw export matches Hugging Face.
+the window is the model's own computation: the raw export matches Hugging Face, and
+the cpu target generates its tokens, teacher-forced logits within 1e-3, up to ctx_len = window.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, cli_command, ort_run
+from helpers import ENV, cli_command, generate_recording_logits, hf_greedy, hf_logits_along, ort_run
 
+from qgraph.compile import compile_model
 from qgraph.frontend.export import export_model, io_names
 from qgraph.frontend.families import FAMILIES
 from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
+from qgraph.runtime import Runtime
 
 WINDOW = 16
 SHAPE = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -38,9 +41,13 @@ def _hf(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_the_raw_export_matches_hugging_face_within_the_window(mistral: Path, exporter: str, tmp_path: Path) -> None:
-    result = export_model(str(mistral), tmp_path / "model.onnx", exporter=exporter)
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def exported(request: pytest.FixtureRequest, mistral: Path) -> Any:
+    return export_model(str(mistral), mistral.parent / f"{request.param}.onnx", exporter=request.param)
+
+
+def test_the_raw_export_matches_hugging_face_within_the_window(mistral: Path, exported: Any) -> None:
+    result = exported
     assert result.spec.sliding_window == WINDOW and result.spec.max_positions == WINDOW
     model = _hf(mistral)
     inputs, outputs = io_names(2)
@@ -58,6 +65,18 @@ def test_the_raw_export_matches_hugging_face_within_the_window(mistral: Path, ex
         want = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(got["logits"], want[:, :seq], atol=1e-4)
     np.testing.assert_allclose(step, want[:, seq:], atol=1e-4)
+
+
+def test_cpu_generates_hugging_faces_tokens_and_logits_over_the_whole_window(mistral: Path, exported: Any, tmp_path: Path) -> None:
+    """ctx_len = the window, two padded prompts (one longer than the prefill chunk) generated to its end."""
+    art = compile_model(exported.path, "cpu", tmp_path / "art", prefill_seq_len=4, ctx_len=WINDOW, batch_size=2)
+    prompts = [[5, 17, 42], [7, 1, 2, 3, 4, 5, 6]]
+    new = WINDOW - len(prompts[1]) - 1
+    out, logits = generate_recording_logits(Runtime(art), prompts, new)
+    model = _hf(mistral)
+    for prompt, tokens, got in zip(prompts, out.tokens, logits, strict=True):
+        assert tokens == hf_greedy(model, prompt, new, distinct=4)
+        np.testing.assert_allclose(np.stack(got), hf_logits_along(model, prompt, tokens), atol=1e-3)
 
 
 def test_a_ctx_len_past_the_window_is_refused_in_one_line(mistral: Path, tmp_path: Path) -> None:
