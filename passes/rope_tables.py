@@ -9,7 +9,9 @@ instead of re-derived from a config.
 
 :func:`rope_tables` finds the subgraph above cos and sin (every path must end
 at a constant or at one integer tensor, the positions), feeds it the positions
-in chunks of the positions' own shape, and checks what rotate-half RoPE needs:
+(all in one row, taken if that agrees with one chunk in the positions' own
+shape; else in chunks of that shape: a pinned decode graph's is [batch, 1]),
+and checks what rotate-half RoPE needs:
 each position's row depends on that position only (the rows agree when the
 positions come in another order), the row is two copies of one half (cos(p *
 f) for the frequencies f, concatenated twice), and cos and sin broadcast as
@@ -31,6 +33,8 @@ from qgraph.ir.graph import Graph, Node, Tensor
 
 #: The most nodes a cos/sin subgraph may have (the exporters' take 5 to 20).
 MAX_NODES = 64
+#: Units in the last place two evaluations of one position may differ by.
+ULPS = 4
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,8 @@ def _evaluate(graph: Graph, nodes: list[Node], consts: dict[int, np.ndarray], fe
 
 
 def _table(graph: Graph, nodes: list[Node], consts: dict[int, np.ndarray], positions: Tensor, order: np.ndarray,
-           cos: Tensor, sin: Tensor, head_dim: int) -> tuple[np.ndarray, np.ndarray] | str:  # fmt: skip
-    """cos and sin rows ``[n, head_dim]`` for positions ``order`` (fed in chunks of the positions' shape), row i for order[i]."""
-    shape = positions.shape or []
-    b = shape[0] if isinstance(shape[0], int) else 1
-    s = shape[1] if isinstance(shape[1], int) else len(order)
+           cos: Tensor, sin: Tensor, head_dim: int, b: int, s: int) -> tuple[np.ndarray, np.ndarray] | str:  # fmt: skip
+    """cos and sin rows ``[n, head_dim]`` for positions ``order`` (fed in chunks of [b, s]), row i for order[i]."""
     rows: list[list[np.ndarray]] = [[], []]
     for start in range(0, len(order), b * s):
         chunk = order[start : start + b * s]
@@ -107,6 +108,43 @@ def _table(graph: Graph, nodes: list[Node], consts: dict[int, np.ndarray], posit
                 return f"{what} has shape {list(r.shape)} for positions of shape {[b, s]}, expected {[b, 1, s, head_dim]}"
             rows[i].append(r.reshape(b * s, head_dim)[: len(chunk)])
     return np.concatenate(rows[0]), np.concatenate(rows[1])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to a few units in the last place (an elementwise kernel may round a vector's tail differently)."""
+    if a.shape != b.shape:
+        return False
+    scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+    return bool(np.allclose(a, b, rtol=0.0, atol=ULPS * float(np.finfo(a.dtype).eps) * scale))
+
+
+def _consistent(forward: tuple[np.ndarray, np.ndarray], backward: tuple[np.ndarray, np.ndarray]) -> bool:
+    return all(_same(f, r[::-1]) for f, r in zip(forward, backward))
+
+
+def _tables(graph: Graph, nodes: list[Node], consts: dict[int, np.ndarray], positions: Tensor, cos: Tensor, sin: Tensor,
+            head_dim: int, count: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | str:  # fmt: skip
+    """The rows for positions 0 .. count - 1, and for them reversed; or why they cannot be computed."""
+    shape = positions.shape or []
+    rows, cols = (shape[0] if isinstance(shape[0], int) else 1), (shape[1] if isinstance(shape[1], int) else count)
+    order = np.arange(count, dtype=np.int64)
+    if (rows, cols) != (1, count):
+        # All positions in one row: one evaluation instead of count / (batch * seq_len). Taken if its rows also
+        # agree reversed and with one chunk in the graph's own shape (a subgraph that reads its shape differs).
+        flat = _table(graph, nodes, consts, positions, order, cos, sin, head_dim, 1, count)
+        back = _table(graph, nodes, consts, positions, order[::-1], cos, sin, head_dim, 1, count)
+        tail = order[-min(rows * cols, count) :]
+        probe = _table(graph, nodes, consts, positions, tail, cos, sin, head_dim, rows, cols)
+        if not isinstance(flat, str) and not isinstance(back, str) and not isinstance(probe, str) and _consistent(flat, back):
+            if all(_same(f[tail], p) for f, p in zip(flat, probe)):
+                return flat, back
+    forward = _table(graph, nodes, consts, positions, order, cos, sin, head_dim, rows, cols)
+    if isinstance(forward, str):
+        return forward
+    backward = _table(graph, nodes, consts, positions, order[::-1], cos, sin, head_dim, rows, cols)
+    if isinstance(backward, str):
+        return backward
+    return forward, backward
 
 
 def rope_tables(graph: Graph, cos: Tensor, sin: Tensor, head_dim: int, count: int) -> RopeTables | str:
@@ -123,16 +161,14 @@ def rope_tables(graph: Graph, cos: Tensor, sin: Tensor, head_dim: int, count: in
         return f"cos/sin are computed from '{positions.name}' ({describe_source(graph, positions)}), which is not an int64 tensor"
     if positions.shape is None or len(positions.shape) != 2:
         return f"the positions '{positions.name}' are not [batch, seq] (shape {positions.shape})"
-    forward = _table(graph, nodes, consts, positions, np.arange(count, dtype=np.int64), cos, sin, head_dim)
-    if isinstance(forward, str):
-        return forward
-    backward = _table(graph, nodes, consts, positions, np.arange(count, dtype=np.int64)[::-1], cos, sin, head_dim)
-    if isinstance(backward, str):
-        return backward
+    tables = _tables(graph, nodes, consts, positions, cos, sin, head_dim, count)
+    if isinstance(tables, str):
+        return tables
+    forward, backward = tables
     half = head_dim // 2
-    for what, a, b in zip(("cos", "sin"), forward, backward):
-        if not np.array_equal(a, b[::-1]):
+    for what, a, r in zip(("cos", "sin"), forward, backward):
+        if not _same(a, r[::-1]):
             return f"{what} of a position depends on more than that position (the rows differ when the positions come in another order)"
-        if not np.array_equal(a[:, :half], a[:, half:]):
+        if not _same(a[:, :half], a[:, half:]):
             return f"{what} is not two copies of one half along head_dim: not rotate-half RoPE"
     return RopeTables(np.ascontiguousarray(forward[0][:, :half]), np.ascontiguousarray(forward[1][:, :half]), positions)

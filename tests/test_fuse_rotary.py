@@ -52,6 +52,14 @@ def test_head_split_is_rotated_before_it(golden: Any) -> None:
     assert out.nodes_by_op("RotaryEmbedding")[0].attrs["num_heads"] == 2
 
 
+def test_a_subgraph_that_reads_its_shape_is_evaluated_in_that_shape(golden: Any) -> None:
+    out = fused("reads_its_shape", golden)
+    (node,) = out.nodes_by_op("RotaryEmbedding")
+    inv_freq = np.array([1.0, 0.17782794, 0.031622775, 0.0056234132], np.float32)
+    want = np.arange(POSITIONS, dtype=np.float32)[:, None] * inv_freq * 3  # seq_len 3, not the 8 of one row of all positions
+    np.testing.assert_allclose(out.const_value(node.inputs[1]), np.cos(want), atol=1e-5)
+
+
 def test_partial_rotary_rotates_the_slice(golden: Any) -> None:
     out = check_case(make, "partial_rotary", golden, expect_modified=True, expect_stats={"rotary": 1})
     (node,) = out.nodes_by_op("RotaryEmbedding")
