@@ -69,10 +69,11 @@ class RotaryMatch(Match):
     x: Tensor
     out: Tensor
     tables: RopeTables
-    #: The tensor before the head split ``[B, S, N * H]`` when x is that split, with N; else None.
+    #: The tensor before the head split ``[B, S, N * H]`` when x is that split (else None), the split's
+    #: Reshape and Transpose, and N.
     unsplit: Tensor | None
-    num_heads: int
     split: list[Node]
+    num_heads: int
 
 
 def _ints(graph: Graph, node: Node, index: int) -> list[int] | None:
@@ -166,28 +167,28 @@ class FuseRotary(OpsetFusionPass[RotaryMatch]):
             return f"x is {dtype_name(x_dtype)} and cos/sin are {tables.cos.dtype}"
         if self.opset_problem:
             return self.opset_problem
-        unsplit, split = self._head_split(graph, x, roles)
+        unsplit, split, num_heads = self._head_split(graph, x, roles)
         return RotaryMatch(nodes=[n for _, n in roles], x=x, out=anchor.outputs[0], tables=tables, unsplit=unsplit,
-                           num_heads=int(shape[1]) if isinstance(shape[1], int) else 0, split=split)  # fmt: skip
+                           num_heads=num_heads, split=split)  # fmt: skip
 
     @staticmethod
-    def _head_split(graph: Graph, x: Tensor, roles: list[Role]) -> tuple[Tensor | None, list[Node]]:
-        """x's [B, S, N * H] source and the head split's nodes, when x is only the usual head split of it."""
+    def _head_split(graph: Graph, x: Tensor, roles: list[Role]) -> tuple[Tensor | None, list[Node], int]:
+        """x's [B, S, N * H] source, the head split's nodes and N, when x is only the usual head split of it."""
         tr = graph.producer(x)
         if tr is None or tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
-            return None, []
+            return None, [], 0
         inside = {id(n) for _, n in roles}
         if graph.is_graph_output(x) or any(id(c) not in inside for c in x.outputs):
-            return None, []
+            return None, [], 0
         rs = graph.producer(tr.inputs[0])
         if rs is None or rs.op != "Reshape" or sole_consumer(graph, tr.inputs[0]) is not tr:
-            return None, []
+            return None, [], 0
         y, heads = rs.inputs[0], tr.inputs[0].shape
         if y.shape is None or len(y.shape) != 3 or heads is None or len(heads) != 4 or not isinstance(heads[2], int):
-            return None, []
+            return None, [], 0
         if not (isinstance(y.shape[2], int) and isinstance(heads[3], int) and y.shape[2] == heads[2] * heads[3]):
-            return None, []
-        return y, [rs, tr]
+            return None, [], 0
+        return y, [rs, tr], int(heads[2])
 
     def _shared(self, graph: Graph, m: RotaryMatch, prev: Node) -> tuple[Tensor, Tensor, Tensor]:
         """The cos/sin caches and the clamped positions, made once per table."""
