@@ -122,10 +122,19 @@ def test_optimum_export_gets_one_rotary_per_attention_input() -> None:
     assert_same_outputs(before, result.graph, dims=dims, feeds=feeds, atol=1e-4)
 
 
-def test_cpu_compile_rotates_q_and_k_of_every_layer_like_hugging_face(tmp_path: Path) -> None:
-    """A Llama with llama3 rope scaling, head_dim 10 and GQA 4 on the cpu target: one RotaryEmbedding per attention
-    input (q and k of every layer) in both specializations, and Hugging Face's greedy tokens over a padded batch
-    (padding positions -1 go through the fused nodes) with a prompt longer than the prefill chunk."""
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+#: id -> (family, seed, config fields): llama3 scaling with head_dim 10 and GQA 4; Phi-3's partial rotary (half of head_dim 16).
+COMPILED = {
+    "llama-llama3-head_dim10": ("llama", 2, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=10, rope_scaling=LLAMA3)),
+    "phi3-partial_rotary": ("phi3", 3, dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED))
+def test_cpu_compile_rotates_q_and_k_of_every_layer_like_hugging_face(case: str, tmp_path: Path) -> None:
+    """On the cpu target: one RotaryEmbedding per attention input (q and k of every layer) in both specializations,
+    and Hugging Face's greedy tokens over a padded batch (padding positions -1 go through the fused nodes) with a
+    prompt longer than the prefill chunk."""
     import onnx
     from transformers import AutoModelForCausalLM
 
@@ -135,10 +144,10 @@ def test_cpu_compile_rotates_q_and_k_of_every_layer_like_hugging_face(tmp_path: 
     from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
     from qgraph.runtime import Runtime
 
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
-    shape = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=10, intermediate_size=96,
-                 vocab_size=211, max_position_embeddings=64, initializer_range=RANDOM_INIT_RANGE, rope_scaling=llama3)  # fmt: skip
-    folder = FAMILIES["llama"].save_random(shape, tmp_path / "hf", seed=2)
+    family, seed, fields = COMPILED[case]
+    shape = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=211, max_position_embeddings=64,
+                 initializer_range=RANDOM_INIT_RANGE, **fields)  # fmt: skip
+    folder = FAMILIES[family].save_random(shape, tmp_path / "hf", seed=seed)
     raw = export_model(str(folder), tmp_path / "raw.onnx", exporter="torchscript").path
     art = compile_model(raw, "cpu", tmp_path / "art", prefill_seq_len=4, ctx_len=32, batch_size=2)
     for spec in ("prefill", "decode"):
