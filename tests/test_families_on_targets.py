@@ -34,7 +34,7 @@ CASES: dict[str, tuple[int, str, dict[str, Any]]] = {
     "llama": (1, "torchscript", {}),
     "qwen2": (6, "torchscript", {}),
     "mistral": (4, "torchscript", {"sliding_window": 64}),
-    "phi3": (3, "torchscript", {"pad_token_id": 0}),
+    "phi3": (3, "torchscript", {"pad_token_id": 0, "sliding_window": 64}),  # as Phi-3 mini's config (2047 there)
     "gemma": (5, "torchscript", {"head_dim": 8}),
 }
 PROMPTS = [[5, 17, 42, 9, 100, 3], [7, 8, 9]]
