@@ -23,8 +23,8 @@ padding token the last valid token's values). After:
 Grouped KV heads (Llama-family GQA): the caches hold KV < N heads and the
 attention reads them repeated, ``Reshape(Expand(Unsqueeze(kc, 2), [B, KV,
 N/KV, C, H]), [B, N, C, H])`` (query head j reads KV head j // (N/KV), as
-GroupQueryAttention does); the repeat goes and ``kv_num_heads`` = KV, with q,
-k and v given separately. Keys or values computed per head (a rotary
+GroupQueryAttention does); the repeat goes and ``kv_num_heads`` = KV, q, k and
+v packed as [B, S, (N + 2 KV) H]. Keys or values computed per head (a rotary
 embedding after the head split: [B, KV, S, H] rather than a Reshape of
 [B, S, KV * H]) are merged back by a Reshape (a chunk: Transpose + Reshape).
 
@@ -340,16 +340,9 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         # [B, KV, S, H] -> [B, S, KV * H]
         k, v = (self._merge_heads(graph, t, m, mha) if split else t for t, split in zip((m.k, m.v), m.split_heads))
         total = graph.constant(self.name, np.array(m.ctx, np.int32))
-        if m.packed is not None:
-            qkv = [m.packed, graph.omitted(), graph.omitted()]
-        elif m.kv_heads == m.heads and not any(m.split_heads):
-            qkv = [
-                graph.add_node("Concat", [m.q, k, v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0],
-                graph.omitted(),
-                graph.omitted(),
-            ]
-        else:
-            qkv = [m.q, k, v]
+        # Packed: GroupQueryAttention on separate q, k, v was slower than after a Concat (PERFORMANCE.md, row 21).
+        packed = m.packed or graph.add_node("Concat", [m.q, k, v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
+        qkv = [packed, graph.omitted(), graph.omitted()]
         attrs: dict[str, int | float] = {"num_heads": m.heads, "kv_num_heads": m.kv_heads}
         if "scale" in mha.attrs:
             attrs["scale"] = float(mha.attrs["scale"])

@@ -148,9 +148,10 @@ def test_grouped_kv_heads_become_kv_num_heads_and_keys_computed_per_head_are_mer
     assert not {"ScatterND", "MultiHeadAttention", "Expand", "LessOrEqual"} & set(out.op_counts())
     (gqa,) = out.nodes_by_op("GroupQueryAttention")
     assert (gqa.attrs["num_heads"], gqa.attrs["kv_num_heads"]) == (4, 2)
-    # The query, the keys (merged back to [B, 1, KV * H]) and the values as they were projected
-    assert [t.name for t in gqa.inputs[:1] + gqa.inputs[2:5]] == ["q", "v", "past_key.0", "past_value.0"]
-    assert out.producer(gqa.inputs[1]).op == "Reshape"
+    # Packed: the query, the keys (merged back to [B, 1, KV * H]) and the values as they were projected
+    concat = out.producer(gqa.inputs[0])
+    assert concat.op == "Concat" and [t.name for t in gqa.inputs[1:5]] == ["", "", "past_key.0", "past_value.0"]
+    assert concat.inputs[0].name == "q" and out.producer(concat.inputs[1]).op == "Reshape" and concat.inputs[2].name == "v"
 
 
 def test_a_grouped_prompt_chunk_becomes_group_query_attention(golden: Any) -> None:

@@ -1,7 +1,7 @@
 """The real Optimum export of a Llama (tests/data/optimum-llama-2l: optimum-cli export onnx --task
 text-generation-with-past, a graph qgraph did not make: Optimum's names, its own mask and rotary subgraphs, grouped KV
 heads repeated after the cache) through ``qgraph optimize``: the retained-state contract, and Hugging Face's logits
-and greedy tokens from the folder's weights (hf/), symbolic and compiled for cpu.
+and greedy tokens from the folder's weights (hf/), symbolic and compiled for cpu (and its tokens on qnn).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from qgraph.compile import compile_model
 from qgraph.ir.contract import CacheSpec, teacher_forced_logits
 from qgraph.ir.graph import Graph
 from qgraph.runtime import Runtime
+from qgraph.targets import qnn
 
 torch = pytest.importorskip("torch")
 
@@ -89,3 +90,11 @@ def test_compiled_for_cpu_it_generates_hugging_faces_tokens(optimized: Path, hf:
         assert toks == hf_greedy(hf, prompt, 10, distinct=3)
         for k, (g, w) in enumerate(zip(got, hf_logits_along(hf, prompt, toks), strict=True)):
             np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"step {k}")
+
+
+@pytest.mark.skipif(not qnn.qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'qgraph[qnn]')")
+def test_on_the_qnn_htp_simulator_it_generates_hugging_faces_tokens(optimized: Path, hf: Any, tmp_path: Path) -> None:
+    # Every node on QNN (the compile fails otherwise); the HTP computes in fp16, so tokens, not logits, are compared.
+    art = compile_model(optimized, "qnn", tmp_path / "qnn", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=1)
+    prompt = [1, 17, 42, 9]
+    assert Runtime(art).generate([prompt], max_new_tokens=8).tokens[0] == hf_greedy(hf, prompt, 8, distinct=3)
