@@ -7,7 +7,8 @@ their declarative matcher); ``norms`` (what both norm fusions match); ``opset``
 (raising the opset for a fused op newer than the graph); ``folding`` and
 ``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes);
 ``kv_caches`` (an export's growing KV caches and the attention each feeds, for
-retain-kv-cache).
+retain-kv-cache); ``rope_tables`` (a rotary embedding's cos/sin tables, evaluated
+from the graph, for fuse-rotary).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from passes.fuse_decode_attention import FuseDecodeAttention
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
+from passes.fuse_rotary import FuseRotary
 from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
@@ -44,6 +46,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         SimplifyShapes,
         FuseSkipLayerNorm,
         FuseDecodeAttention,
+        FuseRotary,
     )
 }
 
@@ -57,6 +60,7 @@ __all__ = [
     "FuseGelu",
     "FuseLayerNorm",
     "FuseRmsNorm",
+    "FuseRotary",
     "FuseSkipLayerNorm",
     "LegalizeQnn",
     "PinStaticShapes",

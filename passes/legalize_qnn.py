@@ -34,6 +34,12 @@ random GPT-2 exports (dynamo and TorchScript, opsets 14 to 20):
         # exact wherever a query sees at least one key; a query that sees none
         # gets the mean of the values instead of the bool form's NaN
 
+  - a ``Concat`` operand with no elements along the axis (Phi-3's partial rotary
+    exported by TorchScript: ``cat(rotated, q[..., head_dim:])`` with nothing
+    left to pass; the empty Slice is placed on the CPU) is dropped::
+
+        # Concat(a, e, b) -> Concat(a, b) where e has 0 elements along the axis   exact
+
 * rejected and not rewritten (no pinned graph of ours has them):
   ``Range`` with inputs that are not constant (its length depends on data,
   so no static target takes it; fold-constants folds the constant case),
@@ -95,7 +101,7 @@ class LegalizeQnn(Pass):
         self.declined = []
         if any(self._unknown(n) for n in graph.nodes):
             graph.infer_shapes()  # element types and shapes decide what is rewritten
-        stats: dict[str, Any] = {"gathernd_to_gather": 0, "gathernd_bool": 0, "attention_bool_mask": 0}
+        stats: dict[str, Any] = {"gathernd_to_gather": 0, "gathernd_bool": 0, "attention_bool_mask": 0, "empty_concat_operands": 0}
         for node in graph.nodes:
             if node.domain not in ("", "ai.onnx", None):
                 continue  # a custom op that shares a name with an ONNX op is left alone
@@ -108,6 +114,8 @@ class LegalizeQnn(Pass):
                     stats["gathernd_bool"] += 1
                 elif reason:
                     self.declined.append(f"GatherND {node.name}: {reason}")
+            elif node.op == "Concat":
+                stats["empty_concat_operands"] += self._drop_empty_operands(node)
             elif node.op == "Attention" and len(node.inputs) > 3 and node.inputs[3].name and _dtype(node.inputs[3]) == np.bool_:
                 if self._attention_bool_mask(graph, node):
                     stats["attention_bool_mask"] += 1
@@ -121,9 +129,27 @@ class LegalizeQnn(Pass):
         if node.op == "GatherND":
             data = node.inputs[0]
             return _dtype(data) is None or data.shape is None or not all(isinstance(d, int) for d in data.shape)
+        if node.op == "Concat":
+            return any(t.shape is None for t in node.inputs)
         if node.op == "Attention":
             return len(node.inputs) > 3 and bool(node.inputs[3].name) and (_dtype(node.inputs[3]) is None or _dtype(node.inputs[0]) is None)
         return False
+
+    @staticmethod
+    def _drop_empty_operands(node: Node) -> int:
+        # Concat(a, e, b) -> Concat(a, b): e adds nothing along the axis (one operand always stays)
+        rank = len(node.inputs[0].shape) if node.inputs and node.inputs[0].shape is not None else None
+        if rank is None:
+            return 0
+        axis = int(node.attrs.get("axis", 0)) % rank
+        empty = [t for t in node.inputs if t.shape is not None and len(t.shape) == rank and t.shape[axis] == 0]
+        if not empty or len(empty) == len(node.inputs):
+            return 0
+        for i in reversed(range(len(node.inputs))):
+            if any(node.inputs[i] is e for e in empty):
+                node.inputs.pop(i)  # graphsurgeon's list unlinks the consumer
+        log.debug("legalize-qnn: Concat %s drops %d empty operands", node.name, len(empty))
+        return len(empty)
 
     def _gathernd_to_gather(self, graph: Graph, node: Node) -> str | None:
         """Rewrite to Gather; None when done, else why not ("" for run-time indices, which need no reason)."""

@@ -96,6 +96,19 @@ g (float[1,2,4,8] q, float[1,2,6,8] k, float[1,2,6,8] v, bool[4,6] m) => (float[
 }
 """
 
+# Phi-3's partial rotary as TorchScript exports it with nothing to pass: cat(rotated, q[..., 8:]) on head_dim 8.
+EMPTY_CONCAT_OPERAND = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[1,2,3,8] q) => (float[1,2,3,8] y) {
+    start = Constant<value=int64[1] {8}>()
+    end = Constant<value=int64[1] {9223372036854775807}>()
+    axis = Constant<value=int64[1] {-1}>()
+    rest = Slice(q, start, end, axis)
+    rot = Neg(q)
+    y = Concat<axis=-1>(rot, rest)
+}
+"""
+
 
 def _gathernd_feeds() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
@@ -134,7 +147,14 @@ def test_attention_bool_mask_becomes_additive() -> None:
     np.testing.assert_allclose(_cpu(after).run(None, feeds)[0], _cpu(before).run(None, feeds)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("text", [GATHERND_BOOL, GATHERND_BOOL_DYNAMIC, ATTENTION_BOOL])
+def test_empty_concat_operand_is_dropped() -> None:
+    before, after = _legalized(EMPTY_CONCAT_OPERAND)
+    assert "Slice" not in after.op_counts() and len(after.nodes_by_op("Concat")[0].inputs) == 1
+    q = np.random.default_rng(0).standard_normal((1, 2, 3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_cpu(after).run(None, {"q": q})[0], _cpu(before).run(None, {"q": q})[0])
+
+
+@pytest.mark.parametrize("text", [GATHERND_BOOL, GATHERND_BOOL_DYNAMIC, ATTENTION_BOOL, EMPTY_CONCAT_OPERAND])
 def test_legalize_qnn_is_idempotent(text: str) -> None:
     _, once = _legalized(text)
     result = LegalizeQnn().run(once)

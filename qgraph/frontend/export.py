@@ -113,7 +113,10 @@ def _flat_cache_wrapper(model: torch.nn.Module, num_layers: int) -> torch.nn.Mod
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
-            cache = transformers.DynamicCache(config=self.model.config)
+            # Every layer a full cache, even for a sliding-window model: its window layers keep only the last
+            # window - 1 positions, which torch.export can only trace as a guard past_len < window (Mistral
+            # failed so). Within the window they are the same, and qgraph refuses a ctx_len past it.
+            cache = transformers.DynamicCache()
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(

@@ -43,6 +43,8 @@ KV_RETAINED = "kv_retained"
 STATIC_SHAPES = "static_shapes"
 #: Layout ops that static shapes make trivial are gone (a decode step's head split is one Reshape), row-wise regions are 2-D.
 SHAPES_SIMPLIFIED = "shapes_simplified"
+#: Rotate-half rotary embeddings are ``RotaryEmbedding`` ops, where fuse-rotary proved them.
+ROTARY_FUSED = "rotary_fused"
 #: Attention is ``com.microsoft.MultiHeadAttention``, where fuse-attention proved it (ONNX Runtime only).
 ATTENTION_FUSED = "attention_fused"
 #: Attention over the retained cache and its cache writes are ``com.microsoft.GroupQueryAttention``, where proved.
@@ -63,7 +65,7 @@ PREFILL_CHUNKS_CONSECUTIVE = "prefill_chunks_consecutive"
 #: Every fact name above.
 FACTS: frozenset[str] = frozenset({
     TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, STATIC_SHAPES,
-    SHAPES_SIMPLIFIED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED, QNN_LEGAL,
+    SHAPES_SIMPLIFIED, ROTARY_FUSED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED, QNN_LEGAL,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip
 

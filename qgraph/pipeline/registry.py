@@ -1,7 +1,7 @@
 """Passes by name: the built-in ones (``passes.ALL_PASSES``), those registered at run time, and their instances.
 
-The passes that take options (retain-kv-cache: ctx_len; pin-static-shapes: the
-batch size, seq_len and ctx_len) are made from the resolved
+The passes that take options (retain-kv-cache and fuse-rotary: ctx_len;
+pin-static-shapes: the batch size, seq_len and ctx_len) are made from the resolved
 :class:`~qgraph.pipeline.options.Options`; every other pass from its class.
 """
 
@@ -37,14 +37,18 @@ def available_passes() -> list[str]:
 
 
 def _factories(opts: Options) -> dict[str, Callable[[], Pass]]:
-    from passes import PinStaticShapes, RetainKvCache
+    from passes import FuseRotary, PinStaticShapes, RetainKvCache
 
     def pin() -> Pass:
         if not opts.pinned:
             raise UnknownPassError("pin-static-shapes needs both a batch size and a seq_len (--batch-size B --seq-len S)")
         return PinStaticShapes(batch_size=opts.batch_size, seq_len=opts.seq_len, ctx_len=opts.ctx_len)  # type: ignore[arg-type]
 
-    return {"retain-kv-cache": lambda: RetainKvCache(ctx_len=opts.ctx_len), "pin-static-shapes": pin}
+    return {
+        "retain-kv-cache": lambda: RetainKvCache(ctx_len=opts.ctx_len),
+        "pin-static-shapes": pin,
+        "fuse-rotary": lambda: FuseRotary(positions=opts.ctx_len),
+    }
 
 
 def build_passes(names: Sequence[str] | None, opts: Options) -> list[Pass]:

@@ -26,8 +26,10 @@ class CpuTarget(Target):
     defaults: dict[str, Any] = {"threads": None, "feed_min_bytes": FEED_MIN_BYTES}
 
     slots = {
-        # ONNX Runtime's own attention kernel (a contrib op only this runtime knows).
-        "legalize": ("fuse-attention",),
+        # One RotaryEmbedding kernel per rotated q or k (QNN and qaic keep the elementwise form); before
+        # fuse-attention, which then finds the usual head split after it. ONNX Runtime's own attention kernel
+        # (a contrib op only this runtime knows).
+        "legalize": ("fuse-rotary", "fuse-attention"),
         # One kernel per layer for the cache writes and attention of a step (decode, and a one-row prompt chunk).
         # Not fuse-skip-layer-norm: ONNX Runtime's SkipLayerNormalization kernel is slower than its Add +
         # LayerNormalization here (prefill +1.7 ms, decode 0 to +0.09 ms/token, both orders of 300 alternating

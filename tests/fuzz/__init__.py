@@ -32,6 +32,7 @@ from fuzz.legalize_qnn import legalize_qnn_cases
 from fuzz.pin_static_shapes import pin_static_shapes_cases
 from fuzz.retain_kv_cache import retain_kv_cache_cases
 from fuzz.rms_norm import rms_norm_cases
+from fuzz.rotary import rotary_cases
 from fuzz.simplify_shapes import simplify_shapes_cases
 from fuzz.skip_layer_norm import skip_layer_norm_cases
 
@@ -50,6 +51,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "simplify-shapes": simplify_shapes_cases(),
     "fuse-skip-layer-norm": skip_layer_norm_cases(),
     "fuse-decode-attention": decode_attention_cases(),
+    "fuse-rotary": rotary_cases(),
 }
 
 __all__ = ["STRATEGIES", "Case", "Outcome", "check"]
