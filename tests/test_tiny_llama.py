@@ -1,0 +1,79 @@
+"""The bundled ``tiny-llama`` (issue 18): a Llama of grouped KV heads, at most 8 MB, shipped with the package,
+that qgraph runs token for token as Hugging Face does and that continues "Hi there!!" in English offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from helpers import ENV, ROOT, cli_command, hf_greedy, load_tool
+
+from qgraph import AutoModelForCausalLM
+from qgraph.frontend.hf import BUNDLED_DIR, BUNDLED_MODELS, load_model, load_tokenizer
+
+pytest.importorskip("torch")
+
+FOLDER = BUNDLED_DIR / "tiny-llama"
+pytestmark = pytest.mark.skipif(not (FOLDER / "config.json").is_file(), reason="the bundled tiny-llama is missing")
+
+
+def _corpus_words() -> set[str]:
+    """Every word of the training corpus's generator (tools/tiny_corpus.py), lower-cased."""
+    lines = load_tool("tiny_corpus").generate_corpus(30000, seed=0)
+    return {w for line in lines for w in re.findall(r"[a-z]+", line.lower())}
+
+
+def test_tiny_llama_is_a_small_grouped_kv_llama_in_the_package_data() -> None:
+    assert "tiny-llama" in BUNDLED_MODELS
+    assert (FOLDER / "model.safetensors").stat().st_size <= 8_000_000
+    config = json.loads((FOLDER / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # grouped KV heads
+    assert config["hidden_act"] == "silu"  # SwiGLU: silu(gate) * up
+    assert (FOLDER / "tokenizer.json").is_file() and (FOLDER / "README.md").is_file()
+    # Every file of every bundled model is package data, so a wheel carries the models.
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
+    patterns = json.loads(re.search(r"^qgraph = (\[.*\])$", section, re.M)[1])  # type: ignore[index]
+    for name in BUNDLED_MODELS:
+        for f in (BUNDLED_DIR / name).iterdir():
+            rel = f.relative_to(BUNDLED_DIR.parent).as_posix()
+            assert any(fnmatch(rel, p) for p in patterns), f"{rel} is not in pyproject's package data"
+
+
+def test_tiny_llama_generates_hugging_faces_greedy_tokens(qgraph_home: Path) -> None:
+    """Two rows of different lengths (one padded, one longer than the prefill chunk of 8), greedy, on cpu."""
+    tok = load_tokenizer("tiny-llama")
+    hf = load_model("tiny-llama")
+    texts = ["Hi there!!", "Good morning! My name is Anna. How are you today?"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    assert prompts[0][0] == tok.bos_token_id and len(prompts[1]) > 8
+    n = 20
+    want = [hf_greedy(hf, p, n, distinct=6) for p in prompts]
+
+    model = AutoModelForCausalLM.from_pretrained("tiny-llama")
+    model.compile("cpu", prefill_seq_len=8, ctx_len=64, batch_size=2)
+    out = model.generate(texts, max_new_tokens=n)
+    assert out.tokens == want
+    words = _corpus_words()
+    for text in out.text or []:
+        found = re.findall(r"[a-z]+", text.lower())
+        assert len(found) >= 5 and set(found) <= words, text  # English: the corpus's words
+
+
+def test_qgraph_generate_hi_there_with_tiny_llama_prints_english(qgraph_home: Path) -> None:
+    """The issue's command, offline: the prompt, then the continuation Hugging Face's greedy decoding gives."""
+    n = 16
+    res = subprocess.run(cli_command("generate", "Hi there!!", "--model", "tiny-llama", "--max-new-tokens", str(n)),
+                         capture_output=True, text=True, env={**ENV, "QGRAPH_HOME": os.environ["QGRAPH_HOME"]}, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    tok = load_tokenizer("tiny-llama")
+    want = hf_greedy(load_model("tiny-llama"), tok("Hi there!!")["input_ids"], n)
+    first = res.stdout.splitlines()[0]
+    assert first == "Hi there!!" + tok.decode(want, skip_special_tokens=True), res.stdout
+    found = re.findall(r"[a-z]+", first.lower())
+    assert len(found) >= 6 and set(found) <= _corpus_words(), first
