@@ -72,7 +72,7 @@ FAMILIES = {
         special_tokens=("<unk>", "<s>", "</s>"),
         bos="<s>",
         eos="</s>",
-        tokenizer_words="The byte-level BPE tokenizer (`<s>` prepended to every text as\nLlama's is, `</s>` ends each training passage, no pad token, no chat template)",
+        tokenizer_words="The byte-level BPE tokenizer (`<s>` prepended\nto every text as Llama's is, `</s>` ends each training passage, no pad token, no chat template)",
         layout_words="`LlamaForCausalLM`: RMSNorm, RoPE, grouped KV heads, SwiGLU MLP, untied embeddings",
     ),
 }
@@ -278,7 +278,7 @@ path = "qgraph/models/{family.folder}"
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path)
 ids = tok("{PROMPT}", return_tensors="pt").input_ids
-print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0]))
+print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0], skip_special_tokens=True))
 ```
 """
     (out / "README.md").write_text(text, encoding="utf-8")
