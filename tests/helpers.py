@@ -307,6 +307,18 @@ def hf_logits_along(model: Any, prompt: list[int], tokens: list[int]) -> np.ndar
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].float().numpy()
 
 
+def assert_logits_match_hf(
+    model: Any, prompts: list[list[int]], tokens: list[list[int]], logits: list[list[np.ndarray]], *, atol: float
+) -> None:
+    """Every step's logits (:func:`generate_recording_logits`), for every prompt, equal Hugging Face's on the same
+    tokens (:func:`hf_logits_along`) within ``atol``."""
+    for i, (prompt, toks, got) in enumerate(zip(prompts, tokens, logits, strict=True)):
+        assert len(got) == len(toks), f"prompt {i}: {len(toks)} tokens chosen from {len(got)} steps' logits"
+        want = hf_logits_along(model, prompt, toks)
+        for k, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=f"prompt {i}, step {k} (0: after the prompt)")
+
+
 def hf_greedy(model: Any, prompt: list[int], n: int, *, distinct: int = 0) -> list[int]:
     """Hugging Face's greedy continuation of ``prompt`` (``n`` tokens, no EOS stop unless the config has one).
 

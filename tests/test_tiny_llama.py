@@ -4,14 +4,14 @@ that qgraph runs token for token as Hugging Face does and that continues "Hi the
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from helpers import ENV, ROOT, cli_command, hf_greedy, load_tool
+from helpers import ENV, ROOT, assert_logits_match_hf, cli_command, generate_recording_logits, hf_greedy, load_tool
 
 from qgraph import AutoModelForCausalLM
 from qgraph.frontend.hf import BUNDLED_DIR, BUNDLED_MODELS, load_model, load_tokenizer
@@ -20,6 +20,16 @@ pytest.importorskip("torch")
 
 FOLDER = BUNDLED_DIR / "tiny-llama"
 pytestmark = pytest.mark.skipif(not (FOLDER / "config.json").is_file(), reason="the bundled tiny-llama is missing")
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One QGRAPH_HOME for this module's runs: the model is exported once (the CLI reuses the API's export)."""
+    home = tmp_path_factory.mktemp("tiny-llama-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QGRAPH_HOME", str(home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield home
 
 
 def _corpus_words() -> set[str]:
@@ -45,8 +55,9 @@ def test_tiny_llama_is_a_small_grouped_kv_llama_in_the_package_data() -> None:
             assert any(fnmatch(rel, p) for p in patterns), f"{rel} is not in pyproject's package data"
 
 
-def test_tiny_llama_generates_hugging_faces_greedy_tokens(qgraph_home: Path) -> None:
-    """Two rows of different lengths (one padded, one longer than the prefill chunk of 8), greedy, on cpu."""
+def test_tiny_llama_generates_hugging_faces_greedy_tokens(tiny_home: Path) -> None:
+    """Two rows of different lengths (one padded, one longer than the prefill chunk of 8), greedy, on cpu: Hugging
+    Face's tokens, and its logits within 1e-3 at every step."""
     tok = load_tokenizer("tiny-llama")
     hf = load_model("tiny-llama")
     texts = ["Hi there!!", "Good morning! My name is Anna. How are you today?"]
@@ -59,17 +70,20 @@ def test_tiny_llama_generates_hugging_faces_greedy_tokens(qgraph_home: Path) -> 
     model.compile("cpu", prefill_seq_len=8, ctx_len=64, batch_size=2)
     out = model.generate(texts, max_new_tokens=n)
     assert out.tokens == want
+    steps, logits = generate_recording_logits(model.runtime, prompts, n, eos_token_id=model.spec.eos_token_ids)
+    assert steps.tokens == want
+    assert_logits_match_hf(hf, prompts, steps.tokens, logits, atol=1e-3)
     words = _corpus_words()
     for text in out.text or []:
         found = re.findall(r"[a-z]+", text.lower())
         assert len(found) >= 5 and set(found) <= words, text  # English: the corpus's words
 
 
-def test_qgraph_generate_hi_there_with_tiny_llama_prints_english(qgraph_home: Path) -> None:
+def test_qgraph_generate_hi_there_with_tiny_llama_prints_english(tiny_home: Path) -> None:
     """The issue's command, offline: the prompt, then the continuation Hugging Face's greedy decoding gives."""
     n = 16
     res = subprocess.run(cli_command("generate", "Hi there!!", "--model", "tiny-llama", "--max-new-tokens", str(n)),
-                         capture_output=True, text=True, env={**ENV, "QGRAPH_HOME": os.environ["QGRAPH_HOME"]}, timeout=600)  # fmt: skip
+                         capture_output=True, text=True, env={**ENV, "QGRAPH_HOME": str(tiny_home)}, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr
     tok = load_tokenizer("tiny-llama")
     want = hf_greedy(load_model("tiny-llama"), tok("Hi there!!")["input_ids"], n)
