@@ -15,10 +15,13 @@ from helpers import ENV, ROOT, assert_logits_match_hf, cli_command, generate_rec
 
 from qgraph import AutoModelForCausalLM
 from qgraph.frontend.hf import BUNDLED_DIR, BUNDLED_MODELS, load_model, load_tokenizer
+from qgraph.targets import qnn
 
 pytest.importorskip("torch")
 
 FOLDER = BUNDLED_DIR / "tiny-llama"
+#: Rows of different lengths at batch 2: one padded, one longer than the prefill chunk of 8.
+TEXTS = ["Hi there!!", "Good morning! My name is Anna. How are you today?"]
 pytestmark = pytest.mark.skipif(not (FOLDER / "config.json").is_file(), reason="the bundled tiny-llama is missing")
 
 
@@ -60,15 +63,14 @@ def test_tiny_llama_generates_hugging_faces_greedy_tokens(tiny_home: Path) -> No
     Face's tokens, and its logits within 1e-3 at every step."""
     tok = load_tokenizer("tiny-llama")
     hf = load_model("tiny-llama")
-    texts = ["Hi there!!", "Good morning! My name is Anna. How are you today?"]
-    prompts = [tok(t)["input_ids"] for t in texts]
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
     assert prompts[0][0] == tok.bos_token_id and len(prompts[1]) > 8
     n = 20
     want = [hf_greedy(hf, p, n, distinct=6) for p in prompts]
 
     model = AutoModelForCausalLM.from_pretrained("tiny-llama")
     model.compile("cpu", prefill_seq_len=8, ctx_len=64, batch_size=2)
-    out = model.generate(texts, max_new_tokens=n)
+    out = model.generate(TEXTS, max_new_tokens=n)
     assert out.tokens == want
     steps, logits = generate_recording_logits(model.runtime, prompts, n, eos_token_id=model.spec.eos_token_ids)
     assert steps.tokens == want
@@ -91,3 +93,14 @@ def test_qgraph_generate_hi_there_with_tiny_llama_prints_english(tiny_home: Path
     assert first == "Hi there!!" + tok.decode(want, skip_special_tokens=True), res.stdout
     found = re.findall(r"[a-z]+", first.lower())
     assert len(found) >= 6 and set(found) <= _corpus_words(), first
+
+
+@pytest.mark.skipif(not qnn.qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'qgraph[qnn]')")
+def test_tiny_llama_gives_hugging_faces_tokens_on_qnn(tiny_home: Path) -> None:
+    """The HTP simulator with every node on QNN (the target refuses CPU fallback): Hugging Face's greedy tokens."""
+    tok = load_tokenizer("tiny-llama")
+    hf = load_model("tiny-llama")
+    n = 8
+    model = AutoModelForCausalLM.from_pretrained("tiny-llama")
+    model.compile("qnn", prefill_seq_len=8, ctx_len=64, batch_size=2)
+    assert model.generate(TEXTS, max_new_tokens=n).tokens == [hf_greedy(hf, tok(t)["input_ids"], n, distinct=4) for t in TEXTS]
