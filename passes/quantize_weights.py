@@ -29,9 +29,8 @@ activations rounded to int8 blocks in the kernel) is the fast path on CPU;
 level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
 already holds quantized ops is left alone, and so is a weight that is a graph
 input, computed at run time, not float32, or not 2-D: each is a near miss with
-its reason. Runs after retain-kv-cache (stages.QUANTIZE): that pass selects the
-last position in front of the vocabulary MatMul, which it must still see as a
-MatMul.
+its reason. A compile runs it last on each specialization (stages.QUANTIZE: the
+passes before it see Gemm and Gather, whose static shapes ONNX inference gives).
 """
 
 from __future__ import annotations
