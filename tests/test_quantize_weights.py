@@ -124,3 +124,22 @@ def test_near_misses_decline_with_a_reason(case: str, reasons: list[str], golden
 def test_the_mode_is_checked() -> None:
     with pytest.raises(ValueError, match="quantize-weights takes mode int8 or int4, not 'int2'"):
         QuantizeWeights("int2")
+
+
+def test_the_pipeline_quantizes_last_and_only_when_asked() -> None:
+    from qgraph.errors import UnknownPassError
+    from qgraph.pipeline.options import Options
+    from qgraph.pipeline.registry import build_passes
+    from qgraph.pipeline.stages import compile_pipeline, default_pipeline
+    from qgraph.targets import get_target
+
+    cpu = get_target("cpu")
+    rewrite, specialize = compile_pipeline(cpu, rewrite=True, quantize=True)
+    assert specialize[-3:] == ["fuse-decode-attention", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
+    assert "quantize-weights" not in compile_pipeline(cpu, rewrite=True)[1]
+    assert default_pipeline(False, True)[-4:] == ["retain-kv-cache", "cleanup", "quantize-weights", "cleanup"]
+    assert default_pipeline(True, True)[-4:] == ["pin-static-shapes", "cleanup", "quantize-weights", "cleanup"]
+    (p,) = build_passes(["quantize-weights"], Options.resolve(quantize="int8", quant_block_size=64))
+    assert isinstance(p, QuantizeWeights) and (p.bits, p.block_size) == (8, 64)
+    with pytest.raises(UnknownPassError, match="quantize-weights needs --quantize int8 or int4"):
+        build_passes(["quantize-weights"], Options.resolve())

@@ -15,7 +15,7 @@ from onnx import helper
 
 from fuzz.builder import F16, F32, I64, NP, Builder, Case, chance, perturbation
 
-QUANT_PERTURBATIONS = ["weight_input", "weight_computed", "fp16", "transA", "weight_3d", "already_quantized", "c_runtime_beta"]
+QUANT_PERTURBATIONS = ["weight_computed", "c_runtime_beta", "weight_input", "fp16", "transA", "weight_3d", "already_quantized"]
 BLOCK = 16
 
 
