@@ -143,3 +143,21 @@ def test_the_pipeline_quantizes_last_and_only_when_asked() -> None:
     assert isinstance(p, QuantizeWeights) and (p.bits, p.block_size) == (8, 64)
     with pytest.raises(UnknownPassError, match="quantize-weights needs --quantize int8 or int4"):
         build_passes(["quantize-weights"], Options.resolve())
+
+
+def test_a_column_c_is_added_not_taken_as_the_bias_row() -> None:
+    """Gemm's C of shape [M, 1] broadcasts along N: with M = N it has N values but is no bias row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w, c = rng.uniform(-1, 1, (32, 3)).astype(np.float32), np.array([[5.0], [-5.0], [10.0]], np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"])]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 32])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])]
+    model = helper.make_model(helper.make_graph(nodes, "g", *io, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 10
+    out = run_pass(int8(), Graph.from_proto(model)).graph
+    assert [n.op for n in out.nodes] == ["MatMulNBits", "Add"]
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    (y,) = session(out).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w + c, atol=INT8_ATOL)
