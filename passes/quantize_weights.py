@@ -227,7 +227,7 @@ class QuantizeWeights(Pass):
         inputs: list[Tensor] = [x, b.data, b.scales]
         add: Tensor | None = bias_tensor
         if bias is not None:
-            if bias.shape in ((b.n,), (1, b.n)):  # a row: [N, 1] or [M, 1] broadcast along the other axis, so they are added
+            if bias.shape in ((b.n,), (1, b.n)):  # a bias row; a column [M, 1] or a full [M, N] C is added after
                 inputs += [graph.omitted(), graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
             else:
                 add = graph.constant(self.name, bias)
