@@ -161,3 +161,30 @@ def test_a_column_c_is_added_not_taken_as_the_bias_row() -> None:
     x = rng.standard_normal((3, 32)).astype(np.float32)
     (y,) = session(out).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ w + c, atol=INT8_ATOL)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_asymmetric_blocks_carry_zero_points(mode: str) -> None:
+    """Symmetric by default; asymmetric blocks (a zero point per block) fit weights that are not centred on zero."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    table, w = rng.uniform(0.2, 1.5, (8, 32)).astype(np.float32), rng.uniform(0.5, 2.0, (32, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["y"])]
+    io = (
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+    )
+    model = helper.make_model(helper.make_graph(nodes, "g", *io, [numpy_helper.from_array(table, "E"), numpy_helper.from_array(w, "W")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 10
+    ids = np.array([[0, 7, 3]])
+    errors = {}
+    for symmetric in (True, False):
+        p = QuantizeWeights(mode, 16, symmetric=symmetric)
+        out = run_pass(p, Graph.from_proto(model)).graph
+        (mm,), (gather,) = out.nodes_by_op("MatMulNBits"), out.nodes_by_op("GatherBlockQuantized")
+        assert (len(mm.inputs), len(gather.inputs)) == ((3, 3) if symmetric else (4, 4))
+        (y,) = session(out).run(None, {"input_ids": ids})
+        errors[symmetric] = np.abs(y - table[ids] @ w).max()
+    assert errors[False] < errors[True] and errors[False] < (INT8_ATOL if mode == "int8" else INT4_ATOL)
