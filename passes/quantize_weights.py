@@ -24,7 +24,7 @@ What it rewrites (fp32 constant weights only):
   scales; an artifact stores the shared bytes once (weights are stored once by
   content).
 
-Symmetric blocks by default (no zero points). ``accuracy_level`` 4 (the
+Symmetric blocks by default (no zero points; ``symmetric=False`` writes a zero point per block). ``accuracy_level`` 4 (the
 activations rounded to int8 blocks in the kernel) is the fast path on CPU;
 level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
 already holds quantized ops is left alone, and so is a weight that is a graph
