@@ -25,6 +25,7 @@ from passes.fuse_rotary import FuseRotary
 from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
+from passes.quantize_weights import QuantizeWeights
 from passes.retain_kv_cache import RetainKvCache
 from passes.simplify_shapes import SimplifyShapes
 from qgraph.pipeline.manager import Pass
@@ -47,6 +48,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         FuseSkipLayerNorm,
         FuseDecodeAttention,
         FuseRotary,
+        QuantizeWeights,
     )
 }
 
@@ -64,6 +66,7 @@ __all__ = [
     "FuseSkipLayerNorm",
     "LegalizeQnn",
     "PinStaticShapes",
+    "QuantizeWeights",
     "RetainKvCache",
     "SimplifyShapes",
 ]
