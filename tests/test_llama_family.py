@@ -99,3 +99,21 @@ def test_generate_matches_hf_tokens_and_logits_at_every_step(model: tuple[str, A
         assert len(got) == len(toks)
         for k, (g, w) in enumerate(zip(got, want)):
             np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"{name}: prompt {i}, step {k} (0: after the prompt)")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_torchscript_export_goes_the_same_way(family: str, tmp_path: Path) -> None:
+    """TorchScript spells the repeat of the KV heads, the rotary embedding and the norms its own way."""
+    from transformers import AutoModelForCausalLM
+
+    from qgraph.frontend.export import export_model
+
+    fields = dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "gemma")
+    folder = FAMILIES[family].save_random({**BASE, **fields}, tmp_path / "hf", seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    path = export_model(hf, tmp_path / "ts.onnx", exporter="torchscript").path
+    art = compile_model(path, "cpu", tmp_path / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2)
+    ops = [n.op_type for n in onnx.load(str(art / "decode.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("RMSNormalization") == 5, ops
+    out = Runtime(art).generate(PROMPTS, max_new_tokens=NEW, eos_token_id=spec_of(hf.config).eos_token_ids)
+    assert out.tokens == [hf_greedy(hf, p, NEW, distinct=3) for p in PROMPTS]
