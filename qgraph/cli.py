@@ -225,6 +225,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from qgraph.evaluate import measure_perplexity
+
+    report = measure_perplexity(args.model, args.text, target=args.target, quantize=args.quantize, quant_block_size=args.quant_block_size,
+                                ctx_len=args.ctx_len, stride=args.stride, max_tokens=args.max_tokens,
+                                target_options=_target_options(args), progress=_progress)  # fmt: skip
+    print(json.dumps(report.to_dict()) if args.json else report.table(), file=args.out)
+    return 0
+
+
 def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> None:
     """The options of ``targets`` only: a command lists (and takes) no option of a target it cannot build."""
     g = p.add_argument_group("target options")
@@ -328,6 +338,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON object instead of the table")
     p.add_argument("--plot", type=Path, default=None, help="save a bar chart (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "perplexity",
+        parents=[common],
+        help="perplexity of a text, and top-1 agreement of a quantized model with the unquantized one",
+        description="Teacher-forced perplexity of the text of --text FILE on the model compiled for --target, and with --quantize "
+        "how often its top-1 prediction is that of the same model and target without quantization (compiled and scored too). "
+        "A text longer than ctx_len is scored in windows of ctx_len tokens that start every --stride tokens, each from an "
+        "empty cache; a window scores only the tokens the previous one did not (Hugging Face's sliding-window recipe), so "
+        "every token but the first is scored once, with at least ctx_len - stride tokens of context after the first window.",
+    )
+    p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file, tokenized whole with the model's tokenizer")
+    p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
+    p.add_argument("--ctx-len", type=int, default=None, help="window length: " + CTX_HELP)
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default ctx_len / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens (the HTP simulator is slow)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quantize_options(p)
+    _add_target_options(p, ("cpu", "qnn"))
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("inspect", parents=[common], help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
     p.add_argument("file", type=Path)
