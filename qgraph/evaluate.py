@@ -97,9 +97,10 @@ def measure_perplexity(
     # batch 1: a window is one row. Every option is checked here, before the (slow) export.
     opts = lm.options(target, ctx_len=ctx_len, batch_size=1, quantize=quantize, quant_block_size=quant_block_size,
                       **(target_options or {}))  # fmt: skip
-    ids = list(load_tokenizer(lm.source)(text)["input_ids"])[:max_tokens]
+    # verbose=False: a text longer than the model's positions is expected here (it is scored in windows).
+    ids = list(load_tokenizer(lm.source)(text, verbose=False)["input_ids"])[:max_tokens]
     ids = check_token_ids([ids], lm.spec.vocab_size)[0]
-    stride = stride or max(1, opts.ctx_len // STRIDE_FRACTION)
+    stride = max(1, opts.ctx_len // STRIDE_FRACTION) if stride is None else stride
     wins = windows(len(ids), opts.ctx_len, stride)
     runs: dict[str, Scores] = {}
     plan = [("reference", replace(opts, quantize=None))] + ([(f"--quantize {quantize}", opts)] if quantize else [])

@@ -64,15 +64,15 @@ def windows(n_tokens: int, ctx_len: int, stride: int) -> list[Window]:
     """The windows that score ``n_tokens`` tokens with a cache of ``ctx_len`` (see the module docstring)."""
     if n_tokens < 2:
         raise PerplexityError(f"the text has {n_tokens} token(s); perplexity needs at least 2 (one to predict from, one to score)")
-    if not 1 <= stride <= ctx_len:
-        raise PerplexityError(f"the stride must be between 1 and ctx_len {ctx_len} (a larger one skips tokens), got {stride}; "
+    if not 1 <= stride < ctx_len:
+        # stride ctx_len would leave each window's first token without context, and unscored; a larger one skips tokens.
+        raise PerplexityError(f"the stride must be between 1 and ctx_len - 1 ({ctx_len - 1}), got {stride}; "
                              f"pass --stride {max(1, ctx_len // 2)}")
     out: list[Window] = []
     begin = prev_end = 0
     while True:
         end = min(begin + ctx_len, n_tokens)
-        # The first token of a window has no context in it: it is scored by an earlier window, or (the text's first) never.
-        out.append(Window(begin, end, max(prev_end, begin + 1)))
+        out.append(Window(begin, end, max(prev_end, 1)))  # the text's first token has no context: never scored
         if end == n_tokens:
             return out
         prev_end, begin = end, begin + stride
