@@ -66,8 +66,9 @@ def windows(n_tokens: int, ctx_len: int, stride: int) -> list[Window]:
         raise PerplexityError(f"the text has {n_tokens} token(s); perplexity needs at least 2 (one to predict from, one to score)")
     if not 1 <= stride < ctx_len:
         # stride ctx_len would leave each window's first token without context, and unscored; a larger one skips tokens.
-        raise PerplexityError(f"the stride must be between 1 and ctx_len - 1 ({ctx_len - 1}), got {stride}; "
-                             f"pass --stride {max(1, ctx_len // 2)}")
+        raise PerplexityError(
+            f"the stride must be between 1 and ctx_len - 1 ({ctx_len - 1}), got {stride}; pass --stride {max(1, ctx_len // 2)}"
+        )
     out: list[Window] = []
     begin = prev_end = 0
     while True:
