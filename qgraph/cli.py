@@ -124,10 +124,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_prompts(path: Path | None) -> list[str] | None:
+    """The prompts of a --calibration file, one per non-blank line."""
+    if path is None:
+        return None
+    from qgraph.evaluate import read_text
+
+    return [line for line in read_text(path, "--calibration").splitlines() if line.strip()]
+
+
 def _target_options(args: argparse.Namespace) -> dict[str, object]:
     opts: dict[str, object] = {}
     if args.target == "qnn":
-        opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None}
+        opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None,
+                "calibration": _calibration_prompts(args.calibration)}  # fmt: skip
     elif args.target == "qaic":
         opts = {"aic_hw_version": args.aic_hw_version, "num_cores": args.num_cores, "mxfp6_matmul": args.mxfp6_matmul or None,
                 "kv_dtype": args.kv_dtype}  # fmt: skip
@@ -246,6 +256,8 @@ def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> N
         g.add_argument("--soc-model", type=int, default=None, help="qnn: HTP SoC model (default works on x86: 60)")
         g.add_argument("--fp16", action="store_true", help="qnn: run in fp16")
         g.add_argument("--allow-cpu-fallback", action="store_true", help="qnn: let nodes QNN rejects run on the CPU")
+        g.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                       help="qnn --quantize w8a16: calibration prompts, one per line (default: a built-in set)")  # fmt: skip
     if "qaic" in targets:
         g.add_argument("--aic-hw-version", default=None, help="qaic: -aic-hw-version (default 2.0)")
         g.add_argument("--num-cores", type=int, default=None, help="qaic: -aic-num-cores (default 16)")

@@ -58,15 +58,15 @@ class PerplexityReport:
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def read_text(path: str | Path) -> str:
-    """The text of ``path`` (UTF-8), or one error that says what is wrong with it."""
+def read_text(path: str | Path, flag: str = "--text") -> str:
+    """The text of ``path`` (UTF-8, given by ``flag``), or one error that says what is wrong with it."""
     data = Path(path).read_bytes()  # a missing or unreadable file: OSError, which the CLI prints as one line
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise QGraphError(f"{path} is not UTF-8 text (byte {e.start}); give a UTF-8 text file to --text") from None
+        raise QGraphError(f"{path} is not UTF-8 text (byte {e.start}); give a UTF-8 text file to {flag}") from None
     if not text.strip():
-        raise PerplexityError(f"{path} holds no text; give a text file of at least a few sentences to --text")
+        raise PerplexityError(f"{path} holds no text; give a text file of at least a few sentences to {flag}")
     return text
 
 
@@ -92,7 +92,7 @@ def measure_perplexity(
     start = time.perf_counter()
     if max_tokens is not None and max_tokens < 2:
         raise PerplexityError(f"--max-tokens {max_tokens} leaves nothing to score; pass --max-tokens 2 or more")
-    text = read_text(text_path)
+    text = read_text(text_path, "--text")
     lm = AutoModelForCausalLM.from_pretrained(model, progress=progress)
     # batch 1: a window is one row. Every option is checked here, before the (slow) export.
     opts = lm.options(target, ctx_len=ctx_len, batch_size=1, quantize=quantize, quant_block_size=quant_block_size,
@@ -103,7 +103,9 @@ def measure_perplexity(
     stride = max(1, opts.ctx_len // STRIDE_FRACTION) if stride is None else stride
     wins = windows(len(ids), opts.ctx_len, stride)
     runs: dict[str, Scores] = {}
-    plan = [("reference", replace(opts, quantize=None))] + ([(f"--quantize {quantize}", opts)] if quantize else [])
+    # The reference: the same options without quantization (nor w8a16's calibration, which only a QDQ graph uses).
+    plain = replace(opts, quantize=None, target_options={k: None if k == "calibration" else v for k, v in opts.target_options.items()})
+    plan = [("reference", plain)] + ([(f"--quantize {quantize}", opts)] if quantize else [])
     for name, o in plan:
         lm.compile(target, options=o)
         rt = Runtime(lm.artifact_dir)  # type: ignore[arg-type]
