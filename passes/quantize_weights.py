@@ -24,21 +24,20 @@ What it rewrites (fp32 constant weights only):
   scales; an artifact stores the shared bytes once (weights are stored once by
   content).
 
-Symmetric blocks by default (no zero points). ``accuracy_level`` 4 (the
+Symmetric blocks by default (no zero points; ``symmetric=False`` writes a zero point per block). ``accuracy_level`` 4 (the
 activations rounded to int8 blocks in the kernel) is the fast path on CPU;
 level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
 already holds quantized ops is left alone, and so is a weight that is a graph
 input, computed at run time, not float32, or not 2-D: each is a near miss with
-its reason. Runs after retain-kv-cache (stages.QUANTIZE): that pass selects the
-last position in front of the vocabulary MatMul, which it must still see as a
-MatMul.
+its reason. A compile runs it last on each specialization (stages.QUANTIZE: the
+passes before it see Gemm and Gather, whose static shapes ONNX inference gives).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -67,6 +66,8 @@ class Blocks:
 
     data: Tensor
     scales: Tensor
+    #: Asymmetric blocks' zero points [N, packed K_blocks] (uint8), None for symmetric ones (the kernels' default 8 or 128).
+    zero_points: Tensor | None
     k: int
     n: int
     #: The constant W was read from, and whether W is its transpose (then a tied embedding may be that constant).
@@ -185,10 +186,9 @@ class QuantizeWeights(Pass):
         if not graph.is_constant(w):
             prod = graph.producer(w)
             return f"the weight '{w.name}' is computed at run time (by {prod.op if prod else 'nothing'}), not a constant"
-        dtype = getattr(w, "dtype", None)
-        if dtype is not None and np.dtype(dtype) != np.float32:
-            return f"the weight '{w.name}' is {np.dtype(dtype).name}; quantize-weights takes float32 weights"
-        shape = list(w.shape or [])
+        dtype, shape = _dtype_and_shape(graph, w)
+        if dtype != np.float32:
+            return f"the weight '{w.name}' is {dtype.name}; quantize-weights takes float32 weights"
         if len(shape) != 2:
             return f"the weight '{w.name}' has shape {shape}, not 2-D"
         return None
@@ -205,34 +205,37 @@ class QuantizeWeights(Pass):
         if alpha != 1.0:
             w = w * np.float32(alpha)
         k, n = (int(d) for d in w.shape)
-        data, scales = self._quantize(np.ascontiguousarray(w, np.float32))
-        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), k, n, source, transposed, alpha)
+        data, scales, zero_points = self._quantize(np.ascontiguousarray(w, np.float32))
+        zp = graph.constant(self.name, zero_points) if zero_points is not None else None
+        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), zp, k, n, source, transposed, alpha)
         run.done[key] = blocks
         run.count("bytes_before", int(values.nbytes))
-        run.count("bytes_after", int(data.nbytes + scales.nbytes))
+        run.count("bytes_after", int(data.nbytes + scales.nbytes + (zero_points.nbytes if zero_points is not None else 0)))
         return blocks
 
-    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32) of W [K, N], by ONNX Runtime's block quantizer."""
+    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32, zero points or None when symmetric) of W [K, N],
+        by ONNX Runtime's block quantizer."""
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
         config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=self.bits)
         data, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
-        if not self.symmetric:  # zero points are an input then; symmetric blocks use the kernels' default (8 or 128)
-            raise NotImplementedError("asymmetric blocks need zero-point inputs, which this pass does not write yet")
-        return data, scales
+        return data, scales, None if self.symmetric else zero_points
 
     def _to_matmul_nbits(self, graph: Graph, node: Node, x: Tensor, b: Blocks, bias: np.ndarray | None,
                          bias_tensor: Tensor | None, run: _Run) -> None:  # fmt: skip
         # y = x @ W + bias; MatMulNBits' bias input is a 1-D [N] row, anything else is added after it.
         out = node.outputs[0]
-        inputs: list[Tensor] = [x, b.data, b.scales]
+        # Inputs: A, B, scales, zero_points, g_idx, bias (the optional ones omitted, none trailing).
+        inputs: list[Tensor] = [x, b.data, b.scales, b.zero_points if b.zero_points is not None else graph.omitted()]
         add: Tensor | None = bias_tensor
         if bias is not None:
-            if bias.size == b.n and bias.ndim <= 2:
-                inputs += [graph.omitted(), graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
+            if bias.shape in ((b.n,), (1, b.n)):  # a bias row; a column [M, 1] or a full [M, N] C is added after
+                inputs += [graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
             else:
                 add = graph.constant(self.name, bias)
+        while inputs[-1].is_empty():
+            inputs.pop()
         attrs = {"K": b.k, "N": b.n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
         target = graph.variable(self.name, out.dtype, out.shape) if add is not None else out
         graph.remove_nodes([node])  # detached first: ``out`` gets one producer; the new nodes take its place in the order
@@ -251,7 +254,7 @@ class QuantizeWeights(Pass):
         problem = self._weight_problem(graph, table, node)
         if problem is not None:
             return problem
-        width = int(table.shape[1])  # type: ignore[index]
+        width = _dtype_and_shape(graph, table)[1][1]
         if width % self.block_size:
             return f"the embedding width {width} is not a multiple of the block size {self.block_size}"
         blocks = self._tied(graph, table, run)
@@ -262,7 +265,7 @@ class QuantizeWeights(Pass):
             blocks = made
         else:
             run.count("tied_embedding")
-            run.count("bytes_before", int(np.prod(table.shape)) * 4)  # the fp32 table goes; its blocks are the projection's
+            run.count("bytes_before", blocks.k * blocks.n * 4)  # the fp32 table goes; its blocks are the projection's
         # The data as GatherBlockQuantized reads it: [V, H * bits / 8]; the same bytes as the projection's blocks.
         values = graph.const_value(blocks.data)
         data = graph.constant(self.name, np.asarray(values).reshape(blocks.n, -1))
@@ -270,7 +273,8 @@ class QuantizeWeights(Pass):
         out = node.outputs[0]
         ids = node.inputs[1]
         graph.remove_nodes([node])
-        graph.add_node("GatherBlockQuantized", [data, ids, blocks.scales], [out], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
+        inputs = [data, ids, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
+        graph.add_node("GatherBlockQuantized", inputs, [out], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
         run.count("embedding")
         return ""
 
@@ -279,7 +283,7 @@ class QuantizeWeights(Pass):
         found = run.done.get((id(table), True, 1.0))
         if found is not None:
             return found
-        shape = [int(d) for d in table.shape or []]
+        shape = _dtype_and_shape(graph, table)[1]
         candidates = [b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape]
         if not candidates:
             return None
@@ -303,3 +307,11 @@ class QuantizeWeights(Pass):
                 return False
             t = prod.inputs[0]
         return False
+
+
+def _dtype_and_shape(graph: Graph, w: Tensor) -> tuple[np.dtype[Any], list[int]]:
+    """A constant's element type and shape: an initializer's from its header, a Constant node's from its (inline) value."""
+    if isinstance(w.shape, (list, tuple)) and all(isinstance(d, int) for d in w.shape) and w.dtype is not None:
+        return np.dtype(w.dtype), [int(d) for d in w.shape]
+    value = graph.const_value(w)
+    return (value.dtype, list(value.shape)) if value is not None else (np.dtype(np.float32), [])
