@@ -128,7 +128,7 @@ def _calibration_prompts(path: Path | None) -> list[str] | None:
     """The prompts of a --calibration file, one per non-blank line."""
     if path is None:
         return None
-    from qgraph.evaluate import read_text
+    from qgraph.devtools.perplexity import read_text
 
     return [line for line in read_text(path, "--calibration").splitlines() if line.strip()]
 
@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from qgraph.evaluate import measure_perplexity
+    from qgraph.devtools.perplexity import measure_perplexity
 
     report = measure_perplexity(args.model, args.text, target=args.target, quantize=args.quantize, quant_block_size=args.quant_block_size,
                                 ctx_len=args.ctx_len, stride=args.stride, max_tokens=args.max_tokens,

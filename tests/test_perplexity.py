@@ -18,11 +18,15 @@ import numpy as np
 import pytest
 from helpers import ENV, cli_command, hf_window_scores, run_all
 
+from qgraph.errors import QGraphError
 from qgraph.runtime.perplexity import PerplexityError, windows
+from qgraph.targets.qnn import qnn_available
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
 BUNDLED = Path(__file__).parent.parent / "qgraph" / "models" / "tiny-gpt2"
 HF_TOL = 1e-3
+OPTIMUM = Path(__file__).parent / "data" / "optimum-gpt2-2l" / "model.onnx"
+needs_qnn = pytest.mark.skipif(not qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'qgraph[qnn]')")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,11 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
         "int8 on qnn": (["--text", text, "--target", "qnn", "--quantize", "int8"], "--quantize int8 is for"),
         "w8a16 on cpu": (["--text", text, "--quantize", "w8a16"], "--quantize w8a16 is for qnn"),
         "ctx_len past the model": (["--text", text, "--ctx-len", "1000"], "ctx_len"),
+        "calibration without w8a16": (["--text", text, "--target", "qnn", "--calibration", text], "calibration prompts are for"),
+        "calibration not UTF-8": (
+            ["--text", text, "--target", "qnn", "--quantize", "w8a16", "--calibration", str(binary)],
+            "to --calibration",
+        ),
     }
     home = tmp_path / "home"
     env = {**ENV, "QGRAPH_HOME": str(home)}
@@ -141,7 +150,7 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- accuracy acceptance (issue 19)
 @pytest.fixture(scope="module")
 def heldout_runs(home: Path) -> dict[str, object]:
-    from qgraph.evaluate import measure_perplexity
+    from qgraph.devtools.perplexity import measure_perplexity
 
     return {q: measure_perplexity("tiny-gpt2", HELDOUT, quantize=q) for q in ("int8", "int4")}
 
@@ -169,3 +178,53 @@ def test_int4_block_32_is_within_two_percent(heldout_runs: dict[str, object]) ->
 )
 def test_int4_block_32_agrees_on_95_percent(heldout_runs: dict[str, object]) -> None:
     assert heldout_runs["int4"].top1_agreement >= 0.95  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- qnn --quantize w8a16
+def test_w8a16_calibration_is_token_ids_from_the_prompts_given_or_the_built_in_set() -> None:
+    import qgraph
+    from qgraph.errors import OptionError
+    from qgraph.frontend.hf import load_tokenizer
+    from qgraph.targets.qnn_quant import CALIBRATION_PROMPTS
+
+    model = qgraph.AutoModelForCausalLM.from_pretrained("tiny-gpt2")
+    tok = load_tokenizer("tiny-gpt2")
+    given = model.options("qnn", quantize="w8a16", calibration=["Hi there!!", "  ", "The weather is nice."])
+    assert given.target_options["calibration"] == [tok("Hi there!!")["input_ids"], tok("The weather is nice.")["input_ids"]]
+    built_in = model.options("qnn", quantize="w8a16").target_options["calibration"]
+    assert built_in == [tok(p)["input_ids"] for p in CALIBRATION_PROMPTS]
+    assert model.options("qnn", quantize="w8a16", calibration=[[5, 6, 7]]).target_options["calibration"] == [[5, 6, 7]]
+    for target, quantize in (("qnn", None), ("cpu", "int8")):
+        with pytest.raises(OptionError, match="calibration prompts are for --target qnn --quantize w8a16"):
+            model.options(target, quantize=quantize, calibration=["Hi"])
+    for bad in ([], [[]], [[1, -2]], [["a"]]):
+        with pytest.raises(QGraphError, match="calibration is token ids"):
+            model.options("qnn", quantize="w8a16", calibration=bad)
+
+
+def test_compile_w8a16_without_calibration_is_one_line(tmp_path: Path) -> None:
+    res = subprocess.run(cli_command("compile", str(OPTIMUM), "--target", "qnn", "--quantize", "w8a16", "-o", str(tmp_path / "a")),
+                         capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("qgraph compile: error: ") and "--quantize w8a16 calibrates on token ids" in last, last
+    assert not (tmp_path / "a").exists()
+
+
+@needs_qnn
+@pytest.mark.skipif(not BUNDLED.is_dir(), reason="the bundled model is missing")
+def test_qnn_w8a16_is_within_two_percent_of_fp32_on_the_htp(home: Path) -> None:
+    """The HTP simulator runs a w8a16 decode step in about 0.7 s here: the first 96 tokens of the held-out text only.
+    Every node is on the HTP: a compile or a session with one left to the CPU raises (qgraph.targets.qnn)."""
+    import qgraph
+    from qgraph.artifact.manifest import Manifest
+    from qgraph.devtools.perplexity import measure_perplexity
+
+    r = measure_perplexity("tiny-gpt2", HELDOUT, target="qnn", quantize="w8a16", ctx_len=64, max_tokens=96)
+    assert (r.tokens, r.windows, r.quantize) == (95, 3, "w8a16")
+    assert r.perplexity != r.reference_perplexity  # the QDQ graph ran, not the float one
+    assert abs(r.perplexity / r.reference_perplexity - 1) <= 0.02
+    model = qgraph.AutoModelForCausalLM.from_pretrained("tiny-gpt2")
+    opts = model.options("qnn", ctx_len=64, batch_size=1, quantize="w8a16")
+    manifest = Manifest.load(model.compile("qnn", options=opts))  # the cached artifact the run used
+    assert manifest.options.quantize == "w8a16" and manifest.options.target_options["calibration"] == opts.target_options["calibration"]
