@@ -221,7 +221,7 @@ def test_qnn_w8a16_is_within_two_percent_of_fp32_on_the_htp(home: Path) -> None:
     from qgraph.devtools.perplexity import measure_perplexity
 
     r = measure_perplexity("tiny-gpt2", HELDOUT, target="qnn", quantize="w8a16", ctx_len=64, max_tokens=96)
-    assert (r.tokens, r.windows, r.quantize) == (95, 3, "w8a16")
+    assert (r.tokens, r.windows, r.quantize) == (95, 2, "w8a16")
     assert r.perplexity != r.reference_perplexity  # the QDQ graph ran, not the float one
     assert abs(r.perplexity / r.reference_perplexity - 1) <= 0.02
     model = qgraph.AutoModelForCausalLM.from_pretrained("tiny-gpt2")
