@@ -35,7 +35,7 @@ class PerplexityReport:
     model: str
     target: str
     quantize: str | None
-    quant_block_size: int | None
+    quant_block_size: int | None  # int8 and int4 only
     ctx_len: int
     stride: int
     windows: int
@@ -129,7 +129,7 @@ def measure_perplexity(
         model=str(model),
         target=target,
         quantize=quantize,
-        quant_block_size=opts.quant_block_size if quantize else None,
+        quant_block_size=opts.quant_block_size if opts.weight_only else None,
         ctx_len=opts.ctx_len,
         stride=stride,
         windows=len(wins),
