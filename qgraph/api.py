@@ -2,7 +2,7 @@
 
 ```python
 from qgraph import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("gpt2")   # hub id, local folder, or "tiny-gpt2"
+model = AutoModelForCausalLM.from_pretrained("gpt2")   # hub id, local folder, "tiny-gpt2" or "tiny-llama"
 model.compile(target="cpu", prefill_seq_len=32, ctx_len=128, batch_size=1)
 out = model.generate(prompts=["Hi there!!"], tokenizer=tok, max_new_tokens=32)
 ```
@@ -156,7 +156,8 @@ class AutoModelForCausalLM:
     def from_pretrained(
         cls, model: str = "tiny-gpt2", *, dtype: str = DEFAULT_DTYPE, trust_remote_code: bool = False, progress: Progress | None = None
     ) -> AutoModelForCausalLM:
-        """Name a model: a hub id, a local Hugging Face folder, or ``tiny-gpt2``; ``dtype``: float32 or float16."""
+        """Name a model: a hub id, a local Hugging Face folder, or a bundled model (``tiny-gpt2``, ``tiny-llama``);
+        ``dtype``: float32 or float16."""
         from qgraph.frontend.hf import resolve_model
 
         return cls(resolve_model(model), dtype=dtype, trust_remote_code=trust_remote_code, progress=progress)
@@ -363,22 +364,29 @@ class AutoModelForCausalLM:
         input_ids: Sequence[Sequence[int]] | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         streamer: Callable[[int, int], None] | None = None,
+        chat: bool = False,
         **sampling: Any,
     ) -> GenerateResult:
-        """Generate from text ``prompts`` (with ``tokenizer``) or token ``input_ids``."""
+        """Generate from text ``prompts`` (with ``tokenizer``) or token ``input_ids``.
+
+        ``chat``: each prompt is a user message put through the tokenizer's chat template
+        (:func:`qgraph.frontend.hf.encode_prompts`); a tokenizer without one is refused.
+        """
         from qgraph.runtime import GenerationError, Sampling
 
         if (prompts is None) == (input_ids is None):
             raise GenerationError("give either prompts (with a tokenizer) or input_ids")
+        if chat and prompts is None:
+            raise GenerationError("chat=True puts text prompts through the chat template; give prompts, not input_ids")
         check_at_least_one("max_new_tokens", max_new_tokens)
         Sampling(**sampling).check()
         if prompts is not None:
             check_prompts(prompts, None)
-            if tokenizer is None:
-                from qgraph.frontend.hf import load_tokenizer
+            from qgraph.frontend.hf import encode_prompts, load_tokenizer
 
+            if tokenizer is None:
                 tokenizer = load_tokenizer(self.source, trust_remote_code=self.trust_remote_code)
-            ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+            ids = encode_prompts(tokenizer, prompts, chat=chat)
         else:
             ids = list(input_ids)  # type: ignore[arg-type]
         if not ids:

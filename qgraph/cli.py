@@ -25,6 +25,7 @@ from typing import NoReturn, TextIO
 
 from qgraph.errors import QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, DTYPES
+from qgraph.frontend.hf import BUNDLED_MODELS
 from qgraph.pipeline.options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CTX_LEN,
@@ -166,6 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise QGraphError("give either text prompts or --input-ids, not both")
     if not args.prompt and not args.input_ids:
         raise QGraphError('give a prompt (qgraph generate "Hi there!!") or --input-ids 1,2,3')
+    if args.chat and args.input_ids:
+        raise QGraphError("--chat puts text prompts through the chat template; give a text prompt, not --input-ids")
     # Bad arguments fail before the (slow) export and compile: these first, the options once the model's config is read.
     check_at_least_one("max_new_tokens", args.max_new_tokens)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
@@ -184,10 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = None
     ids = input_ids or []
     if args.prompt:
-        from qgraph.frontend.hf import load_tokenizer
+        from qgraph.frontend.hf import encode_prompts, load_tokenizer
 
         tokenizer = load_tokenizer(model.source)
-        ids = [tokenizer(p)["input_ids"] for p in args.prompt]
+        ids = encode_prompts(tokenizer, args.prompt, chat=args.chat)
     check_prompts(ids, opts.ctx_len)
     check_token_ids(ids, model.spec.vocab_size)
     model.compile(args.target, artifacts=args.artifacts, options=opts)
@@ -195,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_rows = len(args.prompt or input_ids or [])
     stdout = args.out
     if tokenizer is not None and n_rows == 1 and not args.json:
-        stdout.write(args.prompt[0])
+        stdout.write(args.prompt[0] + ("\n" if args.chat else ""))  # a chat reply starts on a line of its own
         stdout.flush()
         seen: list[int] = []
         printed = [0]
@@ -208,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             printed[0] = len(text)
 
     out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
-                         streamer=streamer, **sampling)  # fmt: skip
+                         streamer=streamer, chat=args.chat, **sampling)  # fmt: skip
     if args.json:
         print(json.dumps({"tokens": out.tokens, "text": out.text, "stats": out.stats.to_dict(), "target": args.target,
                           "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}), file=stdout)  # fmt: skip
@@ -266,6 +269,7 @@ def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> N
 
 
 CTX_HELP = f"tokens the KV cache holds (default {DEFAULT_CTX_LEN}, or the model's maximum if smaller)"
+MODEL_HELP = f"hub id, local Hugging Face folder, or a bundled model: {', '.join(BUNDLED_MODELS)} (default {BUNDLED_MODELS[0]})"
 PREFILL_HELP = f"tokens of a prompt chunk, the prefill specialization's width (default {DEFAULT_PREFILL_SEQ_LEN})"
 BATCH_HELP = f"rows run together (default {DEFAULT_BATCH_SIZE})"
 DTYPE_HELP = f"the model's weights, caches and logits (default {DEFAULT_DTYPE})"
@@ -292,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("export", parents=[common], help="export a Hugging Face GPT-2 to plain ONNX (no rewriting)")
-    p.add_argument("model", nargs="?", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
+    p.add_argument("model", nargs="?", default="tiny-gpt2", help=MODEL_HELP)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"), help="output ONNX file (default model.onnx)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -325,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="export, optimize, compile and run a model; print text and latency")
     p.add_argument("prompt", nargs="*", help="text prompts")
-    p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
+    p.add_argument("--model", default="tiny-gpt2", help=MODEL_HELP)
+    p.add_argument("--chat", action="store_true", help="put each prompt through the tokenizer's chat template as a user message")
     p.add_argument("--input-ids", action="append", default=None, help="a prompt as token ids, e.g. 1,2,3 (repeatable)")
     p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help=DTYPE_HELP)
@@ -351,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="random:gpt2",
-        help="hub id, folder, tiny-gpt2, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)",
+        help="hub id, folder, tiny-gpt2, tiny-llama, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)",
     )
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -1,4 +1,4 @@
-"""Shared pytest setup: the ``--update-golden`` flag and the ``golden`` fixture."""
+"""Shared pytest setup: the ``--update-golden`` flag and the ``golden`` fixture; ``qgraph_home``."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ class Golden:
 @pytest.fixture
 def golden(request: pytest.FixtureRequest) -> Golden:
     return Golden(bool(request.config.getoption("--update-golden")), GOLDEN_DIR)
+
+
+@pytest.fixture
+def qgraph_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty QGRAPH_HOME of this test's own (it does not exist until something is cached), with the hub offline."""
+    monkeypatch.setenv("QGRAPH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "home"

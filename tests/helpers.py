@@ -78,6 +78,25 @@ def random_gpt2(path: str | Path | None = None, *, seed: int = 0, **overrides: A
     return config, model
 
 
+def word_tokenizer(path: str | Path, vocab_size: int, *, chat_template: str | None = None) -> Any:
+    """A word-level tokenizer over ``<unk> <s> </s> w3 ... w{vocab_size-1}`` (plus ``user:`` and ``assistant:`` where a
+    ``chat_template`` is given, as the last two ids), made offline with ``tokenizers`` and saved into ``path``
+    beside a random model: the model folder then takes text prompts. Words split on whitespace; ``<s>`` starts
+    every text, as Llama's tokenizer does. Returns the tokenizer, reloaded from ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
+    if chat_template is not None:
+        words[-2:] = ["user:", "assistant:"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=chat_template)
+    tok.save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 # --------------------------------------------------------------------------- ONNX Runtime
 def ort_run(path: str | Path, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     """Run an ONNX file once on the CPU; returns every output (or ``outputs``) by name."""
@@ -286,6 +305,18 @@ def hf_logits_along(model: Any, prompt: list[int], tokens: list[int]) -> np.ndar
     with torch.no_grad():
         logits = model(torch.tensor([list(prompt) + list(tokens)])).logits[0]
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].float().numpy()
+
+
+def assert_logits_match_hf(
+    model: Any, prompts: list[list[int]], tokens: list[list[int]], logits: list[list[np.ndarray]], *, atol: float
+) -> None:
+    """Every step's logits (:func:`generate_recording_logits`), for every prompt, equal Hugging Face's on the same
+    tokens (:func:`hf_logits_along`) within ``atol``."""
+    for i, (prompt, toks, got) in enumerate(zip(prompts, tokens, logits, strict=True)):
+        assert len(got) == len(toks), f"prompt {i}: {len(toks)} tokens chosen from {len(got)} steps' logits"
+        want = hf_logits_along(model, prompt, toks)
+        for k, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=f"prompt {i}, step {k} (0: after the prompt)")
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int, *, distinct: int = 0) -> list[int]:

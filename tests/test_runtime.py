@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import cli_command, generate_recording_logits, hf_greedy, hf_logits_along, random_gpt2, run_all
+from helpers import assert_logits_match_hf, cli_command, generate_recording_logits, hf_greedy, random_gpt2, run_all
 
 from qgraph.artifact.manifest import ArtifactError, Manifest
 from qgraph.compile import CompileError, compile_model
@@ -114,21 +114,12 @@ def test_three_prompts_at_batch_two_match_hf_greedy(hf: tuple[Any, Path], artifa
         assert key in table and key in s.to_dict()
 
 
-def _assert_logits_match_hf(model: Any, prompts: list[list[int]], tokens: list[list[int]], logits: list[list[np.ndarray]]) -> None:
-    """Every step's logits, for every prompt, equal Hugging Face's on the same tokens."""
-    for i, (prompt, toks, got) in enumerate(zip(prompts, tokens, logits, strict=True)):
-        assert len(got) == len(toks), f"prompt {i}: {len(toks)} tokens chosen from {len(got)} steps' logits"
-        want = hf_logits_along(model, prompt, toks)
-        for k, (g, w) in enumerate(zip(got, want)):
-            np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"prompt {i}, step {k} (0: after the prompt)")
-
-
 def test_logits_match_hf_at_every_step(hf: tuple[Any, Path], artifact: Path) -> None:
     """Three prompts at batch 2 (a padded row, a prompt of two chunks, a second group after a reset): the
     logits every token was chosen from equal Hugging Face's, step by step, and the tokens are its greedy ones."""
     out, logits = generate_recording_logits(Runtime(artifact), PROMPTS, 12)
     assert out.tokens == [hf_greedy(hf[0], p, 12, distinct=3) for p in PROMPTS]
-    _assert_logits_match_hf(hf[0], PROMPTS, out.tokens, logits)
+    assert_logits_match_hf(hf[0], PROMPTS, out.tokens, logits, atol=ATOL)
 
 
 def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf: tuple[Any, Path], tmp_path: Path) -> None:
@@ -152,7 +143,7 @@ def test_at_batch_one_prompt_chunks_run_as_group_query_attention_and_match_hf(hf
             n = min(12, CTX - len(prompt))
             out, logits = generate_recording_logits(rt, [prompt], n)
             assert out.tokens[0] == hf_greedy(hf[0], prompt, n, distinct=3 if n > 6 else 0), (inplace, len(prompt))
-            _assert_logits_match_hf(hf[0], [prompt], out.tokens, logits)
+            assert_logits_match_hf(hf[0], [prompt], out.tokens, logits, atol=ATOL)
 
 
 def test_worker_threads_stop_spinning_when_a_step_returns(artifact: Path) -> None:

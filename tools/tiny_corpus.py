@@ -1,4 +1,4 @@
-"""Generator of the small English training corpus used for the bundled ``tiny-gpt2`` model.
+"""Generator of the small English training corpus used for the bundled ``tiny-gpt2`` and ``tiny-llama`` models.
 
 All text is produced here from hand-written templates and word lists; no third-party
 text is used. Each corpus line is a short, friendly passage: a greeting (often

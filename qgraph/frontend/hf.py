@@ -2,7 +2,8 @@
 
 A model is named in one of three ways:
 
-* ``tiny-gpt2``: the small GPT-2 bundled with qgraph (``qgraph/models/tiny-gpt2``);
+* a bundled model (:data:`BUNDLED_MODELS`): ``tiny-gpt2``, a small GPT-2, or ``tiny-llama``, a small
+  Llama (grouped KV heads), in ``qgraph/models/``;
 * a local folder holding a Hugging Face model (it has a ``config.json``);
 * a hub id (``gpt2``, ``org/name``), loaded with ``from_pretrained``; this works
   offline when the model is in the local Hugging Face cache. Where the hub
@@ -28,12 +29,12 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from qgraph.errors import MissingDependencyError, ModelSourceError
+from qgraph.errors import GenerationError, MissingDependencyError, ModelSourceError
 from qgraph.frontend.checkpoint import check_safetensors, confined, index_shards
 from qgraph.frontend.families import family_of
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "models"
-BUNDLED_MODELS = ("tiny-gpt2",)
+BUNDLED_MODELS = ("tiny-gpt2", "tiny-llama")
 # A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -325,3 +326,20 @@ def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False
             "there (tokenizer.save_pretrained(folder)) or give token ids instead (--input-ids 15496,612; input_ids= in the API)"
         )
     return tokenizer
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
+    """The token ids of text ``prompts``; with ``chat``, each prompt is one user message put through the
+    tokenizer's chat template, ending with the prompt of the assistant's turn (Hugging Face's
+    ``apply_chat_template(..., add_generation_prompt=True)``)."""
+    if not chat:
+        return [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError(
+            f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (no chat_template in its tokenizer_config.json "
+            "or chat_template.jinja); give the prompt as plain text (without --chat, chat=False)"
+        )
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True)["input_ids"])
+        for p in prompts
+    ]
