@@ -165,7 +165,7 @@ class QuantizeWeights(Pass):
             return "the MatMul's input is 1-D (a linear layer's input has rows)"
         source = w
         prod = graph.producer(w)
-        if is_onnx_op(prod, "Transpose") and not graph.is_constant(w):
+        if prod is not None and is_onnx_op(prod, "Transpose") and not graph.is_constant(w):
             perm = prod.attrs.get("perm")
             if perm is not None and list(perm) != [1, 0]:
                 return f"the weight is Transpose(perm={list(perm)}) of a constant, not a 2-D transpose"
@@ -288,6 +288,8 @@ class QuantizeWeights(Pass):
         if not candidates:
             return None
         values = graph.const_value(table)  # E [V, H]; a tied projection's W [H, V] is E^T (an exporter's copy of it)
+        if values is None:
+            return None
         for b in candidates:
             w = graph.const_value(b.source)
             if w is not None and np.array_equal(w if b.transposed else w.T, values):
