@@ -8,11 +8,12 @@ runs on ONNX Runtime's CPU provider over the calibration token rows (chunks as w
 from position 0, every cache carried from one step to the next as the runtime carries it), and every
 step's inputs are a calibration sample, so the cache inputs are calibrated on real keys and values.
 
-Types: activations uint16 (asymmetric); weights int8, symmetric, per output channel (MatMul weights per
+Types: activations uint16, symmetric (zero point 32768); weights int8, symmetric, per output channel (MatMul weights per
 tensor: QNN has no per-channel MatMul), except LayerNorm's scale and bias, uint8 per tensor (the HTP rejects
 a 16-bit LayerNorm with int8 symmetric or per-channel weights: QNN validation error 3110). Per-tensor uint8
 weights on every linear layer crashed the x86 HTP simulator (a segmentation fault) in a 32-token prefill
-graph's attention output projection; per-channel int8 runs. The graph keeps float inputs and
+graph's attention output projection; per-channel int8 runs. Asymmetric uint16 activations crashed it too in
+tiny-llama's prefill graph (the first residual Add); symmetric ones run. The graph keeps float inputs and
 outputs: a QuantizeLinear after each input and a DequantizeLinear before each output, which run on the HTP
 (the session's ``offload_graph_io_quantization`` is 0, :mod:`qgraph.targets.qnn`), so the runtime and
 its retained caches are those of a float graph.
@@ -110,8 +111,8 @@ def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
     # LayerNorm's scale and bias per tensor in uint8 (see the module docstring); every other weight int8 per channel.
     norms = {n.input[i]: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for n in model.graph.node
              if n.op_type == "LayerNormalization" for i in (1, 2) if len(n.input) > i and n.input[i]}  # fmt: skip
-    config = get_qnn_qdq_config(model, Steps(), activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8, per_channel=True,
-                                init_overrides=norms)  # fmt: skip
+    config = get_qnn_qdq_config(model, Steps(), activation_type=QuantType.QUInt16, activation_symmetric=True,
+                                weight_type=QuantType.QInt8, per_channel=True, init_overrides=norms)  # fmt: skip
     config.use_external_data_format = True
     quantize(model, str(out), config)
     for p in (pre, pre.with_name(pre.name + ".data")):
