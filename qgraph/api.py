@@ -276,9 +276,26 @@ class AutoModelForCausalLM:
                 f"ctx_len {ctx_len} is longer than the model's sliding attention window {window}: qgraph's cache keeps every position, "
                 f"so it cannot drop the ones that fall out of the window; use --ctx-len {window} or less"
             )
+        calibration = target_options.get("calibration")
+        if calibration is not None and (target, quantize) != ("qnn", "w8a16"):
+            raise OptionError("calibration prompts are for --target qnn --quantize w8a16 (the other modes need none); drop them")
+        if (target, quantize) == ("qnn", "w8a16"):
+            target_options = {**target_options, "calibration": self._calibration_ids(calibration)}
         return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
                                target=impl, max_positions=self.spec.max_positions, quantize=quantize,
                                quant_block_size=quant_block_size)  # fmt: skip
+
+    def _calibration_ids(self, calibration: Sequence[Any] | None) -> list[list[int]]:
+        """w8a16's calibration rows as token ids: text prompts (None: the built-in set) through the model's tokenizer."""
+        from qgraph.targets.qnn_quant import CALIBRATION_PROMPTS
+
+        rows = list(CALIBRATION_PROMPTS if calibration is None else calibration)
+        if not rows or not all(isinstance(r, str) for r in rows):
+            return rows  # token ids, or something the qnn target refuses in one line
+        from qgraph.frontend.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(self.source, trust_remote_code=self.trust_remote_code)
+        return check_token_ids([tokenizer(r)["input_ids"] for r in rows if r.strip()], self.spec.vocab_size)
 
     def compile(
         self,

@@ -125,10 +125,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_prompts(path: Path | None) -> list[str] | None:
+    """The prompts of a --calibration file, one per non-blank line."""
+    if path is None:
+        return None
+    from qgraph.devtools.perplexity import read_text
+
+    return [line for line in read_text(path, "--calibration").splitlines() if line.strip()]
+
+
 def _target_options(args: argparse.Namespace) -> dict[str, object]:
     opts: dict[str, object] = {}
     if args.target == "qnn":
-        opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None}
+        opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None,
+                "calibration": _calibration_prompts(args.calibration)}  # fmt: skip
     elif args.target == "qaic":
         opts = {"aic_hw_version": args.aic_hw_version, "num_cores": args.num_cores, "mxfp6_matmul": args.mxfp6_matmul or None,
                 "kv_dtype": args.kv_dtype}  # fmt: skip
@@ -230,6 +240,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from qgraph.devtools.perplexity import measure_perplexity
+
+    report = measure_perplexity(args.model, args.text, target=args.target, quantize=args.quantize, quant_block_size=args.quant_block_size,
+                                ctx_len=args.ctx_len, stride=args.stride, max_tokens=args.max_tokens,
+                                target_options=_target_options(args), progress=_progress)  # fmt: skip
+    print(json.dumps(report.to_dict()) if args.json else report.table(), file=args.out)
+    return 0
+
+
 def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> None:
     """The options of ``targets`` only: a command lists (and takes) no option of a target it cannot build."""
     g = p.add_argument_group("target options")
@@ -239,6 +259,8 @@ def _add_target_options(p: argparse.ArgumentParser, targets: Sequence[str]) -> N
         g.add_argument("--soc-model", type=int, default=None, help="qnn: HTP SoC model (default works on x86: 60)")
         g.add_argument("--fp16", action="store_true", help="qnn: run in fp16")
         g.add_argument("--allow-cpu-fallback", action="store_true", help="qnn: let nodes QNN rejects run on the CPU")
+        g.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                       help="qnn --quantize w8a16: calibration prompts, one per line (default: a built-in set)")  # fmt: skip
     if "qaic" in targets:
         g.add_argument("--aic-hw-version", default=None, help="qaic: -aic-hw-version (default 2.0)")
         g.add_argument("--num-cores", type=int, default=None, help="qaic: -aic-num-cores (default 16)")
@@ -345,6 +367,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON object instead of the table")
     p.add_argument("--plot", type=Path, default=None, help="save a bar chart (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "perplexity",
+        parents=[common],
+        help="perplexity of a text, and top-1 agreement of a quantized model with the unquantized one",
+        description="Teacher-forced perplexity of the text of --text FILE on the model compiled for --target, and with --quantize "
+        "how often its top-1 prediction is that of the same model and target without quantization (compiled and scored too). "
+        "A text longer than ctx_len is scored in windows of ctx_len tokens that start every --stride tokens, each from an "
+        "empty cache; a window scores only the tokens the previous one did not (Hugging Face's sliding-window recipe), so "
+        "every token but the first is scored once, with at least ctx_len - stride tokens of context after the first window.",
+    )
+    p.add_argument("--model", default="tiny-gpt2", help="hub id, local Hugging Face folder, or tiny-gpt2 (default)")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file, tokenized whole with the model's tokenizer")
+    p.add_argument("--target", choices=("cpu", "qnn"), default="cpu")
+    p.add_argument("--ctx-len", type=int, default=None, help="window length: " + CTX_HELP)
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default ctx_len / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens (the HTP simulator is slow)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quantize_options(p)
+    _add_target_options(p, ("cpu", "qnn"))
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("inspect", parents=[common], help="show an ONNX file's inputs, outputs, opsets, ops and weight size")
     p.add_argument("file", type=Path)

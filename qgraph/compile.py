@@ -158,7 +158,7 @@ def compile_artifact(
             reports[spec.name] = report.to_dict()
             chunked = chunked or PREFILL_CHUNKS_CONSECUTIVE in report.facts
             _say(progress, f"compiling {spec.name} for {target}")
-            impl.compile_spec(g, tmp, spec, dict(opts.target_options), dry_run=dry_run)
+            impl.compile_spec(g, tmp, spec, dict(opts.target_options), dry_run=dry_run, quantize=opts.quantize)
         extra = impl.finish(tmp, base, specs, dict(opts.target_options), dry_run=dry_run, progress=progress) or {}
         if not impl.keeps_base:
             remove_model_files(base)

@@ -334,3 +334,20 @@ def hf_greedy(model: Any, prompt: list[int], n: int, *, distinct: int = 0) -> li
     tokens = out[0, len(prompt) :].tolist()
     assert len(set(tokens)) >= distinct, f"the reference {tokens} has fewer than {distinct} distinct tokens: it cannot see a cache bug"
     return tokens
+
+
+def hf_window_scores(model: Any, ids: list[int], wins: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Hugging Face's negative log-likelihood (float64) and top-1 prediction of every scored target of ``wins``
+    (``qgraph.runtime.perplexity.windows``): one forward per window over its tokens, from position 0."""
+    import torch
+
+    nll: list[np.ndarray] = []
+    top: list[np.ndarray] = []
+    for w in wins:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[w.begin : w.end]])).logits[0].double()
+        rows = logits[w.scored - 1 - w.begin : w.end - 1 - w.begin]  # row t - 1 predicts target t
+        targets = torch.tensor(ids[w.scored : w.end])
+        nll.append((-torch.log_softmax(rows, -1)[torch.arange(len(targets)), targets]).numpy())
+        top.append(rows.argmax(-1).numpy())
+    return np.concatenate(nll), np.concatenate(top)

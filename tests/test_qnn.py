@@ -371,7 +371,8 @@ def test_missing_onnxruntime_qnn_is_a_typed_error(monkeypatch: pytest.MonkeyPatc
 
 def test_provider_options() -> None:
     opts = qnn.provider_options()
-    assert opts == {"backend_type": "htp", "soc_model": str(qnn.DEFAULT_SOC_MODEL), "enable_htp_fp16_precision": "0"}
+    assert opts == {"backend_type": "htp", "soc_model": str(qnn.DEFAULT_SOC_MODEL), "enable_htp_fp16_precision": "0",
+                    "offload_graph_io_quantization": "0"}  # fmt: skip
     opts = qnn.provider_options(69, fp16=True, extra={"htp_performance_mode": "burst", "vtcm_mb": 8})
     assert opts["soc_model"] == "69" and opts["enable_htp_fp16_precision"] == "1" and opts["vtcm_mb"] == "8"
 

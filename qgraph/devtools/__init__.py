@@ -1,1 +1,1 @@
-"""Support code of the developer tools: the pass debugger, the benchmark, golden-graph files."""
+"""Support code of the developer tools: the pass debugger, the benchmark, the perplexity measure, golden-graph files."""

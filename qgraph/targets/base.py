@@ -52,7 +52,10 @@ class Target:
             raise TargetError(f"unknown option(s) {unknown} for target {self.name}; it takes {sorted(self.defaults)}")
         return {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
 
-    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool,
+                     quantize: str | None = None) -> None:  # fmt: skip
+        """Build ``spec`` from its pinned ``graph`` into ``out_dir``; ``quantize``: a mode the target quantizes itself
+        (qnn's w8a16; the weight-only modes are a pass, already run)."""
         raise NotImplementedError
 
     def finish(self, out_dir: Path, base: Path, specs: list[Specialization], options: dict[str, Any], *, dry_run: bool,

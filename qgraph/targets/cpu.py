@@ -46,7 +46,8 @@ class CpuTarget(Target):
             so.intra_op_num_threads = int(threads)
         return so
 
-    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool,
+                     quantize: str | None = None) -> None:  # fmt: skip
         import onnxruntime as ort
 
         src = out_dir / f"{spec.name}.src.onnx"

@@ -116,7 +116,8 @@ class QaicTarget(Target):
             raise TargetError(f"num_cores must be 1..16 (a Cloud AI 100 card has 16), not {opts['num_cores']}")
         return opts
 
-    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool,
+                     quantize: str | None = None) -> None:  # fmt: skip
         # qaic-exec specializes one symbolic graph itself; pinning here proved each specialization is static.
         spec.file = "model.onnx"
 

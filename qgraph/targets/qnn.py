@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qgraph.errors import MissingDependencyError, PlacementError, StaticShapeError
+from qgraph.errors import CompileError, MissingDependencyError, PlacementError, StaticShapeError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
 from qgraph.targets.base import Target
+from qgraph.targets.qnn_quant import check_calibration, quantize_w8a16
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -141,6 +142,9 @@ def provider_options(soc_model: int = DEFAULT_SOC_MODEL, fp16: bool = False, ext
         "backend_type": "htp",
         "soc_model": str(int(soc_model)),
         "enable_htp_fp16_precision": "1" if fp16 else "0",
+        # A QDQ graph's QuantizeLinear after each float input and DequantizeLinear before each output run on the
+        # HTP too (the EP leaves them to the CPU by default); a float graph has none.
+        "offload_graph_io_quantization": "0",
     }
     opts.update({str(k): str(v) for k, v in (extra or {}).items()})
     return opts
@@ -299,7 +303,8 @@ class QnnTarget(Target):
 
     name = "qnn"
     inplace_kv = False
-    defaults: dict[str, Any] = {"soc_model": None, "fp16": False, "allow_cpu_fallback": False}
+    #: ``calibration``: token-id rows that ``--quantize w8a16`` calibrates on (:mod:`qgraph.targets.qnn_quant`).
+    defaults: dict[str, Any] = {"soc_model": None, "fp16": False, "allow_cpu_fallback": False, "calibration": None}
     slots = {
         # The few ops the HTP was measured to reject, rewritten into ones it takes (passes/legalize_qnn.py).
         "legalize": ("legalize-qnn",),
@@ -309,15 +314,26 @@ class QnnTarget(Target):
         opts = super().check_options(options)
         if opts["soc_model"] is None:
             opts["soc_model"] = DEFAULT_SOC_MODEL
+        if opts["calibration"] is not None:
+            opts["calibration"] = check_calibration(opts["calibration"])
         return opts
 
-    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool) -> None:
+    def compile_spec(self, graph: Graph, out_dir: Path, spec: Specialization, options: dict[str, Any], *, dry_run: bool,
+                     quantize: str | None = None) -> None:  # fmt: skip
         src = out_dir / f"{spec.name}.src.onnx"
         graph.save(src, external=True)
         ctx = out_dir / f"{spec.name}.onnx"
-        compile_context(src, ctx, soc_model=int(options["soc_model"]), fp16=bool(options["fp16"]),
+        built = src
+        if quantize == "w8a16":
+            if not options["calibration"]:
+                raise CompileError("--quantize w8a16 calibrates on token ids and none were given: compile through qgraph generate or "
+                                   "perplexity (built-in prompts, or --calibration FILE) or the API (calibration=[[ids...]])")  # fmt: skip
+            built = out_dir / f"{spec.name}.qdq.onnx"
+            quantize_w8a16(src, built, options["calibration"])
+        compile_context(built, ctx, soc_model=int(options["soc_model"]), fp16=bool(options["fp16"]),
                             allow_cpu_fallback=bool(options["allow_cpu_fallback"]))  # fmt: skip
-        remove_model_files(src)
+        for path in {src, built}:
+            remove_model_files(path)
         spec.file = ctx.name
         spec.extra_files = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(spec.name) and p.name != ctx.name)
 

@@ -1,0 +1,126 @@
+"""``--target qnn --quantize w8a16``: a QDQ graph with 8-bit weights and 16-bit activations for the HTP.
+
+ONNX Runtime's QNN quantization tools do the work (``onnxruntime.quantization``): ``qnn_preprocess_model``
+(fusions the HTP wants), ``get_qnn_qdq_config`` (the overrides QNN needs: types per op, LayerNorm and MatMul
+weights in the weight type) and ``quantize``, static MinMax calibration. What qgraph adds is the calibration
+data: each specialization is calibrated on the steps it will run. The float graph of that specialization
+runs on ONNX Runtime's CPU provider over the calibration token rows (chunks as wide as its ``input_ids``,
+from position 0, every cache carried from one step to the next as the runtime carries it), and every
+step's inputs are a calibration sample, so the cache inputs are calibrated on real keys and values.
+
+Types: activations uint16, symmetric (zero point 32768); weights int8, symmetric, per output channel (MatMul weights per
+tensor: QNN has no per-channel MatMul), except LayerNorm's scale and bias, uint8 per tensor (the HTP rejects
+a 16-bit LayerNorm with int8 symmetric or per-channel weights: QNN validation error 3110). Per-tensor uint8
+weights on every linear layer crashed the x86 HTP simulator (a segmentation fault) in a 32-token prefill
+graph's attention output projection; per-channel int8 runs. Asymmetric uint16 activations crashed it too in
+tiny-llama's prefill graph (the first residual Add); symmetric ones run. The graph keeps float inputs and
+outputs: a QuantizeLinear after each input and a DequantizeLinear before each output, which run on the HTP
+(the session's ``offload_graph_io_quantization`` is 0, :mod:`qgraph.targets.qnn`), so the runtime and
+its retained caches are those of a float graph.
+
+The calibration rows are token ids: the API tokenizes the user's prompts (``--calibration FILE``, one per
+line) or :data:`CALIBRATION_PROMPTS` with the model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.errors import CompileError
+from qgraph.ir.contract import RETAINED_SUFFIX, pad_chunk
+
+log = logging.getLogger(__name__)
+
+#: The built-in calibration set: short everyday English (greetings, small talk, plans, food, weather), the
+#: register of the bundled models, with digits and punctuation so that their embeddings are seen too.
+CALIBRATION_PROMPTS: tuple[str, ...] = (
+    "Hi there!! How are you today? I am fine, thank you. What did you do this morning?",
+    "Hello! My name is Anna. It is nice to meet you. Do you want to go to the park with me after lunch?",
+    "The weather is cold and rainy today, so we stayed at home, read a book and made a cake for dinner.",
+    "Yesterday I went to the market with my brother. We bought apples, bread, cheese and 12 eggs.",
+    "Good morning! I drink a cup of tea every morning. My favorite color is blue. See you later!",
+    "Once upon a time, a small bird lived in a tall tree next to an old bridge. Every day it sang a song.",
+    "Can you help me find my red umbrella? Of course, let us look together. It is on the chair by the door.",
+    "The train leaves at 8:30 on Saturday. Tomorrow we will visit the museum, then eat pizza in the square.",
+)
+
+
+def check_calibration(rows: Any) -> list[list[int]]:
+    """Rule: calibration is token ids, one or more non-empty rows of integers >= 0 (the API tokenizes prompts)."""
+    ok = isinstance(rows, (list, tuple)) and len(rows) > 0
+    ok = ok and all(isinstance(r, (list, tuple)) and r and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in r)
+                    for r in rows)  # fmt: skip
+    if not ok:
+        raise CompileError("qnn's calibration is token ids: one or more non-empty rows of integers >= 0 "
+                           "(text prompts are tokenized by qgraph generate/perplexity --calibration FILE, or the API)")  # fmt: skip
+    return [list(r) for r in rows]
+
+
+def calibration_steps(model_path: Path, rows: Sequence[Sequence[int]]) -> Iterator[dict[str, np.ndarray]]:
+    """The inputs of every step the float graph at ``model_path`` makes over ``rows`` (made lazily, one step at a time)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    batch, width = (int(d) for d in inputs["input_ids"].shape)
+    names = [n for n in inputs if n.startswith(("past_key.", "past_value."))]
+    shape = tuple(int(d) for d in inputs[names[0]].shape)
+    dtype = np.float16 if inputs[names[0]].type == "tensor(float16)" else np.float32
+    ctx_len = shape[2]
+    outputs = [n + RETAINED_SUFFIX for n in names]
+    for row in rows:
+        cache = {n: np.zeros(shape, dtype) for n in names}
+        # Whole chunks that fit the cache, as the runtime feeds them (a chunk's first position + width <= ctx_len).
+        for start in range(0, min(len(row), ctx_len - width + 1), width):
+            ids, pos = pad_chunk([row[start : start + width]] + [[]] * (batch - 1), [start] * batch, width)
+            feeds = {"input_ids": ids, "position_ids": pos, **cache}
+            yield feeds
+            cache = dict(zip(names, sess.run(outputs, feeds), strict=True))
+
+
+def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
+    """Write the QDQ model of the float model ``src`` to ``out`` (weights in ``out``'s external data); returns the samples."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    pre = out.with_name(out.stem + ".pre.onnx")
+    made = qnn_preprocess_model(
+        str(src), str(pre), save_as_external_data=True, all_tensors_to_one_file=True, external_data_location=pre.name + ".data"
+    )
+    model_path = pre if made else src
+    counted = [0]
+
+    class Steps(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.steps = calibration_steps(model_path, rows)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            step = next(self.steps, None)
+            counted[0] += step is not None
+            return step
+
+    model = onnx.load(str(model_path))
+    # LayerNorm's scale and bias per tensor in uint8 (see the module docstring); every other weight int8 per channel.
+    norms = {n.input[i]: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for n in model.graph.node
+             if n.op_type == "LayerNormalization" for i in (1, 2) if len(n.input) > i and n.input[i]}  # fmt: skip
+    config = get_qnn_qdq_config(model, Steps(), activation_type=QuantType.QUInt16, activation_symmetric=True,
+                                weight_type=QuantType.QInt8, per_channel=True, init_overrides=norms)  # fmt: skip
+    config.use_external_data_format = True
+    quantize(model, str(out), config)
+    for p in (pre, pre.with_name(pre.name + ".data")):
+        p.unlink(missing_ok=True)
+    if counted[0] == 0:
+        raise CompileError(f"no calibration step fits {src.name}: every calibration row is empty; give longer prompts")
+    log.info("quantized %s to w8a16 (QDQ) on %d calibration steps", src.name, counted[0])
+    return counted[0]
+
+
+__all__ = ["CALIBRATION_PROMPTS", "calibration_steps", "check_calibration", "quantize_w8a16"]
