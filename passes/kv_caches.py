@@ -146,3 +146,44 @@ def why_no_cache(graph: Graph) -> str:
             "steps; export the model with its cache (qgraph export)"
         )
     return "no graph input is concatenated into a graph output along the sequence axis (no growing KV cache)"
+
+
+# Integer ops through which an export computes shapes from a cache's length (``past_len + seq_len``, ...).
+SHAPE_MATH_OPS = frozenset(
+    {"Squeeze", "Unsqueeze", "Add", "Sub", "Mul", "Div", "Max", "Min", "Concat", "Reshape", "Cast", "Gather", "Slice", "Identity"}
+)
+
+
+def layout_nodes(t: Tensor, stop: Node) -> list[Node]:
+    """The layout ops between ``t`` (a cache) and ``stop``, the attention node that reads it (e.g. GQA's
+    repeat of the KV heads: Unsqueeze, Expand, Reshape)."""
+    found: list[Node] = []
+    frontier, seen = [t], set()
+    while frontier:
+        x = frontier.pop(0)
+        for node in x.outputs:
+            if node is stop or id(node) in seen or node.op not in LAYOUT_OPS or node.inputs[0] is not x:
+                continue
+            seen.add(id(node))
+            found.append(node)
+            frontier.append(node.outputs[0])
+    return found
+
+
+def only_shapes_of(t: Tensor, targets: set[int], live: set[int]) -> bool:
+    """True if every live use of ``t`` (a number computed from a shape) ends, through integer shape math, as the
+    shape input (not the data) of one of the nodes whose ids are ``targets``."""
+    frontier, seen = [t], set()
+    while frontier:
+        x = frontier.pop()
+        for node in x.outputs:
+            if id(node) not in live:
+                continue
+            if id(node) in targets and node.inputs[0] is not x:
+                continue
+            if node.op not in SHAPE_MATH_OPS or id(node) in targets:
+                return False
+            if id(node) not in seen:
+                seen.add(id(node))
+                frontier.extend(node.outputs)
+    return True

@@ -29,7 +29,11 @@ input that reaches (through Identity or one-input Concat) a two-input Concat
 along the sequence axis whose result is a graph output. Keys and values are
 told apart by where they go: keys feed the MatMul whose scores reach a Softmax
 (or an ``Attention``'s input K); values feed the MatMul that reads that
-Softmax's probabilities (or its input V). An ``Attention`` that takes its own
+Softmax's probabilities (or its input V). Grouped KV heads keep their repeat
+(Unsqueeze, Expand, Reshape) after the cache, which holds ``num_kv_heads``;
+the shapes an export computes for it from the cache's length
+(``past_len + seq_len``) are given ``ctx_len - seq_len`` for ``past_len``, and
+any other use of that length is refused. An ``Attention`` that takes its own
 past, ``nonpad_kv_seqlen``, 3-D inputs or a constant mask, or whose present or
 scores outputs are used, is refused with the reason.
 
@@ -55,6 +59,8 @@ from passes.kv_caches import (
     first_reader,
     is_passthrough,
     is_retained,
+    layout_nodes,
+    only_shapes_of,
     softmax_after,
     softmax_before,
     why_no_cache,
@@ -141,7 +147,8 @@ class RetainKvCache(Pass):
         logits = self._last_position_logits(graph, layers, shared)
         # The contract's IO order: ids, positions, then the caches by layer.
         graph.gs.outputs = [logits] + [c.retained for pair in layers for c in pair]  # type: ignore[attr-defined]
-        self._check_cache_length_unused(graph, layers)
+        redirected = self._redirect_cache_lengths(graph, layers, shared["seq"])
+        self._check_cache_length_unused(graph, layers, redirected)
         new_inputs = ([ids] if ids is not None else []) + [pos]
         new_inputs += [c.past for pair in layers for c in pair]
         dropped = [t for t in graph.inputs if not any(t is n for n in new_inputs)]
@@ -268,7 +275,7 @@ class RetainKvCache(Pass):
         parts = [self._node(graph, "Expand", [x, full], **n) for x in (b_idx, h_idx, t_idx)]
         indices = self._node(graph, "Concat", parts, {"axis": -1}, **n)
         is_last = self._node(graph, "Equal", [pos, maxpos], **n)
-        return {"mask": mask, "indices": indices, "src": self._unsqueeze(graph, src, [1, 3], **n), "is_last": is_last}
+        return {"mask": mask, "indices": indices, "seq": seq, "src": self._unsqueeze(graph, src, [1, 3], **n), "is_last": is_last}
 
     def _retain(self, graph: Graph, c: Cache, shared: dict[str, Tensor]) -> None:
         # retained = ScatterND(past, indices, new[with padding rows copied from the last valid token])
@@ -321,7 +328,42 @@ class RetainKvCache(Pass):
                 removed += 1
         return removed
 
-    def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[Cache, Cache]]) -> None:
+    def _redirect_cache_lengths(self, graph: Graph, layers: list[tuple[Cache, Cache]], seq: Tensor) -> set[int]:
+        """Shapes an export computes from the growing cache's length (``past_len + seq_len``, e.g. dynamo's for GQA's
+        repeat of the KV heads after the cache) now describe the retained cache: ``past_len`` becomes
+        ``ctx_len - seq_len``, used only as the shape input of the layout ops between a cache and its attention.
+        Returns the ids of the Shape nodes it adds, which read the retained cache's length, ctx_len."""
+        added: set[int] = set()
+        live = _live_nodes(graph)
+        repeat = {id(n) for pair in layers for c in pair for n in layout_nodes(c.retained, c.matmul)}  # type: ignore[attr-defined]
+        for pair in layers:
+            for c in pair:
+                rank = len(c.past.shape or [])
+                chain = [c.past]
+                for t in chain:
+                    for node in list(t.outputs):
+                        if is_passthrough(node):
+                            chain.append(node.outputs[0])
+                            continue
+                        dims = _dims_read(graph, node, rank)
+                        if node.op != "Shape" or id(node) not in live or rank != 4 or dims is None or 2 not in dims:
+                            continue
+                        if not only_shapes_of(node.outputs[0], repeat, live):
+                            continue  # _check_cache_length_unused names it
+                        # past_len -> ctx_len - seq_len (the step's length): past_len + seq_len is the retained length
+                        at = dict(before=node)
+                        full = self._node(graph, "Shape", [c.past], **at)
+                        added.add(id(full.inputs[0]))
+                        step = self._node(graph, "Mul", [seq, self._const(graph, [0, 0, 1, 0], np.int64)], **at)  # [0, 0, seq_len, 0]
+                        length = self._node(graph, "Sub", [full, step], **at)
+                        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+                        if start != 0 or end is not None:
+                            bounds = [self._const(graph, [v], np.int64) for v in (start, rank if end is None else int(end))]
+                            length = self._node(graph, "Slice", [length, *bounds], **at)
+                        graph.replace_uses(node.outputs[0], length)
+        return added
+
+    def _check_cache_length_unused(self, graph: Graph, layers: list[tuple[Cache, Cache]], redirected: set[int]) -> None:
         """Nothing live may still read the old cache (e.g. its length, which is ctx_len now)."""
         live = _live_nodes(graph)
         for pair in layers:
@@ -331,7 +373,12 @@ class RetainKvCache(Pass):
                     for node in t.outputs:
                         if is_passthrough(node):
                             chain.append(node.outputs[0])
-                        elif id(node) in live and node.op != "ScatterND" and 2 in (_dims_read(graph, node, 4) or {2}):
+                        elif (
+                            id(node) in live
+                            and id(node) not in redirected
+                            and node.op != "ScatterND"
+                            and 2 in (_dims_read(graph, node, 4) or {2})
+                        ):
                             raise RewriteError(
                                 f"'{node.name}' ({node.op}) still reads the growing cache '{c.past.name}' after the rewrite; "
                                 "retain-kv-cache cannot tell what it computes"

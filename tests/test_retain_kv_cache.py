@@ -103,6 +103,63 @@ def test_before_file_is_valid() -> None:
     _toy().check()
 
 
+# -- grouped KV heads: dynamo's repeat of the KV heads after the cache, its shapes computed from past_len + seq_len
+
+
+def _toy_gqa(text: str | None = None) -> Graph:
+    return Graph.parse(text or (CASES / "toy_gqa.before.onnxtxt").read_text())
+
+
+@pytest.fixture(scope="module")
+def retained_gqa() -> Graph:
+    graph = run_pass(RetainKvCache(ctx_len=CTX), _toy_gqa()).graph
+    graph.check()
+    return graph
+
+
+def test_gqa_golden_keeps_the_repeat_after_a_cache_of_kv_heads(retained_gqa: Graph, golden) -> None:
+    golden.check(retained_gqa, "retain-kv-cache/toy_gqa.after.onnxtxt")
+    assert [t.name for t in retained_gqa.inputs] == ["input_ids", "position_ids", "past_key.0", "past_value.0"]
+    assert list(retained_gqa.inputs[2].shape) == ["batch", 1, CTX, 2]  # one KV head; the query has two
+    g = retained_gqa
+    repeats = [n for n in g.nodes_by_op("Unsqueeze") if (p := g.producer(n.inputs[0])) is not None and p.op == "ScatterND"]
+    assert len(repeats) == 2 and all(g.consumers(n.outputs[0])[0].op == "Expand" for n in repeats)  # the repeat reads the retained cache
+
+
+@pytest.mark.parametrize("steps", [[5], [2, 3]], ids=["decode", "chunks"])
+def test_gqa_steps_match_the_raw_graph_whatever_the_unused_slots_hold(retained_gqa: Graph, steps: list[int]) -> None:
+    raw, ret = session(_toy_gqa()), session(retained_gqa)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 3, (2, sum(steps) + 1))
+    past = {n: np.zeros((2, 1, 0, 2), np.float32) for n in ("past_key.0", "past_value.0")}
+    cache = {n: rng.standard_normal((2, 1, CTX, 2)).astype(np.float32) * 100 for n in past}  # garbage
+    start = 0
+    for n in [*steps, 1]:
+        chunk, pos = ids[:, start : start + n], np.tile(np.arange(start, start + n), (2, 1))
+        mask = np.ones((2, start + n), np.int64)
+        ref = raw.run(None, {"input_ids": chunk, "attention_mask": mask, "position_ids": pos, **past})
+        out = ret.run(None, {"input_ids": chunk, "position_ids": pos, **cache})
+        np.testing.assert_allclose(out[0][:, 0], ref[0][:, -1], atol=1e-5)
+        np.testing.assert_array_equal(out[1][:, :, : start + n], ref[1])
+        past, cache = dict(zip(past, ref[1:])), dict(zip(cache, out[1:]))
+        start += n
+
+
+def test_gqa_is_idempotent(retained_gqa: Graph) -> None:
+    p = RetainKvCache(ctx_len=CTX)
+    assert p.run(retained_gqa).modified is False and p.declined == []
+
+
+def test_a_cache_length_used_for_more_than_the_repeat_shapes_is_refused() -> None:
+    # Positions computed from the cache's length (an export without position_ids would): past_len is not ctx_len - seq_len.
+    text = (CASES / "toy_gqa.before.onnxtxt").read_text()
+    text = text.replace(
+        "pe = Gather (wpe, position_ids)", "r = Range (zero, seq, one)\n    where = Add (r, past_len)\n    pe = Gather (wpe, where)"
+    )
+    with pytest.raises(RewriteError, match=r"still reads the growing cache 'past_key.0'"):
+        RetainKvCache(ctx_len=CTX).run(_toy_gqa(text))
+
+
 # -- the standard ONNX Attention op (opset 23; dynamo's export at --opset 23 and 24)
 
 
