@@ -23,6 +23,7 @@ from passes.fuse_rms_norm import FuseRmsNorm
 from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pin_static_shapes import PinStaticShapes
+from passes.quantize_weights import QuantizeWeights
 from passes.retain_kv_cache import RetainKvCache
 from passes.simplify_shapes import SimplifyShapes
 from qgraph.pipeline.manager import Pass
@@ -44,6 +45,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         SimplifyShapes,
         FuseSkipLayerNorm,
         FuseDecodeAttention,
+        QuantizeWeights,
     )
 }
 
@@ -60,6 +62,7 @@ __all__ = [
     "FuseSkipLayerNorm",
     "LegalizeQnn",
     "PinStaticShapes",
+    "QuantizeWeights",
     "RetainKvCache",
     "SimplifyShapes",
 ]

@@ -259,10 +259,13 @@ class AutoModelForCausalLM:
         prefill_seq_len: int | None = None,
         ctx_len: int | None = None,
         batch_size: int | None = None,
+        quantize: str | None = None,
+        quant_block_size: int | None = None,
         **target_options: Any,
     ) -> Options:
         """The compile options asked for (None: the default), resolved against this model and checked;
-        nothing slow runs (the config is read, nothing is exported)."""
+        nothing slow runs (the config is read, nothing is exported). ``quantize``: "int8" or "int4" (cpu,
+        weight-only, ``quant_block_size`` weights per block, default 32), "w8a16" (qnn)."""
         from qgraph.targets import get_target
 
         impl = get_target(target)
@@ -273,7 +276,8 @@ class AutoModelForCausalLM:
                 f"so it cannot drop the ones that fall out of the window; use --ctx-len {window} or less"
             )
         return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
-                               target=impl, max_positions=self.spec.max_positions)  # fmt: skip
+                               target=impl, max_positions=self.spec.max_positions, quantize=quantize,
+                               quant_block_size=quant_block_size)  # fmt: skip
 
     def compile(
         self,
@@ -285,10 +289,13 @@ class AutoModelForCausalLM:
         artifacts: str | Path | None = None,
         dry_run: bool = False,
         options: Options | None = None,
+        quantize: str | None = None,
+        quant_block_size: int | None = None,
         **target_options: Any,
     ) -> Path:
         """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory.
 
+        ``quantize``: weight-only "int8" or "int4" on cpu (see :meth:`options`); part of the cache key.
         ``options``: already resolved by :meth:`options` (then give no numbers or target options here).
         """
         from qgraph.compile import compile_artifact
@@ -296,13 +303,15 @@ class AutoModelForCausalLM:
         from qgraph.pipeline.stages import compile_pipeline
         from qgraph.targets import get_target
 
-        if options is not None and (target_options or {prefill_seq_len, ctx_len, batch_size} != {None}):
+        asked = {prefill_seq_len, ctx_len, batch_size, quantize, quant_block_size}
+        if options is not None and (target_options or asked != {None}):
             raise TypeError("compile() takes resolved options or the numbers and target options to resolve, not both")
         # Everything that can be checked before the (slow) export is: the options, and the order of every pass.
-        opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size, **target_options)
+        opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
+                                       quantize=quantize, quant_block_size=quant_block_size, **target_options)  # fmt: skip
         impl = get_target(target)
         impl.check_dry_run(dry_run)
-        rewrite, specialize = compile_pipeline(impl, rewrite=True)
+        rewrite, specialize = compile_pipeline(impl, rewrite=True, quantize=opts.weight_only)
         check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len))
         onnx_path = self.onnx_path or self.export()
         if artifacts is not None:

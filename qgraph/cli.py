@@ -30,6 +30,8 @@ from qgraph.pipeline.options import (
     DEFAULT_CTX_LEN,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_SEQ_LEN,
+    DEFAULT_QUANT_BLOCK_SIZE,
+    QUANTIZE_MODES,
     check_at_least_one,
     check_prompts,
     check_token_ids,
@@ -114,9 +116,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     check_pin(args.batch_size, args.seq_len)
     graph = Graph.load(args.input)
     _progress(f"loaded {args.input} ({graph.node_count()} nodes, weights {human_bytes(graph.weights_nbytes())})")
-    report = optimize(
-        graph, _pass_list(args.passes), ctx_len=args.ctx_len, batch_size=args.batch_size, seq_len=args.seq_len, check=args.check
-    )
+    report = optimize(graph, _pass_list(args.passes), ctx_len=args.ctx_len, batch_size=args.batch_size, seq_len=args.seq_len,
+                      check=args.check, quantize=args.quantize, quant_block_size=args.quant_block_size)  # fmt: skip
     out = graph.save(args.output)
     print(report.to_json() if args.json else report.table(), file=args.out)
     print(f"wrote {out} ({graph.node_count()} nodes)", file=sys.stderr if args.json else args.out)
@@ -139,7 +140,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from qgraph.compile import compile_model
 
     out = compile_model(args.input, args.target, args.output, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len,
-                        batch_size=args.batch_size, options=_target_options(args), dry_run=args.dry_run, progress=_progress)  # fmt: skip
+                        batch_size=args.batch_size, options=_target_options(args), dry_run=args.dry_run, progress=_progress,
+                        quantize=args.quantize, quant_block_size=args.quant_block_size)  # fmt: skip
     if args.target == "qaic":
         print((out / "qaic_compile.sh").read_text().split("\n", 2)[-1].strip(), file=args.out)
     print(f"wrote {out}", file=args.out)
@@ -168,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, progress=_progress)
     # A missing or unsupported model fails here too (its config is read), before any work.
     opts = model.options(args.target, prefill_seq_len=args.prefill_seq_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                         **_target_options(args))  # fmt: skip
+                         quantize=args.quantize, quant_block_size=args.quant_block_size, **_target_options(args))  # fmt: skip
     tokenizer = None
     ids = input_ids or []
     if args.prompt:
@@ -247,6 +249,13 @@ BATCH_HELP = f"rows run together (default {DEFAULT_BATCH_SIZE})"
 DTYPE_HELP = f"the model's weights, caches and logits (default {DEFAULT_DTYPE})"
 
 
+def _add_quantize_options(p: argparse.ArgumentParser, modes: Sequence[str] = QUANTIZE_MODES) -> None:
+    p.add_argument("--quantize", choices=modes, default=None,
+                   help="weight-only quantization: int8 or int4 (cpu: MatMulNBits, symmetric blocks), w8a16 (qnn: QDQ)")  # fmt: skip
+    p.add_argument("--quant-block-size", type=int, default=None,
+                   help=f"weights per quantization block (default {DEFAULT_QUANT_BLOCK_SIZE}; a power of two, 16 or more)")  # fmt: skip
+
+
 def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:
     p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logging")
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="log one line per pass")
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="comma-separated pass names (default: the default pipeline)")
     p.add_argument("--check", action="store_true", help="verify the graph after every pass")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_quantize_options(p)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("compile", parents=[common], help="compile an optimized graph (or a raw export) for a device")
@@ -287,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-len", type=int, default=None, help=CTX_HELP)
     p.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     p.add_argument("--dry-run", action="store_true", help="qaic only: write the compiler's inputs and print its command")
+    _add_quantize_options(p)
     _add_target_options(p, ("cpu", "qnn", "qaic"))
     p.set_defaults(func=cmd_compile)
 
@@ -306,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quantize_options(p)
     _add_target_options(p, ("cpu", "qnn"))
     p.set_defaults(func=cmd_generate)
 

@@ -101,11 +101,13 @@ def compile_model(
     options: dict[str, Any] | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    quant_block_size: int | None = None,
 ) -> Path:
     """Compile ``source`` for ``target`` into ``out_dir``; returns the directory.
 
-    The numbers are those asked for (None: the default) and ``options`` the
-    target's; they are resolved once against the graph (:meth:`Options.resolve`:
+    The numbers are those asked for (None: the default), ``options`` the
+    target's, ``quantize`` a weight-only mode (int8, int4) or None; they are resolved once against the graph (:meth:`Options.resolve`:
     its position table caps the default ctx_len, and an already retained
     graph's cache length is its default ctx_len).
     """
@@ -113,7 +115,8 @@ def compile_model(
     impl.check_dry_run(dry_run)  # before the graph is read
     graph = source if isinstance(source, Graph) else Graph.load(source)
     opts = Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=options, target=impl,
-                           max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph))  # fmt: skip
+                           max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph), quantize=quantize,
+                           quant_block_size=quant_block_size)  # fmt: skip
     return compile_artifact(graph, target, out_dir, opts, dry_run=dry_run, progress=progress)
 
 
@@ -129,7 +132,7 @@ def compile_artifact(
     cache_len = retained_cache_len(graph)
     if cache_len is not None:
         opts.check_cache_len(cache_len)
-    rewrite, specialize = compile_pipeline(impl, rewrite=KV_RETAINED not in facts)
+    rewrite, specialize = compile_pipeline(impl, rewrite=KV_RETAINED not in facts, quantize=opts.weight_only)
     # Every pass of the compile, in order, before any runs (a specialization's pin width does not change the order).
     check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len), facts)
     reports: dict[str, Any] = {}

@@ -82,5 +82,36 @@ def test_prompt_and_generate_rules() -> None:
 def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
     opts = Options.resolve(ctx_len=48, prefill_seq_len=8, batch_size=2, target_options={"threads": None}, target=get_target("cpu"))
     data = opts.to_dict()
-    assert set(data) == {"ctx_len", "prefill_seq_len", "batch_size", "target_options"}
+    assert set(data) == {"ctx_len", "prefill_seq_len", "batch_size", "target_options", "quantize", "quant_block_size"}
     assert Options.from_dict(data) == opts
+    quantized = Options.resolve(quantize="int4", quant_block_size=64, target=get_target("cpu"))
+    assert Options.from_dict(quantized.to_dict()) == quantized and quantized.weight_only
+    old = {k: v for k, v in data.items() if not k.startswith("quant")}  # a manifest from before quantization
+    assert Options.from_dict(old) == opts and opts.quantize is None
+
+
+@pytest.mark.parametrize(
+    ("asked", "target", "message"),
+    [
+        (dict(quantize="int3"), "cpu", "unknown --quantize 'int3'; use one of int8, int4, w8a16"),
+        (dict(quantize="w8a16"), "cpu", "--quantize w8a16 is for qnn, not --target cpu; use --quantize int8 or int4 there"),
+        (dict(quantize="w8a16"), None, "--quantize w8a16 is for qnn, not a graph without a target (qgraph optimize); use --quantize "
+                                       "int8 or int4 there"),
+        (dict(quantize="int4"), "qnn", "--quantize int4 is for optimize or cpu, not --target qnn; use --quantize w8a16 there"),
+        (dict(quantize="int8"), "qaic", "--quantize int8 is for optimize or cpu, not --target qaic; drop --quantize (qaic quantizes "
+                                        "with --mxfp6-matmul)"),
+        (dict(quantize="int4", quant_block_size=48), "cpu", "the quantization block size must be a power of two, at least 16, got 48"),
+        (dict(quant_block_size=8), None, "the quantization block size must be a power of two, at least 16, got 8"),
+    ],
+)  # fmt: skip
+def test_quantize_is_checked_against_the_target(asked: dict[str, object], target: str | None, message: str) -> None:
+    with pytest.raises(OptionError) as e:
+        Options.resolve(**asked, target=get_target(target) if target else None)  # type: ignore[arg-type]
+    assert message in str(e.value)
+
+
+def test_quantize_modes_each_target_takes() -> None:
+    assert Options.resolve(quantize="int8").weight_only  # qgraph optimize: no target
+    assert Options.resolve(quantize="int4", target=get_target("cpu")).quant_block_size == 32
+    w8a16 = Options.resolve(quantize="w8a16", target=get_target("qnn"))
+    assert w8a16.quantize == "w8a16" and not w8a16.weight_only  # QDQ for the NPU, not this pass's blocks

@@ -38,6 +38,9 @@ GELU_FUSED = "gelu_fused"
 #: The graph follows the retained-state contract (DESIGN.md): ctx_len caches written at position_ids, returned as ``*_RetainedState``.
 KV_RETAINED = "kv_retained"
 
+#: Linear layers, the vocabulary projection and the token embedding read int8/int4 blocks (quantize-weights, --quantize).
+WEIGHTS_QUANTIZED = "weights_quantized"
+
 # -- a specialization -------------------------------------------------------------------------------------
 #: Every graph input and output has a static shape: batch, sequence and cache lengths are numbers.
 STATIC_SHAPES = "static_shapes"
@@ -62,7 +65,7 @@ PREFILL_CHUNKS_CONSECUTIVE = "prefill_chunks_consecutive"
 
 #: Every fact name above.
 FACTS: frozenset[str] = frozenset({
-    TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, STATIC_SHAPES,
+    TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, WEIGHTS_QUANTIZED, STATIC_SHAPES,
     SHAPES_SIMPLIFIED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED, QNN_LEGAL,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip

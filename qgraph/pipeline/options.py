@@ -29,6 +29,15 @@ DEFAULT_PREFILL_SEQ_LEN = 32
 DEFAULT_BATCH_SIZE = 1
 #: Tokens generate() adds to each prompt when not asked.
 DEFAULT_MAX_NEW_TOKENS = 32
+#: Weight-only quantization modes (``--quantize``): int8/int4 MatMulNBits for cpu (or a target-free optimize);
+#: ``w8a16`` (QDQ: int8 weights, int16 activations) for qnn.
+QUANTIZE_MODES = ("int8", "int4", "w8a16")
+#: The modes the quantize-weights pass makes (weight-only blocks, ONNX Runtime's MatMulNBits).
+WEIGHT_ONLY_MODES = ("int8", "int4")
+#: The targets (None: no target, ``qgraph optimize``) that take each quantization mode.
+QUANTIZE_TARGETS: dict[str, tuple[str | None, ...]] = {"int8": (None, "cpu"), "int4": (None, "cpu"), "w8a16": ("qnn",)}
+#: Weights per quantization block along the reduction axis when not asked (``--quant-block-size``).
+DEFAULT_QUANT_BLOCK_SIZE = 32
 
 #: How a message names each count, and the flag that sets it.
 _NAMED = {
@@ -42,6 +51,9 @@ _NAMED = {
 
 class ChecksOptions(Protocol):
     """A target, as far as its options go (``qgraph.targets.base.Target``)."""
+
+    @property
+    def name(self) -> str: ...
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -57,6 +69,23 @@ def check_pin(batch_size: int | None, seq_len: int | None) -> None:
     """Rule: pinning one graph (``optimize``, the pass debugger) takes both a batch size and a seq_len, or neither."""
     if (batch_size is None) != (seq_len is None):
         raise OptionError("give both --batch-size and --seq-len to pin shapes, or neither")
+
+
+def check_quantize(quantize: str | None, block_size: int, target: str | None) -> None:
+    """Rules: ``quantize`` is a known mode that ``target`` (None: a target-free optimize) takes; the block size is a
+    power of two, at least 16 (ONNX Runtime's MatMulNBits and GatherBlockQuantized take no other)."""
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise OptionError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
+        takes = QUANTIZE_TARGETS[quantize]
+        if target not in takes:
+            where = f"--target {target}" if target else "a graph without a target (qgraph optimize)"
+            fits = [m for m, ts in QUANTIZE_TARGETS.items() if target in ts]
+            instead = f"use --quantize {' or '.join(fits)} there" if fits else "drop --quantize (qaic quantizes with --mxfp6-matmul)"
+            raise OptionError(f"--quantize {quantize} is for {' or '.join(t or 'optimize' for t in takes)}, not {where}; {instead}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OptionError(f"the quantization block size must be a power of two, at least 16, got {block_size}; "
+                          f"pass --quant-block-size {DEFAULT_QUANT_BLOCK_SIZE} (the default) or 64, 128")  # fmt: skip
 
 
 def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
@@ -115,12 +144,21 @@ class Options:
     seq_len: int | None = None
     #: The target's options, its defaults filled in (``Target.check_options``).
     target_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Weight-only quantization (one of :data:`QUANTIZE_MODES`), or None for the model's own dtype.
+    quantize: str | None = None
+    #: Weights per quantization block along the reduction axis.
+    quant_block_size: int = DEFAULT_QUANT_BLOCK_SIZE
 
     @property
     def pinned(self) -> bool:
         """True if optimize pins the shapes (both a batch size and a seq_len)."""
         # batch_size is None where qgraph.devtools.debug builds the object itself and does not pin.
         return self.batch_size is not None and self.seq_len is not None
+
+    @property
+    def weight_only(self) -> bool:
+        """True if the quantize-weights pass runs (``quantize`` is int8 or int4)."""
+        return self.quantize in WEIGHT_ONLY_MODES
 
     @classmethod
     def resolve(
@@ -134,6 +172,8 @@ class Options:
         target: ChecksOptions | None = None,
         max_positions: int | None = None,
         cache_len: int | None = None,
+        quantize: str | None = None,
+        quant_block_size: int | None = None,
     ) -> Options:
         """The options asked for (None: the default), made whole against the model and checked once.
 
@@ -142,7 +182,7 @@ class Options:
         an asked value would be refused: the prefill length by ctx_len too).
         ``cache_len``: the cache length of a graph that is already retained,
         the default ctx_len.
-        ``target``: checks ``target_options`` and fills the target's defaults.
+        ``target``: checks ``target_options`` and fills the target's defaults; ``quantize`` is checked against it.
         Raises :class:`~qgraph.errors.OptionError` (or the target's error).
         """
         if ctx_len is None:
@@ -153,8 +193,11 @@ class Options:
             batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             seq_len=seq_len,
             target_options=dict(target_options or {}),
+            quantize=quantize,
+            quant_block_size=DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size,
         )
         opts.validate(max_positions=max_positions)
+        check_quantize(opts.quantize, opts.quant_block_size, target.name if target is not None else None)
         if target is not None:
             opts = replace(opts, target_options=target.check_options(dict(opts.target_options)))
         return opts
@@ -183,10 +226,13 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         """What the manifest records (a compile's widths are its specializations: no seq_len)."""
         return {"ctx_len": self.ctx_len, "prefill_seq_len": self.prefill_seq_len, "batch_size": self.batch_size,
-                "target_options": dict(self.target_options)}  # fmt: skip
+                "target_options": dict(self.target_options), "quantize": self.quantize,
+                "quant_block_size": self.quant_block_size}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Options:
-        """The options a manifest recorded (:meth:`to_dict`), as they were resolved."""
+        """The options a manifest recorded (:meth:`to_dict`), as they were resolved (a manifest from before
+        quantization records none: not quantized)."""
         return cls(ctx_len=int(data["ctx_len"]), prefill_seq_len=int(data["prefill_seq_len"]), batch_size=int(data["batch_size"]),
-                   target_options=dict(data["target_options"]))  # fmt: skip
+                   target_options=dict(data["target_options"]), quantize=data.get("quantize"),
+                   quant_block_size=int(data.get("quant_block_size", DEFAULT_QUANT_BLOCK_SIZE)))  # fmt: skip

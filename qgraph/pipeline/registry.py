@@ -1,7 +1,7 @@
 """Passes by name: the built-in ones (``passes.ALL_PASSES``), those registered at run time, and their instances.
 
 The passes that take options (retain-kv-cache: ctx_len; pin-static-shapes: the
-batch size, seq_len and ctx_len) are made from the resolved
+batch size, seq_len and ctx_len; quantize-weights: the mode and block size) are made from the resolved
 :class:`~qgraph.pipeline.options.Options`; every other pass from its class.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from qgraph.errors import UnknownPassError
 from qgraph.pipeline.manager import Pass, validate_order
-from qgraph.pipeline.options import Options
+from qgraph.pipeline.options import WEIGHT_ONLY_MODES, Options
 from qgraph.pipeline.stages import default_pipeline
 
 _EXTRA: dict[str, type[Pass]] = {}
@@ -37,14 +37,19 @@ def available_passes() -> list[str]:
 
 
 def _factories(opts: Options) -> dict[str, Callable[[], Pass]]:
-    from passes import PinStaticShapes, RetainKvCache
+    from passes import PinStaticShapes, QuantizeWeights, RetainKvCache
 
     def pin() -> Pass:
         if not opts.pinned:
             raise UnknownPassError("pin-static-shapes needs both a batch size and a seq_len (--batch-size B --seq-len S)")
         return PinStaticShapes(batch_size=opts.batch_size, seq_len=opts.seq_len, ctx_len=opts.ctx_len)  # type: ignore[arg-type]
 
-    return {"retain-kv-cache": lambda: RetainKvCache(ctx_len=opts.ctx_len), "pin-static-shapes": pin}
+    def quantize() -> Pass:
+        if not opts.weight_only:
+            raise UnknownPassError(f"quantize-weights needs --quantize {' or '.join(WEIGHT_ONLY_MODES)}")
+        return QuantizeWeights(mode=opts.quantize, block_size=opts.quant_block_size)  # type: ignore[arg-type]
+
+    return {"retain-kv-cache": lambda: RetainKvCache(ctx_len=opts.ctx_len), "pin-static-shapes": pin, "quantize-weights": quantize}
 
 
 def build_passes(names: Sequence[str] | None, opts: Options) -> list[Pass]:
@@ -52,7 +57,7 @@ def build_passes(names: Sequence[str] | None, opts: Options) -> list[Pass]:
     registry = _registry()
     factories = _factories(opts)
     out: list[Pass] = []
-    for name in default_pipeline(opts.pinned) if names is None else names:
+    for name in default_pipeline(opts.pinned, opts.weight_only) if names is None else names:
         if name in factories:
             out.append(factories[name]())
         elif name in registry:

@@ -45,6 +45,11 @@ REWRITE: Stage = (
     "retain-kv-cache",  # growing cache -> a fixed ctx_len cache kept between steps
     "cleanup",  # the optimized graph leaves sorted and free of dead nodes, whatever the export held
 )
+#: Weight-only quantization, only when asked (``--quantize int8|int4``); on a retained graph too (compile of an optimized file).
+QUANTIZE: Stage = (
+    "quantize-weights",  # after retain-kv-cache: its last-position logits select one row in front of the vocabulary MatMul, which it finds as a MatMul
+    "cleanup",  # drop the fp32 weights' leftovers (a tied embedding's Transpose) before the shapes are pinned
+)
 #: Pin one graph's shapes (``qgraph optimize --batch-size --seq-len``; a compile's first stage per specialization).
 PIN: Stage = (
     "pin-static-shapes",  # accelerators need static shapes: batch_size, seq_len and ctx_len become numbers
@@ -87,12 +92,12 @@ def expand(stage: Stage, target: FillsSlots | None = None) -> list[str]:
     return out
 
 
-def default_pipeline(pinned: bool) -> list[str]:
-    """``qgraph optimize``'s passes: the rewrite, and pinning when a batch size and seq_len are given."""
-    return expand(REWRITE + PIN) if pinned else expand(REWRITE)
+def default_pipeline(pinned: bool, quantize: bool = False) -> list[str]:
+    """``qgraph optimize``'s passes: the rewrite, quantization when asked, and pinning when a batch size and seq_len are given."""
+    return expand(REWRITE + (QUANTIZE if quantize else ()) + (PIN if pinned else ()))
 
 
-def compile_pipeline(target: FillsSlots, *, rewrite: bool) -> tuple[list[str], list[str]]:
-    """A compile's passes for ``target``: (the rewrite, run once, or none for an already retained graph;
-    the specialization's, run on each specialization)."""
-    return (expand(REWRITE) if rewrite else []), expand(SPECIALIZE, target)
+def compile_pipeline(target: FillsSlots, *, rewrite: bool, quantize: bool = False) -> tuple[list[str], list[str]]:
+    """A compile's passes for ``target``: (the rewrite, or none for an already retained graph, then quantization when
+    asked: run once; the specialization's, run on each specialization)."""
+    return (expand(REWRITE) if rewrite else []) + (expand(QUANTIZE) if quantize else []), expand(SPECIALIZE, target)

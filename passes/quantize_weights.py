@@ -1,0 +1,305 @@
+"""Weight-only quantization: every linear layer, the vocabulary projection and the token embedding in int8 or int4 blocks.
+
+    # y = x @ W (+ b)      ->  MatMulNBits(x, Q(W), scales (, bias))          W[k, n] ~ scale[n, k // bs] * (q[n, k] - zp)
+    # e = E[ids]           ->  GatherBlockQuantized(Q(E), ids, scales)         the same blocks along each row of E
+
+A decode step reads every weight once, so its time is bytes over memory
+bandwidth: int8 blocks read about 0.28x an fp32 weight's bytes, int4 blocks
+about 0.16x (block 32, one fp32 scale per block). The pass decides what to
+quantize and rewrites the graph; the numbers come from ONNX Runtime's own block
+quantizer (``onnxruntime.quantization``'s ``DefaultWeightOnlyQuantizer``,
+round to nearest, C++ kernels), whose layout its ``MatMulNBits`` kernel reads.
+
+What it rewrites (fp32 constant weights only):
+
+* ``MatMul(x, W)``: W a 2-D constant [K, N], or ``Transpose(E)`` of a 2-D
+  constant (dynamo's tied vocabulary projection of a large model);
+* ``Gemm(a, B, C)`` with transA = 0 (both exporters write GPT-2's linear
+  layers so): B or B^T the weight, alpha folded into it, beta * C a bias input
+  of ``MatMulNBits`` when it is a constant row, else an ``Add``;
+* ``Gather(E, ids)`` over the token embedding (indices from ``input_ids``):
+  ``com.microsoft.GatherBlockQuantized``, whose uint8 layout is MatMulNBits'
+  (default zero point 8 or 128), so a projection tied to E (E^T as a weight,
+  through a Transpose or as an equal copy) shares its quantized data and
+  scales; an artifact stores the shared bytes once (weights are stored once by
+  content).
+
+Symmetric blocks by default (no zero points). ``accuracy_level`` 4 (the
+activations rounded to int8 blocks in the kernel) is the fast path on CPU;
+level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
+already holds quantized ops is left alone, and so is a weight that is a graph
+input, computed at run time, not float32, or not 2-D: each is a near miss with
+its reason. Runs after retain-kv-cache (stages.QUANTIZE): that pass selects the
+last position in front of the vocabulary MatMul, which it must still see as a
+MatMul.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from passes.constants import MS_DOMAIN, MS_VERSION
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.validate import is_custom_domain, is_onnx_op
+from qgraph.pipeline.fusion import NearMiss
+from qgraph.pipeline.manager import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+#: The bits of each mode.
+BITS = {"int8": 8, "int4": 4}
+#: MatMulNBits' accuracy level on CPU: activations in int8 blocks, the fast kernels (level 0 took a slow path for int8).
+CPU_ACCURACY_LEVEL = 4
+#: Ops that mean a graph is quantized already.
+QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                           "DequantizeLinear", "MatMulBnb4", "MatMulFpQ4"})  # fmt: skip
+#: Ops between ``input_ids`` and the token embedding's Gather that keep the ids.
+_ID_PASSTHROUGH = frozenset({"Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+@dataclass
+class Blocks:
+    """A weight W [K, N] in blocks along K: ``data`` [N, K_blocks, blob] (uint8), ``scales`` [N, K_blocks]."""
+
+    data: Tensor
+    scales: Tensor
+    k: int
+    n: int
+    #: The constant W was read from, and whether W is its transpose (then a tied embedding may be that constant).
+    source: Tensor
+    transposed: bool
+    #: The factor W was scaled by (a Gemm's alpha); only unscaled blocks can serve an embedding.
+    alpha: float = 1.0
+
+
+@dataclass
+class _Run:
+    stats: dict[str, int] = field(default_factory=dict)
+    done: dict[tuple[int, bool, float], Blocks] = field(default_factory=dict)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+
+class QuantizeWeights(Pass):
+    """fp32 linear layers, vocabulary projection and token embedding -> int8/int4 blocks (module docstring)."""
+
+    name = "quantize-weights"
+    produces = ("weights_quantized",)
+    invalidates = ("no_dead_nodes",)
+    MODES: ClassVar[tuple[str, ...]] = tuple(BITS)
+
+    def __init__(self, mode: str = "int4", block_size: int = 32, *, symmetric: bool = True,
+                 accuracy_level: int = CPU_ACCURACY_LEVEL) -> None:  # fmt: skip
+        if mode not in BITS:
+            raise ValueError(f"quantize-weights takes mode {' or '.join(BITS)}, not {mode!r}")
+        self.mode = mode
+        self.bits = BITS[mode]
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.accuracy_level = accuracy_level
+        self.near_misses: list[NearMiss] = []
+
+    # ------------------------------------------------------------------ driver
+    def run(self, graph: Graph) -> PassResult:
+        self.near_misses = []
+        run = _Run()
+        linear = [n for n in graph.nodes if is_onnx_op(n, "MatMul", "Gemm")]
+        quantized = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+        if quantized:
+            for n in linear:
+                self._decline(n, f"the graph is already quantized (it holds {', '.join(quantized)})")
+            return self._result(graph, run)
+        for node in linear:
+            why = self._linear(graph, node, run)
+            if why is not None:
+                self._decline(node, why)
+        for node in [n for n in graph.nodes if is_onnx_op(n, "Gather")]:
+            why = self._embedding(graph, node, run)
+            if why:  # "" is a Gather that is no embedding: not worth a near miss
+                self._decline(node, why)
+        return self._result(graph, run)
+
+    def _result(self, graph: Graph, run: _Run) -> PassResult:
+        stats = run.stats
+        if self.near_misses:
+            stats["declined"] = len(self.near_misses)
+        modified = bool(stats.get("matmul") or stats.get("gemm") or stats.get("embedding"))
+        if modified:
+            graph.import_domain(MS_DOMAIN, MS_VERSION)
+        log.info("%s: %s", self.name, stats or "nothing to quantize")
+        return PassResult(graph, modified, stats)
+
+    def _decline(self, node: Node, why: str) -> None:
+        self.near_misses.append(NearMiss(node.name, node.op, why))
+        log.debug("%s: declined at %s: %s", self.name, node.name, why)
+
+    # ------------------------------------------------------------------ linear layers
+    def _linear(self, graph: Graph, node: Node, run: _Run) -> str | None:
+        """Rewrite one MatMul or Gemm to MatMulNBits; None when done, else why not."""
+        if len(node.inputs) < 2 or len(node.outputs) != 1:
+            return f"{node.op} has {len(node.inputs)} inputs and {len(node.outputs)} outputs"
+        x, w = node.inputs[0], node.inputs[1]
+        transposed = False  # True: the weight [K, N] is the transpose of the tensor found
+        alpha, bias, bias_tensor = 1.0, None, None
+        if node.op == "Gemm":
+            if int(node.attrs.get("transA", 0)):
+                return "Gemm transposes its input (transA = 1)"
+            transposed = bool(int(node.attrs.get("transB", 0)))
+            alpha = float(node.attrs.get("alpha", 1.0))
+            beta = float(node.attrs.get("beta", 1.0))
+            if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+                c = node.inputs[2]
+                if graph.is_constant(c):
+                    bias = np.asarray(graph.const_value(c), np.float32) * np.float32(beta)
+                elif beta == 1.0:
+                    bias_tensor = c
+                else:
+                    return f"Gemm's C is computed at run time and scaled by beta = {beta}"
+        elif x.shape is not None and len(x.shape) < 2:
+            return "the MatMul's input is 1-D (a linear layer's input has rows)"
+        source = w
+        prod = graph.producer(w)
+        if is_onnx_op(prod, "Transpose") and not graph.is_constant(w):
+            perm = prod.attrs.get("perm")
+            if perm is not None and list(perm) != [1, 0]:
+                return f"the weight is Transpose(perm={list(perm)}) of a constant, not a 2-D transpose"
+            source, transposed = prod.inputs[0], not transposed
+        problem = self._weight_problem(graph, source, node)
+        if problem is not None:
+            return problem
+        blocks = self._blocks(graph, source, transposed, alpha, run)
+        if isinstance(blocks, str):
+            return blocks
+        self._to_matmul_nbits(graph, node, x, blocks, bias, bias_tensor, run)
+        run.count(node.op.lower())
+        return None
+
+    def _weight_problem(self, graph: Graph, w: Tensor, node: Node) -> str | None:
+        if any(t is w for t in graph.inputs):
+            return f"the weight '{w.name}' is a graph input, not a constant"
+        if not graph.is_constant(w):
+            prod = graph.producer(w)
+            return f"the weight '{w.name}' is computed at run time (by {prod.op if prod else 'nothing'}), not a constant"
+        dtype = getattr(w, "dtype", None)
+        if dtype is not None and np.dtype(dtype) != np.float32:
+            return f"the weight '{w.name}' is {np.dtype(dtype).name}; quantize-weights takes float32 weights"
+        shape = list(w.shape or [])
+        if len(shape) != 2:
+            return f"the weight '{w.name}' has shape {shape}, not 2-D"
+        return None
+
+    def _blocks(self, graph: Graph, source: Tensor, transposed: bool, alpha: float, run: _Run) -> Blocks | str:
+        """The quantized blocks of W = (source or its transpose) * alpha, made once per weight."""
+        key = (id(source), transposed, alpha)
+        if key in run.done:
+            return run.done[key]
+        values = graph.const_value(source)
+        if values is None or values.dtype != np.float32:
+            return f"the weight '{source.name}' could not be read as float32"
+        w = values.T if transposed else values  # [K, N]
+        if alpha != 1.0:
+            w = w * np.float32(alpha)
+        k, n = (int(d) for d in w.shape)
+        data, scales = self._quantize(np.ascontiguousarray(w, np.float32))
+        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), k, n, source, transposed, alpha)
+        run.done[key] = blocks
+        run.count("bytes_before", int(values.nbytes))
+        run.count("bytes_after", int(data.nbytes + scales.nbytes))
+        return blocks
+
+    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32) of W [K, N], by ONNX Runtime's block quantizer."""
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=self.bits)
+        data, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
+        if not self.symmetric:  # zero points are an input then; symmetric blocks use the kernels' default (8 or 128)
+            raise NotImplementedError("asymmetric blocks need zero-point inputs, which this pass does not write yet")
+        return data, scales
+
+    def _to_matmul_nbits(self, graph: Graph, node: Node, x: Tensor, b: Blocks, bias: np.ndarray | None,
+                         bias_tensor: Tensor | None, run: _Run) -> None:  # fmt: skip
+        # y = x @ W + bias; MatMulNBits' bias input is a 1-D [N] row, anything else is added after it.
+        out = node.outputs[0]
+        inputs: list[Tensor] = [x, b.data, b.scales]
+        add: Tensor | None = bias_tensor
+        if bias is not None:
+            if bias.size == b.n and bias.ndim <= 2:
+                inputs += [graph.omitted(), graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
+            else:
+                add = graph.constant(self.name, bias)
+        attrs = {"K": b.k, "N": b.n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+        target = graph.variable(self.name, out.dtype, out.shape) if add is not None else out
+        graph.remove_nodes([node])  # detached first: ``out`` gets one producer; the new nodes take its place in the order
+        graph.add_node("MatMulNBits", inputs, [target], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
+        if add is not None:
+            graph.add_node("Add", [target, add], [out], prefix=self.name, before=node)
+
+    # ------------------------------------------------------------------ the token embedding
+    def _embedding(self, graph: Graph, node: Node, run: _Run) -> str:
+        """Rewrite the token embedding's Gather to GatherBlockQuantized; "" when done or not an embedding, else why not."""
+        if len(node.inputs) != 2 or not self._reads_input_ids(graph, node.inputs[1]):
+            return ""
+        table = node.inputs[0]
+        if int(node.attrs.get("axis", 0)) != 0:
+            return "the token embedding's Gather is not along axis 0"
+        problem = self._weight_problem(graph, table, node)
+        if problem is not None:
+            return problem
+        width = int(table.shape[1])  # type: ignore[index]
+        if width % self.block_size:
+            return f"the embedding width {width} is not a multiple of the block size {self.block_size}"
+        blocks = self._tied(graph, table, run)
+        if blocks is None:
+            made = self._blocks(graph, table, True, 1.0, run)  # E [V, H] = W^T with W [H, V]: blocks along each row
+            if isinstance(made, str):
+                return made
+            blocks = made
+        else:
+            run.count("tied_embedding")
+            run.count("bytes_before", int(np.prod(table.shape)) * 4)  # the fp32 table goes; its blocks are the projection's
+        # The data as GatherBlockQuantized reads it: [V, H * bits / 8]; the same bytes as the projection's blocks.
+        values = graph.const_value(blocks.data)
+        data = graph.constant(self.name, np.asarray(values).reshape(blocks.n, -1))
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": self.bits}
+        out = node.outputs[0]
+        ids = node.inputs[1]
+        graph.remove_nodes([node])
+        graph.add_node("GatherBlockQuantized", [data, ids, blocks.scales], [out], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
+        run.count("embedding")
+        return ""
+
+    def _tied(self, graph: Graph, table: Tensor, run: _Run) -> Blocks | None:
+        """The blocks of a projection whose weight is this table's transpose (tied), if one was quantized."""
+        found = run.done.get((id(table), True, 1.0))
+        if found is not None:
+            return found
+        shape = [int(d) for d in table.shape or []]
+        candidates = [b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape]
+        if not candidates:
+            return None
+        values = graph.const_value(table)  # E [V, H]; a tied projection's W [H, V] is E^T (an exporter's copy of it)
+        for b in candidates:
+            w = graph.const_value(b.source)
+            if w is not None and np.array_equal(w if b.transposed else w.T, values):
+                return b
+        return None
+
+    @staticmethod
+    def _reads_input_ids(graph: Graph, ids: Tensor) -> bool:
+        t: Tensor | None = ids
+        for _ in range(8):
+            if t is None:
+                return False
+            if any(i is t for i in graph.inputs):
+                return t.name == "input_ids"
+            prod = graph.producer(t)
+            if prod is None or prod.op not in _ID_PASSTHROUGH or is_custom_domain(prod.domain) or not prod.inputs:
+                return False
+            t = prod.inputs[0]
+        return False
