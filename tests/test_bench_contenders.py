@@ -163,7 +163,7 @@ def test_genai_contender_is_refused_in_one_line_where_it_cannot_run(tmp_path: Pa
         pass
 
     rows, notes = genai_contenders("tiny-gpt2", "gpt2", tmp_path, ["fp32"], 1, 32, PROMPT, 4, say)
-    assert rows == [] and notes == ["onnxruntime-genai is not run: its builder does not take gpt2 models"]
+    assert rows == [] and notes == ["onnxruntime-genai: its builder does not take gpt2 models"]
     rows, notes = genai_contenders(str(tmp_path), "llama", tmp_path, ["fp32"], 1, 32, PROMPT, 4, say)
     assert rows == [] and len(notes) == 1 and ("tokenizer.json" in notes[0] or "not installed" in notes[0])
 
@@ -184,3 +184,23 @@ def test_genai_builds_and_decodes_hugging_face_greedy_tokens(tiny_llama: Path, t
     ops = {n.op_type for n in onnx.load(str(built / "model.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
     assert len(GenaiRunner(built, threads=1).run(PROMPT, 16)[2]) == 16  # never stops early
+
+
+def test_bench_on_a_llama_runs_every_contender_to_the_same_tokens(tiny_llama: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    from qgraph.devtools.bench import run_bench
+    from qgraph.frontend.hf import load_model
+
+    report = run_bench(str(tiny_llama), prompt_len=8, new_tokens=6, rounds=1, threads=1, workdir=tmp_path, ttft_pairs=2)
+    names = [r.name for r in report.results]
+    assert names == ["huggingface-eager", "onnxruntime-plain-export", "qgraph-cpu", "onnxruntime-genai"] and not report.notes
+    assert report.tokens_agree  # Hugging Face, the plain export, qgraph and genai: the same greedy tokens
+    assert report.weight_bytes == streamed_weight_bytes(load_model(str(tiny_llama)))
+    by = {r.name: r for r in report.results}
+    q, g = by["qgraph-cpu"], by["onnxruntime-genai"]
+    assert report.ratios["qgraph decode / onnxruntime-genai decode"] == pytest.approx(g.ms_per_token / q.ms_per_token)
+    assert report.ratios["qgraph TTFT / onnxruntime-genai TTFT"] == pytest.approx(q.ttft_s / g.ttft_s)
+    targets = {t["ratio"]: t for t in report.targets()}
+    assert targets["qgraph decode / onnxruntime-genai decode"]["at_least"] == 1.0
+    assert targets["qgraph decode / onnxruntime-genai decode"]["needs_ms_per_token"] == pytest.approx(g.ms_per_token)
+    assert "onnxruntime-genai" in report.table()

@@ -32,7 +32,7 @@ PRECISIONS = ("fp32", "int4", "int8")
 def genai_missing() -> str | None:
     """Why the genai contender cannot run here, or None."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return 'onnxruntime-genai is not installed (pip install -e ".[bench]")'
+        return 'onnxruntime-genai: not installed (pip install -e ".[bench]")'
     return None
 
 

@@ -176,10 +176,10 @@ class BenchReport:
                              f"qgraph / onnxruntime {t['qgraph TTFT / onnxruntime TTFT']:.2f}")  # fmt: skip
         lines += [
             "",
-            f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
+            f"{'contender':<30}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
         ]
         for r in self.results:
-            lines.append(f"{r.name:<26}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
+            lines.append(f"{r.name:<30}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
                          f"{self.bound_for(r.name) / r.ms_per_token:>9.2f}")  # fmt: skip
         lines.append("")
         lines += [f"{k}: {v:.2f}" + (f" (per round: {self.paired_ratios[k]:.2f})" if k in self.paired_ratios else "")

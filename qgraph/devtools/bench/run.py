@@ -26,7 +26,7 @@ from qgraph.devtools.bench.report import BenchReport, Result, ratio_pairs
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import spec_of
-from qgraph.pipeline.options import DEFAULT_CTX_LEN
+from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,20 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     ttft_pairs: int = TTFT_PAIRS,
     quantize: str | None = None,
-    quant_block_size: int = 32,
+    quant_block_size: int | None = None,
 ) -> BenchReport:
     """Measure every contender (see the module docstring); returns the report. ``quantize``: int4 or int8 adds the
     quantized contenders (``quant_block_size`` weights per block) to the fp32 ones."""
     import torch
 
-    if quantize is not None and quantize not in BITS:
-        raise QGraphError(f"bench --quantize takes {' or '.join(BITS)}, got {quantize!r}")
+    block_size = DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size
+    check_quantize(quantize, block_size, "cpu")  # before any work: the rule of every command
     say = progress or (lambda m: log.info("%s", m))
     torch.set_num_threads(threads)
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, quant_block_size)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, block_size)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,11 +71,11 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
 
     why = genai_missing()
     if family not in GENAI_FAMILIES:
-        why = f"onnxruntime-genai is not run: its builder does not take {family} models"
+        why = f"onnxruntime-genai: its builder does not take {family} models"
     elif why is None and not Path(folder).is_dir():
-        why = f"onnxruntime-genai is not run: its builder needs a local model folder, not {folder!r}"
+        why = f"onnxruntime-genai: its builder needs a local model folder, not {folder!r}"
     elif why is None and not (Path(folder) / "tokenizer.json").is_file():
-        why = f"onnxruntime-genai is not run: its builder needs a tokenizer.json in {folder}"
+        why = f"onnxruntime-genai: its builder needs a tokenizer.json in {folder}"
     if why is not None:
         return [], [why]
     out = []
