@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from passes.const_values import const_value, scalar
+from passes.const_values import const_value, default_domain, scalar
 from passes.dtypes import np_dtype, onnx_dtype
 from passes.matching import Role, describe_source, other_input, skip_down, sole_consumer
 from passes.pattern import Const, Miss, Op, Or, Var, match, match_node
@@ -160,6 +160,28 @@ def match_rsqrt_core(graph: Graph, sqrt: Node) -> RsqrtCore | str:
     return RsqrtCore(roles, squared.tensor("x"), numerator, norm.outputs[0], eps, onnx_dtype(eps_v.dtype), axes, square, norm)
 
 
+def constant_sum(graph: Graph, tensor: Tensor) -> np.ndarray | None:
+    """The value of ``Add(a, b)`` of two constants (through Casts), as Gemma's RMSNorm scales by ``1 + weight``
+    (``weight.float()`` in fp16); None if ``tensor`` is anything else."""
+    node = graph.producer(tensor)
+    if node is None or node.op != "Add" or not default_domain(node):
+        return None
+    values = [cast_constant(graph, x) for x in node.inputs]
+    if any(v is None for v in values):
+        return None
+    return np.add(*values)
+
+
+def cast_constant(graph: Graph, tensor: Tensor) -> np.ndarray | None:
+    """A constant's value, also through one Cast (in that Cast's type)."""
+    value = const_value(graph, tensor)
+    node = graph.producer(tensor)
+    if value is None and node is not None and node.op == "Cast" and default_domain(node):
+        inner = const_value(graph, node.inputs[0])
+        value = None if inner is None else inner.astype(np_dtype(int(node.attrs["to"])))
+    return value
+
+
 @dataclass
 class Affine:
     """gamma/beta found after a norm's normalized tensor (either may be missing)."""
@@ -185,8 +207,11 @@ def match_affine(graph: Graph, normalized: Tensor, *, with_beta: bool) -> Affine
     if nxt is not None and nxt.op == "Mul":
         other = other_input(nxt, t)
         value = const_value(graph, other) if other is not t else None
+        gamma: Tensor | None = other
+        if value is None and other is not t:
+            value, gamma = constant_sum(graph, other), None  # a new constant holds it (scale_input)
         if value is not None:
-            aff.gamma, aff.gamma_value = other, value
+            aff.gamma, aff.gamma_value = gamma, value
             aff.roles.append(("the normalized tensor times gamma", nxt))
             t = nxt.outputs[0]
             nxt = sole_consumer(graph, t)

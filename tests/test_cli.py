@@ -51,7 +51,7 @@ def test_optimize_prints_the_report(tmp_path: Path) -> None:
     out = tmp_path / "opt.onnx"
     res = qgraph("optimize", str(OPTIMUM), "-o", str(out), "--ctx-len", "32", "--check")
     assert res.returncode == 0, res.stderr
-    for name in ("fold-constants", "fuse-layer-norm", "fuse-gelu", "retain-kv-cache", "cleanup", "total"):
+    for name in ("fold-constants", "fuse-layer-norm", "fuse-rms-norm", "fuse-gelu", "retain-kv-cache", "cleanup", "total"):
         assert name in res.stdout
     assert "pin-static-shapes" not in res.stdout  # no --batch-size / --seq-len: shapes stay symbolic
     res = qgraph("optimize", str(OPTIMUM), "-o", str(out), "--batch-size", "1", "--seq-len", "4", "--json")

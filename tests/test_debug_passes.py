@@ -64,20 +64,20 @@ class BadThirdLayerNorm(FuseLayerNorm):
         super().rewrite(graph, m)
 
 
-DEFAULT = ["fold-constants", "fuse-layer-norm", "fuse-gelu", "cleanup", "retain-kv-cache", "cleanup"]
+DEFAULT = ["fold-constants", "fuse-layer-norm", "fuse-rms-norm", "fuse-gelu", "cleanup", "retain-kv-cache", "cleanup"]
 
 
 def test_clean_pipeline_reports_no_bad_pass(model: Path, tmp_path: Path) -> None:
     report = debug_passes(model, ctx_len=CTX, out_dir=tmp_path / "out", atol=ATOL, threads=1)
     assert report.first_bad_pass is None and report.bisection is None, report.table()
     names = [s.name for s in report.stages]
-    assert names[:5] == DEFAULT[:5]
+    assert names[:6] == DEFAULT[:6]
     for s in report.stages:
         assert s.ok and s.error is None and s.max_abs_diff is not None and s.max_abs_diff < ATOL and s.top1_agrees, report.table()
         assert s.compared > 0
         assert (tmp_path / "out" / f"{s.index:03d}_{s.name}.onnxtxt").is_file()
         assert (tmp_path / "out" / f"{s.index:03d}_{s.name}.json").is_file()
-    assert [s.signature for s in report.stages][3:5] == ["raw", "retained"]
+    assert [s.signature for s in report.stages][4:6] == ["raw", "retained"]
     ln = report["fuse-layer-norm"]
     assert ln.stats == {"layer_norm": 5} and ln.added == {"LayerNormalization": 5} and ln.removed["ReduceMean"] == 10
     assert ln.nodes_after == ln.nodes_before - 40 and ln.sites == 5
@@ -119,7 +119,7 @@ def test_pinned_chunks_stay_inside_a_tight_cache(model: Path) -> None:
         debug_passes(model, passes, ctx_len=4, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
 
 
-@pytest.mark.parametrize("position", [1, 5], ids=["before-retain", "after-retain"])
+@pytest.mark.parametrize("position", [1, 6], ids=["before-retain", "after-retain"])
 def test_broken_pass_is_named(model: Path, position: int) -> None:
     passes: list[Any] = list(DEFAULT)
     passes.insert(position, BreakWeight())
@@ -127,7 +127,7 @@ def test_broken_pass_is_named(model: Path, position: int) -> None:
     assert report.first_bad_pass == "break-weight", report.table()
     bad = report.first_bad
     assert bad is not None and bad.index == position + 1 and bad.max_abs_diff is not None and bad.max_abs_diff > ATOL
-    assert bad.signature == ("raw" if position < 4 else "retained")
+    assert bad.signature == ("raw" if position <= DEFAULT.index("retain-kv-cache") else "retained")
     assert all(s.ok for s in report.stages[:position])
     assert report.bisection is None  # nothing to bisect: the pass has no match sites
     assert f"first bad pass: #{position + 1} break-weight" in report.table()

@@ -43,6 +43,13 @@ def test_llama_fp16_computes_in_fp32(golden: Any) -> None:
     assert str(out.const_value(scale).dtype) == "float32"
 
 
+def test_gemma_one_plus_weight_becomes_the_scale_in_fp32(golden: Any) -> None:
+    out = fused("gemma_fp16", golden, atol=FP16_ATOL)
+    scale = out.const_value(out.nodes_by_op("RMSNormalization")[0].inputs[1])
+    assert str(scale.dtype) == "float32" and scale.tolist() == [1.0, 0.5, 2.0, -1.0, 1.5, 0.75, 1.25, 2.5]  # 1 + weight
+    assert [n.op for n in out.nodes] == ["Cast", "RMSNormalization", "Cast"]
+
+
 def test_fp16_without_casts_gets_fp32_casts(golden: Any) -> None:
     out = fused("fp16_no_casts", golden, atol=FP16_ATOL)
     assert [n.op for n in out.nodes] == ["Cast", "RMSNormalization", "Cast"]

@@ -40,6 +40,7 @@ SLOTS = (LEGALIZE, FINAL)
 REWRITE: Stage = (
     "fold-constants",  # exporters leave Constant nodes and arithmetic on constants behind
     "fuse-layer-norm",  # TorchScript below opset 17 decomposes LayerNorm into 9 ops
+    "fuse-rms-norm",  # Llama-family RMSNorm (Gemma's 1 + weight folded already), computed in fp32: the fp16 norm fix
     "fuse-gelu",  # both exporters decompose GPT-2's gelu_new (Pow, Tanh, ...)
     "cleanup",  # drop what the fusions left before the cache and its attention are matched
     "retain-kv-cache",  # growing cache -> a fixed ctx_len cache kept between steps
