@@ -29,16 +29,15 @@ activations rounded to int8 blocks in the kernel) is the fast path on CPU;
 level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
 already holds quantized ops is left alone, and so is a weight that is a graph
 input, computed at run time, not float32, or not 2-D: each is a near miss with
-its reason. Runs after retain-kv-cache (stages.QUANTIZE): that pass selects the
-last position in front of the vocabulary MatMul, which it must still see as a
-MatMul.
+its reason. A compile runs it last on each specialization (stages.QUANTIZE: the
+passes before it see Gemm and Gather, whose static shapes ONNX inference gives).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -185,10 +184,9 @@ class QuantizeWeights(Pass):
         if not graph.is_constant(w):
             prod = graph.producer(w)
             return f"the weight '{w.name}' is computed at run time (by {prod.op if prod else 'nothing'}), not a constant"
-        dtype = getattr(w, "dtype", None)
-        if dtype is not None and np.dtype(dtype) != np.float32:
-            return f"the weight '{w.name}' is {np.dtype(dtype).name}; quantize-weights takes float32 weights"
-        shape = list(w.shape or [])
+        dtype, shape = _dtype_and_shape(graph, w)
+        if dtype != np.float32:
+            return f"the weight '{w.name}' is {dtype.name}; quantize-weights takes float32 weights"
         if len(shape) != 2:
             return f"the weight '{w.name}' has shape {shape}, not 2-D"
         return None
@@ -251,7 +249,7 @@ class QuantizeWeights(Pass):
         problem = self._weight_problem(graph, table, node)
         if problem is not None:
             return problem
-        width = int(table.shape[1])  # type: ignore[index]
+        width = _dtype_and_shape(graph, table)[1][1]
         if width % self.block_size:
             return f"the embedding width {width} is not a multiple of the block size {self.block_size}"
         blocks = self._tied(graph, table, run)
@@ -262,7 +260,7 @@ class QuantizeWeights(Pass):
             blocks = made
         else:
             run.count("tied_embedding")
-            run.count("bytes_before", int(np.prod(table.shape)) * 4)  # the fp32 table goes; its blocks are the projection's
+            run.count("bytes_before", blocks.k * blocks.n * 4)  # the fp32 table goes; its blocks are the projection's
         # The data as GatherBlockQuantized reads it: [V, H * bits / 8]; the same bytes as the projection's blocks.
         values = graph.const_value(blocks.data)
         data = graph.constant(self.name, np.asarray(values).reshape(blocks.n, -1))
@@ -279,7 +277,7 @@ class QuantizeWeights(Pass):
         found = run.done.get((id(table), True, 1.0))
         if found is not None:
             return found
-        shape = [int(d) for d in table.shape or []]
+        shape = _dtype_and_shape(graph, table)[1]
         candidates = [b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape]
         if not candidates:
             return None
@@ -303,3 +301,11 @@ class QuantizeWeights(Pass):
                 return False
             t = prod.inputs[0]
         return False
+
+
+def _dtype_and_shape(graph: Graph, w: Tensor) -> tuple[np.dtype[Any], list[int]]:
+    """A constant's element type and shape: an initializer's from its header, a Constant node's from its (inline) value."""
+    if isinstance(w.shape, (list, tuple)) and all(isinstance(d, int) for d in w.shape) and w.dtype is not None:
+        return np.dtype(w.dtype), [int(d) for d in w.shape]
+    value = graph.const_value(w)
+    return (value.dtype, list(value.shape)) if value is not None else (np.dtype(np.float32), [])

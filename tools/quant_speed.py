@@ -8,10 +8,13 @@ ONNX Runtime on the plain export in fp32 and after its own ``MatMulNBitsQuantize
 (int8 and int4, block 32, symmetric, accuracy level 4) with every Gemm turned
 into MatMul + Add first (the quantizer skips Gemm, which both exporters write for
 GPT-2), so that anchor is its best; the quantizer leaves the vocabulary
-projection (dynamo's ``Transpose(embedding)``) in fp32. Each round runs every
-contender once (a prefill of ``--prompt-len`` tokens, then ``--new-tokens``
-greedy tokens), in turn, and the medians are printed with the ratios the issue
-asks for, plus each artifact's bytes. Prints figures; asserts nothing.
+projection (dynamo's ``Transpose(embedding)``) in fp32. Each round takes one
+prefill of ``--prompt-len`` tokens of every contender in turn (the time to first
+token), then ``--new-tokens`` - 1 decode steps, one step of every contender in
+turn (the order rotates), so a noisy neighbour on a shared machine slows all of
+them alike; the medians are printed with the ratios the issue asks for, each
+artifact's bytes, and how many greedy tokens agree with qgraph fp32 (one whole
+generation each). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,49 +71,66 @@ def ort_matmul_nbits(raw: Path, out: Path, bits: int) -> Path:
     return out
 
 
-def plain_runner(path: Path, spec: Any, prompt: list[int], n: int, threads: int) -> Callable[[], tuple[float, float, list[int]]]:
-    """A prefill and ``n - 1`` decode steps of a plain (growing-cache) export: (ttft_s, decode_s, tokens)."""
-    import onnxruntime as ort
+class Plain:
+    """A plain (growing-cache) export in ONNX Runtime: a prefill, then one decode step at a time."""
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+    def __init__(self, path: Path, spec: Any, prompt: list[int], threads: int) -> None:
+        import onnxruntime as ort
 
-    def run() -> tuple[float, float, list[int]]:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.spec, self.prompt = spec, prompt
+        self.out: dict[str, np.ndarray] = {}
+        self.length = 0
+
+    def prefill(self) -> int:
+        spec, n = self.spec, len(self.prompt)
         past = {f"past_{kv}.{i}": np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
                 for i in range(spec.num_layers) for kv in ("key", "value")}  # fmt: skip
-        length = len(prompt)
-        t0 = time.perf_counter()
-        feeds = {"input_ids": np.array([prompt], np.int64), "attention_mask": np.ones((1, length), np.int64),
-                 "position_ids": np.arange(length)[None], **past}  # fmt: skip
-        out = dict(zip(names, sess.run(None, feeds)))
-        toks = [int(out["logits"][0, -1].argmax())]
-        ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            past = {k: out["present" + k[4:]] for k in past}
-            feeds = {"input_ids": np.array([[toks[-1]]], np.int64), "attention_mask": np.ones((1, length + 1), np.int64),
-                     "position_ids": np.array([[length]], np.int64), **past}  # fmt: skip
-            out = dict(zip(names, sess.run(None, feeds)))
-            toks.append(int(out["logits"][0, -1].argmax()))
-            length += 1
-        return ttft, time.perf_counter() - t1, toks
+        feeds = {"input_ids": np.array([self.prompt], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n)[None], **past}  # fmt: skip
+        self.out = dict(zip(self.names, self.sess.run(None, feeds)))
+        self.length = n
+        return int(self.out["logits"][0, -1].argmax())
 
-    return run
+    def step(self, token: int = 0) -> int:
+        past = {"past" + k[7:]: v for k, v in self.out.items() if k.startswith("present")}
+        feeds = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, self.length + 1), np.int64),
+                 "position_ids": np.array([[self.length]], np.int64), **past}  # fmt: skip
+        self.out = dict(zip(self.names, self.sess.run(None, feeds)))
+        self.length += 1
+        return int(self.out["logits"][0, -1].argmax())
+
+    def greedy(self, n: int) -> list[int]:
+        toks = [self.prefill()]
+        while len(toks) < n:
+            toks.append(self.step(toks[-1]))
+        return toks
 
 
-def qgraph_runner(art: Path, prompt: list[int], n: int, threads: int) -> Callable[[], tuple[float, float, list[int]]]:
-    from qgraph.runtime import Runtime
+class Qgraph:
+    """A qgraph cpu artifact: the runtime's prefill, then one decode step at a time."""
 
-    rt = Runtime(art, threads=threads)
+    def __init__(self, art: Path, prompt: list[int], threads: int) -> None:
+        from qgraph.runtime import Runtime
 
-    def run() -> tuple[float, float, list[int]]:
-        out = rt.generate([prompt], max_new_tokens=n)
-        return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
+        self.rt, self.prompt = Runtime(art, threads=threads), prompt
+        self.pos = 0
 
-    return run
+    def prefill(self) -> int:
+        self.pos = len(self.prompt)
+        return int(self.rt.generate([self.prompt], max_new_tokens=1).tokens[0][0])
+
+    def step(self, token: int = 0) -> int:
+        logits = self.rt.step("decode", np.array([[token]], np.int64), np.array([[self.pos]], np.int64))
+        self.pos += 1
+        return int(logits[0, -1].argmax())
+
+    def greedy(self, n: int) -> list[int]:
+        return list(self.rt.generate([self.prompt], max_new_tokens=n).tokens[0])
 
 
 def folder_bytes(path: Path) -> int:
@@ -172,21 +191,28 @@ def main(argv: list[str] | None = None) -> int:
         plain[f"int{bits}"] = ort_matmul_nbits(raw, work / f"ort-int{bits}.onnx", bits)
 
     prompt = np.random.default_rng(0).integers(0, spec.vocab_size, args.prompt_len).tolist()
-    runners = {f"qgraph-{k}": qgraph_runner(v, prompt, args.new_tokens, args.threads) for k, v in arts.items()}
-    runners |= {f"ort-plain-{k}": plain_runner(v, spec, prompt, args.new_tokens, args.threads) for k, v in plain.items()}
-    for fn in runners.values():
-        fn()  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
-    tokens: dict[str, list[int]] = {}
+    runners: dict[str, Any] = {f"qgraph-{k}": Qgraph(v, prompt, args.threads) for k, v in arts.items()}
+    runners |= {f"ort-plain-{k}": Plain(v, spec, prompt, args.threads) for k, v in plain.items()}
+    tokens = {k: r.greedy(args.new_tokens) for k, r in runners.items()}  # also the warm-up
+    names = list(runners)
+    ttfts: dict[str, list[float]] = {k: [] for k in names}
+    steps: dict[str, list[float]] = {k: [] for k in names}
+    turn = 0
     for r in range(args.rounds):
         say(f"round {r + 1}/{args.rounds}")
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for name in order:
-            time.sleep(0.3)
-            ttft, decode, toks = runners[name]()
-            runs[name].append((ttft, decode / (args.new_tokens - 1)))
-            tokens[name] = toks
-    med = {k: (statistics.median(t for t, _ in v) * 1e3, statistics.median(d for _, d in v) * 1e3) for k, v in runs.items()}
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(0.2)  # the previous prefill's spinning workers go idle
+            t = time.perf_counter()
+            runners[k].prefill()
+            ttfts[k].append(time.perf_counter() - t)
+        for _ in range(args.new_tokens - 1):
+            turn += 1
+            for k in names[turn % len(names) :] + names[: turn % len(names)]:
+                t = time.perf_counter()
+                runners[k].step()
+                steps[k].append(time.perf_counter() - t)
+    runs = {k: {"ttft_s": ttfts[k], "step_s": steps[k]} for k in names}
+    med = {k: (statistics.median(ttfts[k]) * 1e3, statistics.median(steps[k]) * 1e3) for k in names}
     sizes = {f"qgraph-{k}": folder_bytes(v) for k, v in arts.items()}
     ratios = {
         "int4_over_qgraph_fp32": med["qgraph-fp32"][1] / med["qgraph-int4"][1],
@@ -201,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"ms": med, "runs": runs, "bytes": sizes, "ratios": ratios, "token_agreement_with_fp32": agree}))
         return 0
-    print(f"{args.model}, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} tokens, median of {args.rounds} rounds")
+    print(f"{args.model}, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} tokens, {args.rounds} rounds, medians")
     print(f"{'contender':24} {'decode ms/token':>16} {'TTFT ms':>9} {'tokens = fp32':>14}")
     for k, (ttft, dec) in med.items():
         print(f"{k:24} {dec:16.2f} {ttft:9.2f} {agree[k]:14.2f}")

@@ -4,8 +4,9 @@ A raw export goes through :data:`REWRITE` once (``qgraph optimize``, and a
 compile's first step). A compile then gives each specialization (prefill:
 prefill_seq_len tokens; decode: one) its own copy, which goes through
 :data:`SPECIALIZE`; a target fills its slots there (:data:`LEGALIZE`,
-:data:`FINAL`) with its own passes, declared as ``Target.slots``. Each entry
-says why it is where it is.
+:data:`FINAL`) with its own passes, declared as ``Target.slots``; the options
+fill :data:`QUANTIZE` (``--quantize int8|int4``). Each entry says why it is
+where it is.
 
 The pass manager checks an order from what each pass requires and produces
 (:mod:`qgraph.pipeline.facts`) before anything runs; nothing reorders passes.
@@ -35,6 +36,8 @@ LEGALIZE = Slot("legalize")
 #: The target's rewrites of the simplified graph (cpu: fuse-decode-attention).
 FINAL = Slot("final")
 SLOTS = (LEGALIZE, FINAL)
+#: Weight-only quantization (quantize-weights), filled by the options (``--quantize int8|int4``), not by a target.
+QUANTIZE = Slot("quantize")
 
 #: A raw export -> the retained-state contract, shapes still symbolic.
 REWRITE: Stage = (
@@ -45,11 +48,6 @@ REWRITE: Stage = (
     "cleanup",  # drop what the fusions left before the cache and its attention are matched
     "retain-kv-cache",  # growing cache -> a fixed ctx_len cache kept between steps
     "cleanup",  # the optimized graph leaves sorted and free of dead nodes, whatever the export held
-)
-#: Weight-only quantization, only when asked (``--quantize int8|int4``); on a retained graph too (compile of an optimized file).
-QUANTIZE: Stage = (
-    "quantize-weights",  # after retain-kv-cache: its last-position logits select one row in front of the vocabulary MatMul, which it finds as a MatMul
-    "cleanup",  # drop the fp32 weights' leftovers (a tied embedding's Transpose) before the shapes are pinned
 )
 #: Pin one graph's shapes (``qgraph optimize --batch-size --seq-len``; a compile's first stage per specialization).
 PIN: Stage = (
@@ -62,8 +60,14 @@ SPECIALIZE: Stage = (
     LEGALIZE,  # on the exporters' layouts: after simplify-shapes, cpu's fuse-attention leaves no decode attention to fuse (measured)
     "simplify-shapes",  # static shapes make layout ops trivial; row-wise regions go 2-D
     FINAL,  # after simplify-shapes: its matches need the simplified layouts, and 2-D regions do not grow through fused ops
-    "cleanup",  # drop what the target's passes left
+    # Last: the passes before it see Gemm and Gather, whose static shapes ONNX inference gives (it stops at a contrib op
+    # such as MatMulNBits, and pin-static-shapes re-infers every shape); after retain-kv-cache, whose last-position
+    # logits select one row in front of the vocabulary MatMul; before finish, so the vocabulary is fed only in fp32.
+    QUANTIZE,
+    "cleanup",  # drop what the target's passes left (and the fp32 weights a quantization replaced)
 )
+#: ``qgraph optimize --quantize``: quantized at the end, as a compile does.
+OPTIMIZE_QUANTIZED: Stage = (QUANTIZE, "cleanup")
 
 
 class FillsSlots(Protocol):
@@ -76,8 +80,9 @@ class FillsSlots(Protocol):
     def slots(self) -> Mapping[str, Sequence[str]]: ...
 
 
-def expand(stage: Stage, target: FillsSlots | None = None) -> list[str]:
-    """``stage``'s pass names, each slot replaced by ``target``'s passes for it (none without a target)."""
+def expand(stage: Stage, target: FillsSlots | None = None, *, quantize: bool = False) -> list[str]:
+    """``stage``'s pass names, each slot replaced by ``target``'s passes for it (none without a target),
+    the quantize slot by quantize-weights when ``quantize``."""
     if target is not None:
         unknown = sorted(set(target.slots) - {s.name for s in SLOTS})
         if unknown:
@@ -86,7 +91,9 @@ def expand(stage: Stage, target: FillsSlots | None = None) -> list[str]:
             )
     out: list[str] = []
     for entry in stage:
-        if isinstance(entry, Slot):
+        if entry == QUANTIZE:
+            out += ["quantize-weights"] if quantize else []
+        elif isinstance(entry, Slot):
             out += list(target.slots.get(entry.name, ())) if target is not None else []
         else:
             out.append(entry)
@@ -94,11 +101,11 @@ def expand(stage: Stage, target: FillsSlots | None = None) -> list[str]:
 
 
 def default_pipeline(pinned: bool, quantize: bool = False) -> list[str]:
-    """``qgraph optimize``'s passes: the rewrite, quantization when asked, and pinning when a batch size and seq_len are given."""
-    return expand(REWRITE + (QUANTIZE if quantize else ()) + (PIN if pinned else ()))
+    """``qgraph optimize``'s passes: the rewrite, pinning when a batch size and seq_len are given, quantization when asked."""
+    return expand(REWRITE + (PIN if pinned else ()) + (OPTIMIZE_QUANTIZED if quantize else ()), quantize=quantize)
 
 
 def compile_pipeline(target: FillsSlots, *, rewrite: bool, quantize: bool = False) -> tuple[list[str], list[str]]:
-    """A compile's passes for ``target``: (the rewrite, or none for an already retained graph, then quantization when
-    asked: run once; the specialization's, run on each specialization)."""
-    return (expand(REWRITE) if rewrite else []) + (expand(QUANTIZE) if quantize else []), expand(SPECIALIZE, target)
+    """A compile's passes for ``target``: (the rewrite, run once, or none for an already retained graph;
+    the specialization's, run on each specialization, quantizing when asked)."""
+    return (expand(REWRITE) if rewrite else []), expand(SPECIALIZE, target, quantize=quantize)

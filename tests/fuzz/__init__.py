@@ -30,6 +30,7 @@ from fuzz.gelu import gelu_cases
 from fuzz.layer_norm import layer_norm_cases
 from fuzz.legalize_qnn import legalize_qnn_cases
 from fuzz.pin_static_shapes import pin_static_shapes_cases
+from fuzz.quantize_weights import quantize_weights_cases
 from fuzz.retain_kv_cache import retain_kv_cache_cases
 from fuzz.rms_norm import rms_norm_cases
 from fuzz.simplify_shapes import simplify_shapes_cases
@@ -50,6 +51,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "simplify-shapes": simplify_shapes_cases(),
     "fuse-skip-layer-norm": skip_layer_norm_cases(),
     "fuse-decode-attention": decode_attention_cases(),
+    "quantize-weights": quantize_weights_cases(),
 }
 
 __all__ = ["STRATEGIES", "Case", "Outcome", "check"]

@@ -1,0 +1,126 @@
+"""quantize-weights: linear layers, the tied vocabulary and the token embedding in int8/int4 blocks; near misses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import GOLDEN_DIR, check_case, run_pass, session
+
+from passes import QuantizeWeights
+from qgraph.ir.graph import Graph
+
+#: Outputs of the golden graphs are sums of 32 products of values in [-1, 1] and N(0, 1) inputs (about +-3): int8
+#: blocks of 16 with int8 activations (accuracy level 4) stay within this of fp32; a wrong layout is off by whole units.
+INT8_ATOL = 0.15
+INT4_ATOL = 1.0
+
+
+def int8() -> QuantizeWeights:
+    return QuantizeWeights("int8", 16)
+
+
+def quantized(case: str, golden: Any, stats: dict[str, int], feeds: dict[str, np.ndarray] | None = None) -> Graph:
+    return check_case(int8, case, golden, expect_modified=True, expect_stats=stats, atol=INT8_ATOL, feeds=feeds)
+
+
+def declined(case: str, golden: Any) -> list[str]:
+    p = int8()
+    graph = Graph.parse((GOLDEN_DIR / p.name / f"{case}.before.onnxtxt").read_text())
+    check_case(int8, case, golden, expect_modified=False)
+    run_pass(p, graph)
+    return [m.reason for m in p.near_misses]
+
+
+def nbits(out: Graph) -> list[Any]:
+    nodes = out.nodes_by_op("MatMulNBits")
+    for n in nodes:
+        assert n.domain == "com.microsoft" and n.attrs["bits"] == 8 and n.attrs["block_size"] == 16 and n.attrs["accuracy_level"] == 4
+    return nodes
+
+
+def test_gemm_bias_becomes_the_bias_input(golden: Any) -> None:
+    out = quantized("gemm_bias", golden, {"gemm": 1})
+    (mm,) = nbits(out)
+    assert (mm.attrs["K"], mm.attrs["N"]) == (32, 8) and len(mm.inputs) == 6 and out.const_value(mm.inputs[5]).shape == (8,)
+    assert [n.op for n in out.nodes] == ["MatMulNBits"]
+
+
+def test_gemm_alpha_folds_into_the_weight_and_beta_c_is_added(golden: Any) -> None:
+    out = quantized("gemm_transb_alpha_beta", golden, {"gemm": 1})
+    (mm,) = nbits(out)
+    assert (mm.attrs["K"], mm.attrs["N"]) == (32, 8) and len(mm.inputs) == 3
+    (add,) = out.nodes_by_op("Add")
+    assert out.const_value(add.inputs[1]).shape == (3, 8)
+
+
+def test_a_shared_weight_is_quantized_once(golden: Any) -> None:
+    out = quantized("matmul_shared_weight", golden, {"matmul": 1, "gemm": 1, "bytes_before": 32 * 32 * 4})
+    first, second = nbits(out)
+    assert first.inputs[1] is second.inputs[1] and first.inputs[2] is second.inputs[2]
+
+
+def test_tied_embedding_shares_the_projections_blocks(golden: Any) -> None:
+    feeds = {"input_ids": np.array([[0, 5, 15, 5]]), "position_ids": np.arange(4)[None]}
+    out = quantized("tied_embedding", golden, {"matmul": 1, "embedding": 1, "tied_embedding": 1}, feeds)
+    (mm,) = nbits(out)
+    (gather,) = out.nodes_by_op("GatherBlockQuantized")
+    assert gather.attrs == {"gather_axis": 0, "quantize_axis": 1, "block_size": 16, "bits": 8}
+    assert gather.inputs[2] is mm.inputs[2]  # one scales tensor
+    data, blocks = out.const_value(gather.inputs[0]), out.const_value(mm.inputs[1])
+    assert data.shape == (16, 32) and blocks.shape == (16, 2, 16) and data.tobytes() == blocks.tobytes()  # stored once by content
+    assert not out.nodes_by_op("Transpose") and [n.op for n in out.nodes].count("Gather") == 1  # the position table stays fp32
+
+
+def test_an_exporters_copy_of_the_tied_weight_is_found_by_value(golden: Any) -> None:
+    feeds = {"input_ids": np.array([[1, 2, 3, 15]])}
+    out = quantized("tied_by_value", golden, {"matmul": 1, "embedding": 1, "tied_embedding": 1}, feeds)
+    (gather,) = out.nodes_by_op("GatherBlockQuantized")
+    assert gather.inputs[2] is nbits(out)[0].inputs[2]
+
+
+def test_int4_blocks_and_the_bytes_they_save(golden: Any) -> None:
+    graph = Graph.parse((GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text())
+    before = Graph.parse((GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text())
+    result = run_pass(QuantizeWeights("int4", 16), graph)
+    fp32 = 16 * 32 * 4
+    # int4: 16 x 32 weights in 32 blocks of 16 -> 8 bytes of data and one fp32 scale per block.
+    assert result.stats["bytes_before"] == 2 * fp32 and result.stats["bytes_after"] == 32 * (8 + 4)
+    (mm,) = result.graph.nodes_by_op("MatMulNBits")
+    assert mm.attrs["bits"] == 4 and result.graph.const_value(mm.inputs[1]).shape == (16, 2, 8)
+    feeds = {"input_ids": np.array([[0, 5, 15, 5]]), "position_ids": np.arange(4)[None]}
+    (want,) = session(before).run(None, feeds)
+    (got,) = session(result.graph).run(None, feeds)
+    assert np.abs(got - want).max() < INT4_ATOL
+
+
+def test_the_blocks_decode_to_the_weights(golden: Any) -> None:
+    """Each weight is within one quantization step of its block's value (the layout MatMulNBits reads; half a step but
+    where symmetric int4 clips +8 to +7), and most within half a step (ties round either way)."""
+    graph = Graph.parse((GOLDEN_DIR / "quantize-weights" / "gemm_bias.before.onnxtxt").read_text())
+    w = graph.const_value(graph.nodes[0].inputs[1])
+    out = run_pass(QuantizeWeights("int4", 16), graph).graph
+    (mm,) = out.nodes_by_op("MatMulNBits")
+    data, scales = out.const_value(mm.inputs[1]), out.const_value(mm.inputs[2])  # [N, K/16, 8] uint8, [N, K/16]
+    q = np.stack([data & 0xF, data >> 4], axis=-1).reshape(8, 2, 16).astype(np.float32) - 8  # low nibble first, zero point 8
+    deq = (q * scales[:, :, None]).reshape(8, 32).T  # [K, N]
+    step = np.repeat(np.abs(scales.T), 16, axis=0)
+    assert np.all(np.abs(deq - w) <= step + 1e-6) and np.mean(np.abs(deq - w) <= step / 2 + 1e-6) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("case", "reasons"),
+    [
+        ("weight_is_input", ["the weight 'w' is a graph input, not a constant"]),
+        ("weight_computed", ["the weight 'kr' is computed at run time (by Relu), not a constant"]),
+        ("already_quantized", ["the graph is already quantized (it holds MatMulNBits)"]),
+    ],
+)
+def test_near_misses_decline_with_a_reason(case: str, reasons: list[str], golden: Any) -> None:
+    assert declined(case, golden) == reasons
+
+
+def test_the_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="quantize-weights takes mode int8 or int4, not 'int2'"):
+        QuantizeWeights("int2")
