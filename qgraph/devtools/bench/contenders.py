@@ -6,6 +6,7 @@ stops early: every contender decodes the same number of steps.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ def model_folder(model: str, workdir: Path) -> str:
     folder = workdir / model.replace(":", "-")
     if not (folder / "config.json").is_file():
         family.save_random(shape, folder)
-    if not (folder / "tokenizer.json").is_file():
-        write_word_tokenizer(folder, int(shape["vocab_size"]))
+    if not (folder / "tokenizer.json").is_file():  # the vocabulary as saved: a shape may leave it to the config's default
+        write_word_tokenizer(folder, int(json.loads((folder / "config.json").read_text())["vocab_size"]))
     return str(folder)
 
 
