@@ -142,6 +142,33 @@ def test_targets_are_judged_from_the_reported_figures(bench: tuple[BenchReport, 
     assert all(isinstance(x["met"], bool) and x["in_time"] is not None for x in data["targets"][2:4])
 
 
+def test_quantized_and_genai_targets_are_judged_against_their_own_figures() -> None:
+    from qgraph.devtools.bench import Result
+
+    # Made-up figures of a Llama run with --quantize int4: the quantized bound is 5 ms/token, the fp32 one 20.
+    ms = {"huggingface-eager": 32.0, "onnxruntime-plain-export": 16.0, "qgraph-cpu": 15.0, "onnxruntime-genai": 15.0,
+          "qgraph-cpu-int4": 6.0, "onnxruntime-matmulnbits-int4": 9.0, "onnxruntime-genai-int4": 4.0}  # fmt: skip
+    results = [Result(n, 0.05, 1000 / v, v) for n, v in ms.items()]
+    ratios = {"qgraph decode / onnxruntime-genai decode": 1.0, "qgraph TTFT / onnxruntime-genai TTFT": 1.0,
+              "qgraph int4 decode / qgraph decode": 2.5, "qgraph int4 decode / onnxruntime matmulnbits int4 decode": 1.5,
+              "qgraph int4 decode / onnxruntime-genai int4 decode": 4 / 6, "qgraph int4 TTFT / qgraph TTFT": 1.0}  # fmt: skip
+    r = BenchReport("m", 32, 64, 2, 400_000_000, 20.0, 20.0, results, ratios, True, quantize="int4", quant_block_size=32,
+                    quantized_weight_bytes=100_000_000, quantized_bound_ms_per_token=5.0)  # fmt: skip
+    t = {x["ratio"]: x for x in r.targets()}
+    assert list(t) == list(ratios)  # in TARGETS' order; the int8 ones were not measured
+    assert t["qgraph decode / onnxruntime-genai decode"]["met"] and t["qgraph int4 decode / qgraph decode"]["met"]
+    genai4 = t["qgraph int4 decode / onnxruntime-genai int4 decode"]
+    assert not genai4["met"] and genai4["needs_ms_per_token"] == pytest.approx(4.0)
+    assert genai4["needs_x_bound"] == pytest.approx(5.0 / 4.0)  # against the bytes a quantized step reads
+    assert t["qgraph decode / onnxruntime-genai decode"]["needs_x_bound"] == pytest.approx(20.0 / 15.0)
+    table = r.table()
+    assert "int4 (block 32): every weight product quantized, 100.0 MB read per step -> bound 5.00 ms/token" in table
+    # Each row's "x bound" against its own bound: qgraph int4 at 5 / 6, qgraph fp32 at 20 / 15.
+    rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.split() and line.split()[0] in ms}
+    assert rows["qgraph-cpu-int4"] == "0.83" and rows["qgraph-cpu"] == "1.33"
+    assert "int4 decode vs onnxruntime-genai int4, at least 1x: 0.67 missed; needs 4.00 ms/token, 1.25x the bound's speed" in table
+
+
 def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:
     report, work = bench
     # Four per layer (qkv, attention output, MLP in and out) and the vocabulary projection.

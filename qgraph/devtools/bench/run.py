@@ -81,7 +81,8 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
     out = []
     for precision in precisions:
         say(f"building onnxruntime-genai's {precision} model")
-        runner = GenaiRunner(build(folder, tmp / f"genai-{precision}", precision, block_size=block_size), threads)
+        built = tmp / ("genai-fp32" if precision == "fp32" else f"genai-{precision}-block{block_size}")  # reused when there
+        runner = GenaiRunner(build(folder, built, precision, block_size=block_size), threads)
         name = "onnxruntime-genai" + ("" if precision == "fp32" else f"-{precision}")
         out.append((name, lambda r=runner: r.run(prompt, new_tokens)))
     return out, []
@@ -156,7 +157,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         compile_model(raw, "cpu", art_q, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads},
                       progress=say, quantize=quantize, quant_block_size=block_size)  # fmt: skip
         rt_q = Runtime(art_q, threads=threads)
-        nbits = tmp / f"raw-matmulnbits-{quantize}.onnx"
+        nbits = tmp / f"raw-matmulnbits-{quantize}-block{block_size}.onnx"  # reused when there, as the plain export is
         if not nbits.is_file():
             say(f"quantizing the plain export with ONNX Runtime's MatMulNBitsQuantizer ({quantize}, block {block_size})")
             quantize_plain_export(raw, nbits, quantize, block_size)
