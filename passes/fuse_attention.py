@@ -30,8 +30,10 @@ the last two), an intermediate used outside the pattern, and custom-domain ops.
 The standard ONNX ``Attention`` op (opset 23, what dynamo writes at opset 23
 and 24, its mask made the additive position mask by retain-kv-cache) is the
 same computation and becomes the same node, with its ``scale`` (default
-1/sqrt(H)). Declined, with the reason, besides the above: a bool mask,
-fewer K/V heads than query heads (grouped), ``softcap``, ``is_causal``, a
+1/sqrt(H)); grouped K/V heads (fewer than Q's, dividing them) are repeated for
+it, ``Reshape(Expand(Unsqueeze(kv, 2)))``, the spelling fuse-decode-attention
+takes back. Declined, with the reason, besides the above: a bool mask,
+K/V heads that do not divide Q's, ``softcap``, ``is_causal``, a
 softmax precision other than float32, its own past key/value, and a used
 present or scores output. Measured on the opset-23 tiny GPT-2, the fused
 graph is what the MatMul/Softmax spelling gives, so fuse-decode-attention
@@ -105,6 +107,7 @@ class AttentionMatch(Match):
     out: Tensor
     shape: tuple[int, int, int, int]  # B, N, S, H
     scale: float
+    kv_heads: int = 0  # K/V heads of an ONNX Attention with grouped heads (0: as many as Q), repeated for MultiHeadAttention
 
 
 def _scaled(graph: Graph, tensor: Tensor, roles: list[Role], what: str) -> tuple[Tensor, float]:
@@ -219,8 +222,11 @@ class FuseAttention(FusionPass[AttentionMatch]):
         if bias is not None and tensor_dtype(graph, bias) == TensorProto.BOOL:
             return "the Attention mask is bool; MultiHeadAttention takes an additive float bias"
         q_shape, k_shape = static_dims(query.shape), static_dims(key.shape)
+        kv_heads = 0
         if q_shape is not None and k_shape is not None and len(q_shape) == len(k_shape) == 4 and q_shape[1] != k_shape[1]:
-            return f"Q has {q_shape[1]} heads and K/V {k_shape[1]} (grouped); MultiHeadAttention needs as many K/V heads as query heads"
+            if q_shape[1] % k_shape[1]:
+                return f"Q has {q_shape[1]} heads and K/V {k_shape[1]}, which do not divide them into groups"
+            kv_heads = k_shape[1]  # grouped: query head j reads K/V head j // (N / KV), repeated for MultiHeadAttention
         if "scale" in attrs:
             scale = float(attrs["scale"])
         elif q_shape is not None and len(q_shape) == 4:
@@ -228,17 +234,18 @@ class FuseAttention(FusionPass[AttentionMatch]):
         else:
             return "Q needs a static 4-D shape [B, N, S, H] (run pin-static-shapes first)"
         return self.check(graph, [("the Attention", anchor)], query=query, key=key, value=value, bias=bias, out=anchor.outputs[0],
-                          scale=scale)  # fmt: skip
+                          scale=scale, kv_heads=kv_heads)  # fmt: skip
 
     def check(self, graph: Graph, roles: list[Role], *, query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, out: Tensor,
-              scale: float) -> AttentionMatch | str:  # fmt: skip
+              scale: float, kv_heads: int = 0) -> AttentionMatch | str:  # fmt: skip
         """The site as a match if MultiHeadAttention can compute it (static shapes that agree, float32, a bias it
         broadcasts, nothing but the output leaving the pattern), else the reason."""
         q_shape, k_shape, v_shape = static_dims(query.shape, 4), static_dims(key.shape, 4), static_dims(value.shape, 4)
         if q_shape is None or k_shape is None or v_shape is None:
             return "Q, K and V need static 4-D shapes [B, N, S|L, H] (run pin-static-shapes first)"
         b, n, s, h = q_shape
-        if k_shape[:2] != [b, n] or v_shape[:2] != [b, n] or k_shape[3] != h or v_shape[3] != h or v_shape[2] != k_shape[2]:
+        kv = kv_heads or n
+        if k_shape[:2] != [b, kv] or v_shape[:2] != [b, kv] or k_shape[3] != h or v_shape[3] != h or v_shape[2] != k_shape[2]:
             return f"Q {q_shape}, K {k_shape} and V {v_shape} do not share batch, heads and head size"
         length = k_shape[2]
         for t, what in ((query, "Q"), (key, "K"), (value, "V")) + (((bias, "the bias"),) if bias is not None else ()):
@@ -260,7 +267,7 @@ class FuseAttention(FusionPass[AttentionMatch]):
             if t is not None and id(t) in inside:
                 return f"{what} is computed inside the attention pattern"
         return AttentionMatch(nodes=[node for _, node in roles], query=query, key=key, value=value, bias=bias, bias_shape=bias_shape,
-                              out=out, shape=(b, n, s, h), scale=scale)  # fmt: skip
+                              out=out, shape=(b, n, s, h), scale=scale, kv_heads=kv_heads)  # fmt: skip
 
     def rewrite(self, graph: Graph, m: AttentionMatch) -> None:
         b, n, s, h = m.shape
@@ -290,7 +297,15 @@ class FuseAttention(FusionPass[AttentionMatch]):
         bias = m.bias
         if bias is not None and list(bias.shape) != m.bias_shape:
             bias = add("Reshape", [bias, graph.constant(self.name, np.array(m.bias_shape, np.int64))]).outputs[0]
-        inputs = [q_bsd, m.key, m.value] + ([graph.omitted(), graph.omitted(), bias] if bias is not None else [])
+        key, value = m.key, m.value
+        if m.kv_heads:
+            # Reshape(Expand(Unsqueeze(kv, 2), [B, KV, N/KV, L, H]), [B, N, L, H]): fuse-decode-attention takes it back
+            length = static_dims(key.shape, 4)[2]  # type: ignore[index]
+            wide = graph.constant(self.name, np.array([b, m.kv_heads, n // m.kv_heads, length, h], np.int64))
+            full = graph.constant(self.name, np.array([b, n, length, h], np.int64))
+            key, value = (add("Reshape", [add("Expand", [add("Unsqueeze", [t, graph.constant(self.name, np.array([2], np.int64))]).outputs[0],
+                                                          wide]).outputs[0], full]).outputs[0] for t in (key, value))  # fmt: skip
+        inputs = [q_bsd, key, value] + ([graph.omitted(), graph.omitted(), bias] if bias is not None else [])
         attrs = {"num_heads": n, "scale": float(np.float32(m.scale))}
         out = m.out
         merge = self._head_merge(graph, out)

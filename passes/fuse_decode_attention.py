@@ -20,6 +20,14 @@ padding token the last valid token's values). After:
     o, kc, vc = GroupQueryAttention(qkv, past_key.i, past_value.i,
                                     seqlens_k=L, total_sequence_length=C)
 
+Grouped KV heads (Llama-family GQA): the caches hold KV < N heads and the
+attention reads them repeated, ``Reshape(Expand(Unsqueeze(kc, 2), [B, KV,
+N/KV, C, H]), [B, N, C, H])`` (query head j reads KV head j // (N/KV), as
+GroupQueryAttention does); the repeat goes and ``kv_num_heads`` = KV, q, k and
+v packed as [B, S, (N + 2 KV) H]. Keys or values computed per head (a rotary
+embedding after the head split: [B, KV, S, H] rather than a Reshape of
+[B, S, KV * H]) are merged back by a Reshape (a chunk: Transpose + Reshape).
+
 GroupQueryAttention writes token i at slot L[b] - S + 1 + i and lets it attend
 to slots 0..L[b] - S + 1 + i.
 
@@ -114,12 +122,14 @@ class DecodeAttentionMatch(Match):
     key_write: Node
     value_write: Node
     heads: int
+    kv_heads: int  # KV heads of the cache (fewer than heads: grouped, repeated before the attention)
     batch: int
     tokens: int  # S: 1 at decode, the chunk's length at prefill
     ctx: int  # C, the cache's slots
     q: Tensor
     k: Tensor
     v: Tensor
+    split_heads: tuple[bool, bool]  # whether k, v are [B, KV, S, H] (e.g. after a rotary embedding), not [B, S, KV * H]
     packed: Tensor | None  # the [B, S, 3D] tensor q, k and v are split from, if they are
     slot: Tensor  # the slot each token writes ([B, 1, S, 1])
     positions: Tensor | None  # the graph's [B, S] position input (a chunk only)
@@ -186,16 +196,23 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
                 return "the mask's positions are not the graph's [B, S] position input"
             if ctx % s:
                 return f"the cache's {ctx} slots are not a whole number of {s}-token chunks: the last chunk could run past it"
-        caches = []
+        caches, repeats = [], []
         for role, t in (("key", ins[1]), ("value", ins[2])):
-            found = self._cache(graph, t, anchor, [b, s, heads, h], ctx, positions)
+            repeat = _kv_repeat(graph, t, anchor, [b, heads, ctx, h])
+            if isinstance(repeat, str):
+                return f"the {role} cache: {repeat}"
+            cache, kv, nodes = repeat
+            found = self._cache(graph, cache, nodes[0] if nodes else anchor, [b, s, kv, h], ctx, positions)
             if isinstance(found, str):
                 return f"the {role} cache: {found}"
-            caches.append(found)
-        (key_write, past_k, k), (value_write, past_v, v) = caches
+            caches.append((*found, kv))
+            repeats += nodes
+        (key_write, past_k, k, k_split, kv), (value_write, past_v, v, v_split, v_kv) = caches
+        if kv != v_kv:
+            return f"the key cache has {kv} heads and the value cache {v_kv}"
         if key_write.inputs[1] is not value_write.inputs[1]:
             return "the key and value caches are written at different indices"
-        slot = self._slot(graph, key_write.inputs[1], [b, heads, s])
+        slot = self._slot(graph, key_write.inputs[1], [b, kv, s])
         if isinstance(slot, str):
             return slot
         if not _equal_when_valid(graph, slot, pos, b, b * s):
@@ -205,15 +222,19 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         if (is_onnx_op(split, "Split") and len(split.outputs) == 3 and all(a is b for a, b in zip(split.outputs, (q, k, v))) and int(split.attrs.get("axis", 0)) in (-1, 2)
                 and static_dims(split.inputs[0].shape) == [b, s, 3 * d]):  # fmt: skip
             packed = split.inputs[0]
-        return DecodeAttentionMatch(nodes=[anchor, key_write, value_write], attention=anchor, key_write=key_write, value_write=value_write,
-                                    heads=heads, batch=b, tokens=s, ctx=ctx, q=q, k=k, v=v, packed=packed, slot=slot, positions=positions,
+        if k_split or v_split:
+            packed = None
+        return DecodeAttentionMatch(nodes=[anchor, key_write, value_write, *repeats], attention=anchor, key_write=key_write,
+                                    value_write=value_write, heads=heads, kv_heads=kv, batch=b, tokens=s, ctx=ctx, q=q, k=k, v=v,
+                                    split_heads=(k_split, v_split), packed=packed, slot=slot, positions=positions,
                                     past_k=past_k, past_v=past_v)  # fmt: skip
 
     @staticmethod
     def _cache(
         graph: Graph, t: Tensor, anchor: Node, bsnh: list[int], ctx: int, positions: Tensor | None
-    ) -> tuple[Node, Tensor, Tensor] | str:
-        """(the ScatterND, the past input, the [B, S, D] keys or values written) of a cache read by ``anchor``."""
+    ) -> tuple[Node, Tensor, Tensor, bool] | str:
+        """(the ScatterND, the past input, the keys or values written, whether they are [B, N, S, H] rather than
+        [B, S, N * H]) of a cache read by ``anchor`` (the attention, or the first node of the repeat of its heads)."""
         found = match(graph, CACHE_WRITE, t)
         if isinstance(found, Miss):
             return found.reason
@@ -233,8 +254,10 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
             return "the cache is not float32"
         if s == 1:
             heads = graph.producer(write.inputs[2])  # the head split of one token moves no element
-            if not is_onnx_op(heads, "Reshape", "Unsqueeze") or static_dims(write.inputs[2].shape) != [b, n, 1, h]:
-                return "the step's values are not a Reshape to [B, N, 1, H]"
+            if static_dims(write.inputs[2].shape) != [b, n, 1, h]:
+                return "the step's values are not [B, N, 1, H]"
+            if not is_onnx_op(heads, "Reshape", "Unsqueeze") or static_dims(heads.inputs[0].shape) != [b, s, n * h]:
+                return write, past, write.inputs[2], True  # computed per head (a rotary embedding): the rewrite merges them
         else:
             written = write.inputs[2]
             copy = graph.producer(written)
@@ -243,16 +266,16 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
                     return "the values written go through a Gather that is not shown to keep every valid token in place"
                 written = copy.inputs[0]
             swap = graph.producer(written)
-            if (not is_onnx_op(swap, "Transpose") or list(swap.attrs.get("perm", [])) != [0, 2, 1, 3]
-                    or static_dims(written.shape) != [b, n, s, h]):  # fmt: skip
-                return "the chunk's values are not a head split [B, S, N, H] transposed to [B, N, S, H]"
-            heads = graph.producer(swap.inputs[0])
-            if not is_onnx_op(heads, "Reshape") or static_dims(swap.inputs[0].shape) != [b, s, n, h]:
-                return "the chunk's values are not a Reshape to [B, S, N, H]"
+            if static_dims(written.shape) != [b, n, s, h]:
+                return f"the chunk's values have shape {written.shape}, not [{b}, {n}, {s}, {h}]"
+            heads = graph.producer(swap.inputs[0]) if is_onnx_op(swap, "Transpose") else None
+            if (list(swap.attrs.get("perm", [])) != [0, 2, 1, 3] or not is_onnx_op(heads, "Reshape")
+                    or static_dims(swap.inputs[0].shape) != [b, s, n, h]):  # fmt: skip
+                return write, past, written, True  # computed per head (a rotary embedding): the rewrite merges them
         src = heads.inputs[0]
         if static_dims(src.shape) != [b, s, n * h]:
             return f"the head split reads shape {src.shape}, not [{b}, {s}, {n * h}]"
-        return write, past, src
+        return write, past, src, False
 
     @staticmethod
     def _slot(graph: Graph, indices: Tensor, bns: list[int]) -> Tensor | str:
@@ -314,17 +337,50 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
                                   prefix=self.name, before=mha).outputs[0]  # fmt: skip
             seqlens = graph.add_node("Cast", [rows], 1, {"to": TensorProto.INT32}, prefix=self.name, before=mha).outputs[0]
             self._seqlens[id(key)] = seqlens
-        packed = m.packed
-        if packed is None:
-            packed = graph.add_node("Concat", [m.q, m.k, m.v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
+        # [B, KV, S, H] -> [B, S, KV * H]
+        k, v = (self._merge_heads(graph, t, m, mha) if split else t for t, split in zip((m.k, m.v), m.split_heads))
         total = graph.constant(self.name, np.array(m.ctx, np.int32))
-        attrs: dict[str, int | float] = {"num_heads": m.heads, "kv_num_heads": m.heads}
+        # Packed: GroupQueryAttention on separate q, k, v was slower than after a Concat (PERFORMANCE.md, row 21).
+        packed = m.packed or graph.add_node("Concat", [m.q, k, v], 1, {"axis": -1}, prefix=self.name, before=mha).outputs[0]
+        qkv = [packed, graph.omitted(), graph.omitted()]
+        attrs: dict[str, int | float] = {"num_heads": m.heads, "kv_num_heads": m.kv_heads}
         if "scale" in mha.attrs:
             attrs["scale"] = float(mha.attrs["scale"])
         outs = [mha.outputs[0], key_write.outputs[0], value_write.outputs[0]]
-        inputs = [packed, graph.omitted(), graph.omitted(), m.past_k, m.past_v, seqlens, total]
+        inputs = [*qkv, m.past_k, m.past_v, seqlens, total]
         graph.remove_nodes(m.nodes)
         graph.add_node("GroupQueryAttention", inputs, outs, attrs, prefix=self.name, domain=MS_DOMAIN, before=mha)
+
+    def _merge_heads(self, graph: Graph, t: Tensor, m: DecodeAttentionMatch, before: Node) -> Tensor:
+        """[B, KV, S, H] -> [B, S, KV * H] (one token: a Reshape, which moves nothing)."""
+        if m.tokens > 1:
+            t = graph.add_node("Transpose", [t], 1, {"perm": [0, 2, 1, 3]}, prefix=self.name, before=before).outputs[0]
+        shape = graph.constant(self.name, np.array([m.batch, m.tokens, -1], np.int64))
+        return graph.add_node("Reshape", [t, shape], 1, prefix=self.name, before=before).outputs[0]
+
+
+def _kv_repeat(graph: Graph, t: Tensor, anchor: Node, bnch: list[int]) -> tuple[Tensor, int, list[Node]] | str:
+    """(the cache [B, KV, C, H], KV, the repeat's nodes) of the key or value input ``t`` [B, N, C, H] of ``anchor``:
+    ``t`` itself, or grouped-query attention's repeat of the KV heads, query head j reading KV head j // (N / KV):
+
+        Reshape(Expand(Unsqueeze(cache, 2), [B, KV, N / KV, C, H]), [B, N, C, H])   (Unsqueeze or a Reshape)
+    """
+    b, n, ctx, h = bnch
+    merge = graph.producer(t)
+    expand = graph.producer(merge.inputs[0]) if is_onnx_op(merge, "Reshape") else None
+    if not is_onnx_op(expand, "Expand"):
+        return t, n, []
+    dims = static_dims(expand.outputs[0].shape, 5)
+    if dims is None or static_dims(t.shape) != [b, n, ctx, h] or dims[0] != b or dims[3:] != [ctx, h] or dims[1] * dims[2] != n:
+        return f"the attention reads an Expand of shape {expand.outputs[0].shape}, not a repeat [B, KV, N / KV, C, H] of the KV heads"
+    kv = dims[1]
+    insert = graph.producer(expand.inputs[0])
+    if not is_onnx_op(insert, "Unsqueeze", "Reshape") or static_dims(expand.inputs[0].shape) != [b, kv, 1, ctx, h]:
+        return "the repeated KV heads are not the cache with an axis inserted at 2 ([B, KV, 1, C, H])"
+    inside = (insert.outputs[0], expand.outputs[0], t)
+    if not all(only_consumer(x, user) and not graph.is_graph_output(x) for x, user in zip(inside, (expand, merge, anchor))):
+        return "the repeat of the KV heads is read outside the attention"
+    return insert.inputs[0], kv, [insert, expand, merge]
 
 
 def _row_value(graph: Graph, t: Tensor, b: int, count: int) -> Tensor:

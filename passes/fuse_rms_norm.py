@@ -7,7 +7,9 @@ or ``Mul(x, x)``; ``Div(x, s)``, ``Mul(x, Reciprocal(s))`` or ``Mul(x, Div(1, s)
 (TorchScript's rsqrt); either operand order; float Casts inside the pattern,
 as LLaMA's RMSNorm does (``x.to(float32)`` ... ``.to(input_dtype) * weight``);
 ReduceMean axes as attribute or input. gamma is optional (ones of the
-normalized size when the input's last dimension is known).
+normalized size when the input's last dimension is known), and may be the sum
+of two constants, as Gemma's ``x * (1 + weight)`` (through a Cast of the
+weight): the sum becomes the fused node's scale.
 
 The fused node always computes in float32 or wider: a float16/bfloat16 input
 (or one whose dtype cannot be told) is Cast to float32 in front and the result

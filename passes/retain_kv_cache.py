@@ -353,7 +353,7 @@ class RetainKvCache(Pass):
                         # past_len -> ctx_len - seq_len (the step's length): past_len + seq_len is the retained length
                         at = dict(before=node)
                         full = self._node(graph, "Shape", [c.past], **at)
-                        added.add(id(full.inputs[0]))
+                        added.add(id(graph.producer(full)))
                         step = self._node(graph, "Mul", [seq, self._const(graph, [0, 0, 1, 0], np.int64)], **at)  # [0, 0, seq_len, 0]
                         length = self._node(graph, "Sub", [full, step], **at)
                         start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")

@@ -119,6 +119,18 @@ def test_pinned_chunks_stay_inside_a_tight_cache(model: Path) -> None:
         debug_passes(model, passes, ctx_len=4, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
 
 
+def test_a_llama_graph_through_the_cpu_passes() -> None:
+    # The real Optimum export of a Llama (RMSNorm, rotary, grouped KV heads repeated after the cache) at batch 1:
+    # every pass within atol, each layer's grouped attention and cache writes one GroupQueryAttention.
+    llama = Path(__file__).parent / "data" / "optimum-llama-2l" / "model.onnx"
+    passes = DEFAULT + ["pin-static-shapes", "cleanup", "fuse-attention", "simplify-shapes", "fuse-decode-attention"]
+    report = debug_passes(llama, passes, ctx_len=16, batch_size=1, seq_len=4, out_dir=None, atol=ATOL, threads=1)
+    assert report.first_bad_pass is None, report.table()
+    assert report["fuse-rms-norm"].stats == {"rms_norm": 5} and report["retain-kv-cache"].signature == "retained"
+    assert report["fuse-decode-attention"].stats == {"decode_attention": 2}, report.table()
+    assert all(s.max_abs_diff is not None and s.max_abs_diff < ATOL for s in report.stages)
+
+
 @pytest.mark.parametrize("position", [1, 6], ids=["before-retain", "after-retain"])
 def test_broken_pass_is_named(model: Path, position: int) -> None:
     passes: list[Any] = list(DEFAULT)

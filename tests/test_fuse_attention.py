@@ -96,10 +96,20 @@ def test_onnx_attention_op_default_scale_and_heads_layout_restored(golden: Any) 
     assert out.producer(out.outputs[0]).op == "Transpose"
 
 
+def test_onnx_attention_op_with_grouped_kv_heads_reads_them_repeated(golden: Any) -> None:
+    out = fused("onnx_attention_gqa", golden)
+    (mha,) = out.nodes_by_op("MultiHeadAttention")
+    assert mha.attrs["num_heads"] == 4
+    for t in mha.inputs[1:3]:  # query head j reads K/V head j // 2
+        reshape = out.producer(t)
+        expand = out.producer(reshape.inputs[0])
+        assert (reshape.op, expand.op, out.producer(expand.inputs[0]).op) == ("Reshape", "Expand", "Unsqueeze")
+        assert out.const_value(reshape.inputs[1]).tolist() == [1, 4, 5, 8]
+
+
 def test_onnx_attention_op_near_misses_decline_with_a_reason(golden: Any) -> None:
     assert declined("onnx_attention_near_misses", golden) == [
         "the Attention mask is bool; MultiHeadAttention takes an additive float bias",
-        "Q has 2 heads and K/V 1 (grouped); MultiHeadAttention needs as many K/V heads as query heads",
         "the Attention has softcap 30.0, which MultiHeadAttention does not apply",
         "the Attention is causal (is_causal=1), which MultiHeadAttention does not compute the same way",
         "Q is float16; MultiHeadAttention on CPU is float32",

@@ -137,3 +137,42 @@ def test_prompt_chunks_that_are_not_the_runtimes_are_declined(golden: Any) -> No
     joined = "\n".join(reasons)
     for expected in ("2 query tokens in 2 rows", "not a whole number of 4-token chunks", "not shown to keep every valid token in place"):
         assert expected in joined, (expected, reasons)
+
+
+# -- grouped KV heads: the cache holds KV heads and the attention reads them repeated (Unsqueeze, Expand, Reshape)
+
+
+def test_grouped_kv_heads_become_kv_num_heads_and_keys_computed_per_head_are_merged(golden: Any) -> None:
+    out = check_case(FuseDecodeAttention, "gqa_decode", golden, expect_modified=True, expect_stats={"decode_attention": 1},
+                     shared_state=True, feeds={"position_ids": np.array([[5], [2]], np.int64)})  # fmt: skip
+    assert not {"ScatterND", "MultiHeadAttention", "Expand", "LessOrEqual"} & set(out.op_counts())
+    (gqa,) = out.nodes_by_op("GroupQueryAttention")
+    assert (gqa.attrs["num_heads"], gqa.attrs["kv_num_heads"]) == (4, 2)
+    # Packed: the query, the keys (merged back to [B, 1, KV * H]) and the values as they were projected
+    concat = out.producer(gqa.inputs[0])
+    assert concat.op == "Concat" and [t.name for t in gqa.inputs[1:5]] == ["", "", "past_key.0", "past_value.0"]
+    assert concat.inputs[0].name == "q" and out.producer(concat.inputs[1]).op == "Reshape" and concat.inputs[2].name == "v"
+
+
+def test_a_grouped_prompt_chunk_becomes_group_query_attention(golden: Any) -> None:
+    second_chunk = {"position_ids": np.array([[4, 5, 6, 7]], np.int64)}
+    out = check_case(FuseDecodeAttention, "gqa_prefill", golden, expect_modified=True, expect_stats={"decode_attention": 1},
+                     shared_state=True, feeds=second_chunk)  # fmt: skip
+    (gqa,) = out.nodes_by_op("GroupQueryAttention")
+    assert (gqa.attrs["num_heads"], gqa.attrs["kv_num_heads"]) == (4, 1) and "Expand" not in out.op_counts()
+    before, after = _before_and_after("gqa_prefill")
+    for positions, valid in (([0, 1, 2, 3], 4), ([4, 5, -1, -1], 2)):
+        feeds = _feeds(before, positions, seed=valid)
+        ref = dict(zip([o.name for o in before.outputs], session(before).run(None, feeds)))
+        got = dict(zip([o.name for o in after.outputs], run_shared_state(session(after), feeds)))
+        np.testing.assert_allclose(got["y"][:, :valid], ref["y"][:, :valid], atol=1e-5)
+        for name in ("past_key.0_RetainedState", "past_value.0_RetainedState"):
+            np.testing.assert_allclose(got[name][:, :, : positions[valid - 1] + 1], ref[name][:, :, : positions[valid - 1] + 1], atol=1e-6)
+
+
+def test_a_repeat_read_outside_the_attention_is_declined() -> None:
+    text = (CASES / "gqa_decode.before.onnxtxt").read_text()
+    text = text.replace("=> (float[2,1,32] y,", "=> (float[2,1,32] y, float[2,4,8,8] kh,")
+    p = FuseDecodeAttention()
+    assert p.run(Graph.parse(text)).modified is False
+    assert "the repeat of the KV heads is read outside the attention" in p.near_misses[0].reason

@@ -14,12 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import pytest
+from helpers import generate_recording_logits, hf_greedy, hf_logits_along
 
-from qgraph.frontend.families import FAMILIES
+from qgraph.compile import compile_model
+from qgraph.frontend.families import FAMILIES, spec_of
 from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.optimize import optimize
+from qgraph.runtime import Runtime
 
 torch = pytest.importorskip("torch")
 
@@ -29,7 +34,7 @@ CTX = 40
 NEW = 10
 PROMPTS = [[5, 17, 42], [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [100, 3, 9, 9, 1]]  # one longer than two chunks
 BASE: dict[str, Any] = dict(
-    hidden_size=48, num_hidden_layers=2, intermediate_size=96, vocab_size=211, max_position_embeddings=128,
+    hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=211, max_position_embeddings=128,
     initializer_range=RANDOM_INIT_RANGE,
 )  # fmt: skip
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -41,7 +46,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  rope_scaling=LLAMA3)),
     "qwen2-gqa4-tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
     "phi3-mha-untied": ("phi3", dict(num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, tie_word_embeddings=False)),
-    "gemma-gqa2-head_dim": ("gemma", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=20)),
+    "gemma-gqa2-head_dim": ("gemma", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
 }  # fmt: skip
 
 
@@ -71,3 +76,44 @@ def test_default_pipeline_counts(model: tuple[str, Any, Path]) -> None:
     head_dim = getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads
     for t in graph.inputs[2:]:
         assert list(t.shape) == ["batch", kv, CTX, head_dim], t.name
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_matches_hf_tokens_and_logits_at_every_step(model: tuple[str, Any, Path], batch: int, tmp_path: Path) -> None:
+    """Batch 1: each prompt alone, its chunks through GroupQueryAttention (head sizes that are multiples of 8);
+    batch 2: three prompts, a padded row and a second group after a reset."""
+    name, hf, path = model
+    art = compile_model(path, "cpu", tmp_path / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=batch)
+    spec = spec_of(hf.config)
+    for graph in ("prefill", "decode"):
+        ops = [n.op_type for n in onnx.load(str(art / f"{graph}.onnx"), load_external_data=False).graph.node]
+        # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 8 and a chunk in one row only
+        fused = spec.head_dim % 8 == 0 and (graph == "decode" or batch == 1)
+        assert ops.count("GroupQueryAttention" if fused else "MultiHeadAttention") == spec.num_layers, (name, graph, ops)
+    rt = Runtime(art)
+    prompts = PROMPTS if batch > 1 else PROMPTS[:2]
+    out, logits = generate_recording_logits(rt, prompts, NEW, eos_token_id=spec.eos_token_ids)  # stops as HF does
+    for i, (prompt, toks, got) in enumerate(zip(prompts, out.tokens, logits, strict=True)):
+        assert toks == hf_greedy(hf, prompt, NEW, distinct=3), (name, i)
+        want = hf_logits_along(hf, prompt, toks)
+        assert len(got) == len(toks)
+        for k, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f"{name}: prompt {i}, step {k} (0: after the prompt)")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_a_torchscript_export_goes_the_same_way(family: str, tmp_path: Path) -> None:
+    """TorchScript spells the repeat of the KV heads, the rotary embedding and the norms its own way."""
+    from transformers import AutoModelForCausalLM
+
+    from qgraph.frontend.export import export_model
+
+    fields = dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "gemma")
+    folder = FAMILIES[family].save_random({**BASE, **fields}, tmp_path / "hf", seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    path = export_model(hf, tmp_path / "ts.onnx", exporter="torchscript").path
+    art = compile_model(path, "cpu", tmp_path / "cpu", prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2)
+    ops = [n.op_type for n in onnx.load(str(art / "decode.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("RMSNormalization") == 5, ops
+    out = Runtime(art).generate(PROMPTS, max_new_tokens=NEW, eos_token_id=spec_of(hf.config).eos_token_ids)
+    assert out.tokens == [hf_greedy(hf, p, NEW, distinct=3) for p in PROMPTS]

@@ -168,7 +168,7 @@ def test_a_misordered_built_in_pipeline_is_refused_before_anything_runs(tmp_path
     said: list[str] = []
     with pytest.raises(PassOrderError) as e:
         compile_model(RAW, "cpu", tmp_path / "art", prefill_seq_len=4, ctx_len=32, progress=said.append)
-    assert "pass #8 'fuse-decode-attention' requires 'attention_fused' (produced by fuse-attention, which must come first)" in str(e.value)
+    assert "pass #9 'fuse-decode-attention' requires 'attention_fused' (produced by fuse-attention, which must come first)" in str(e.value)
     assert "'shapes_simplified' (produced by simplify-shapes, which must come first)" in str(e.value)
     assert ran == [] and said == [] and not list(tmp_path.iterdir())
 

@@ -25,8 +25,13 @@ def decode_attention_cases(draw: Any) -> Case:
     opset = draw(st.sampled_from([17, 18]))
     b = Builder(opset, const_nodes=draw(st.booleans()))
     b.domains["com.microsoft"] = 1
-    bad = perturbation(draw, ["shifted_mask", "other_indices", "past_reader", "head4", "slot_unproven", "two_tokens"])
-    bsz, heads, ctx = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(4, 9))
+    bad = perturbation(draw, ["shifted_mask", "other_indices", "past_reader", "head4", "slot_unproven", "two_tokens", "repeat_read"])
+    bsz, heads, ctx = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4])), draw(st.integers(4, 9))
+    # Grouped KV heads: the cache holds kv heads, repeated for the attention (Unsqueeze, Expand, Reshape).
+    kv = draw(st.sampled_from([k for k in (1, 2, heads) if heads % k == 0]))
+    if bad == "repeat_read" and kv == heads:
+        kv = 1 if heads > 1 else kv
+        heads = heads if heads > 1 else 2
     h = 4 if bad == "head4" else draw(st.sampled_from([8, 16]))
     s_len = 2 if bad == "two_tokens" else 1
     if bad == "two_tokens" and bsz == 1 and ctx % 2 == 0:
@@ -36,7 +41,9 @@ def decode_attention_cases(draw: Any) -> Case:
         s_len = draw(st.sampled_from([2, 4]))
         bsz, ctx = 1, s_len * draw(st.integers(1, 3))
     d = heads * h
-    tags = [f"B={bsz} N={heads} H={h} C={ctx} S={s_len}", f"bad={bad}"]
+    tags = [f"B={bsz} N={heads} KV={kv} H={h} C={ctx} S={s_len}", f"bad={bad}"]
+    per_head = draw(st.booleans())  # keys changed after the head split (a rotary embedding's place)
+    tags += ["per-head-keys"] if per_head else []
     pos = b.input("position_ids", I64, [bsz, s_len])
     zero = b.const(np.int64(0), np.int64)
     # mask[b, 0, q, j] = 0 if j <= pos[b, q] else -10000
@@ -56,14 +63,14 @@ def decode_attention_cases(draw: Any) -> Case:
     else:
         slot = pos
     slot4 = b.unsqueeze(slot, [1, 3])
-    if heads > 1 or s_len > 1 or draw(st.booleans()):
-        slot4 = b.op("Expand", [slot4, b.const([bsz, heads, s_len, 1], np.int64)])
-    grids = np.meshgrid(np.arange(bsz), np.arange(heads), np.zeros(s_len, np.int64), indexing="ij")
+    if kv > 1 or s_len > 1 or draw(st.booleans()):
+        slot4 = b.op("Expand", [slot4, b.const([bsz, kv, s_len, 1], np.int64)])
+    grids = np.meshgrid(np.arange(bsz), np.arange(kv), np.zeros(s_len, np.int64), indexing="ij")
     parts = [b.const(g[..., None].astype(np.int64), np.int64) for g in grids[:2]]
     indices = b.op("Concat", [*parts, slot4], axis=-1)
     value_indices = b.op("Concat", [*parts, slot4], axis=-1) if bad == "other_indices" else indices
     # q, k, v: one packed projection split three ways, or three inputs.
-    if draw(st.booleans()):
+    if kv == heads and draw(st.booleans()):
         qkv = b.input("qkv", F32, [bsz, s_len, 3 * d])
         if opset >= 18:
             q, k, v = (b.fresh() for _ in range(3))
@@ -73,7 +80,8 @@ def decode_attention_cases(draw: Any) -> Case:
             b.nodes.append(helper.make_node("Split", [qkv, b.const([d, d, d], np.int64)], [q, k, v], name=b.fresh("n"), axis=2))
         tags.append("packed")
     else:
-        q, k, v = (b.input(n, F32, [bsz, s_len, d]) for n in ("q", "k", "v"))
+        q = b.input("q", F32, [bsz, s_len, d])
+        k, v = (b.input(n, F32, [bsz, s_len, kv * h]) for n in ("k", "v"))
     outs = {}
     copy = None
     if chunk and draw(st.booleans()):  # retain-kv-cache's padding copy: each padding token takes the last valid one's values
@@ -83,18 +91,27 @@ def decode_attention_cases(draw: Any) -> Case:
         tags.append("padding-copy")
     for role, x, idx in (("key", k, indices), ("value", v, value_indices)):
         if s_len > 1:  # the head split of several tokens moves elements
-            x4 = b.op("Transpose", [b.op("Reshape", [x, b.const([bsz, s_len, heads, h], np.int64)])], perm=[0, 2, 1, 3])
+            x4 = b.op("Transpose", [b.op("Reshape", [x, b.const([bsz, s_len, kv, h], np.int64)])], perm=[0, 2, 1, 3])
+            if role == "key" and per_head:
+                x4 = b.op("Mul", [x4, b.const(np.linspace(-1.5, 1.5, h).astype(np.float32), np.float32)])
             if copy is not None:
                 x4 = b.op("Gather", [x4, copy], axis=2)
-        elif heads == 1 and draw(st.booleans()):
+        elif kv == 1 and draw(st.booleans()):
             x4 = b.unsqueeze(x, [1])
         else:
-            x4 = b.op("Reshape", [x, b.const([bsz, heads, 1, h], np.int64)])
-        past = b.input(f"past_{role}.0", F32, [bsz, heads, ctx, h])
+            x4 = b.op("Reshape", [x, b.const([bsz, kv, 1, h], np.int64)])
+        if s_len == 1 and role == "key" and per_head:
+            x4 = b.op("Mul", [x4, b.const(np.linspace(-1.5, 1.5, h).astype(np.float32), np.float32)])
+        past = b.input(f"past_{role}.0", F32, [bsz, kv, ctx, h])
         if role == "key" and bad == "past_reader":
             b.output(b.op("ReduceSum", [past], keepdims=0), F32, [])
         outs[role] = b.op("ScatterND", [past, idx, x4], out=f"past_{role}.0_RetainedState")
-        b.output(outs[role], F32, [bsz, heads, ctx, h])
+        b.output(outs[role], F32, [bsz, kv, ctx, h])
+    for role in ("key", "value") if kv < heads else ():  # query head j reads KV head j // (heads / kv)
+        wide = b.op("Expand", [b.unsqueeze(outs[role], [2]), b.const([bsz, kv, heads // kv, ctx, h], np.int64)])
+        outs[role] = b.op("Reshape", [wide, b.const([bsz, heads, ctx, h], np.int64)])
+        if role == "key" and bad == "repeat_read":
+            b.output(b.op("Identity", [wide]), F32, [bsz, kv, heads // kv, ctx, h])
     attrs = {"num_heads": heads} | ({"scale": float(draw(st.sampled_from([0.5, 1 / np.sqrt(h)])))} if draw(st.booleans()) else {})
     y = b.fresh()
     b.nodes.append(helper.make_node("MultiHeadAttention", [q, outs["key"], outs["value"], "", "", mask], [y], name=b.fresh("n"),

@@ -17,7 +17,8 @@ def norm_tail(draw: Any, b: Builder, n: str, width: int | None, rank: int, dtype
     """``n * gamma + beta`` in a random spelling (each optional)."""
     np_dt = NP[dtype]
     y = n
-    gamma_kind = draw(st.sampled_from(["none", "vector", "scalar", "leading_one"])) if width else draw(st.sampled_from(["none", "scalar"]))
+    kinds = ["none", "vector", "scalar", "leading_one", "one_plus"] if width else ["none", "scalar"]
+    gamma_kind = draw(st.sampled_from(kinds))
     tags.append(f"gamma={gamma_kind}")
     if gamma_kind != "none":
         if "gamma_not_constant" in tags:
@@ -26,6 +27,8 @@ def norm_tail(draw: Any, b: Builder, n: str, width: int | None, rank: int, dtype
             gamma = b.const(vector(draw, width, np_dt, 0.5, 2.0), np_dt)  # type: ignore[arg-type]
         elif gamma_kind == "scalar":
             gamma = b.const(draw(st.sampled_from([0.5, 1.0, 2.0])), np_dt)
+        elif gamma_kind == "one_plus":  # Gemma's RMSNorm scales by 1 + weight: a sum of two constants
+            gamma = binary(b, draw, "Add", b.const(1.0, np_dt), b.const(vector(draw, width, np_dt, -0.5, 1.0), np_dt))  # type: ignore[arg-type]
         else:
             gamma = b.const(vector(draw, width, np_dt, 0.5, 2.0).reshape(1, width), np_dt)  # type: ignore[arg-type]
         if "gamma_rank_too_high" in tags:
