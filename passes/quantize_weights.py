@@ -24,7 +24,7 @@ What it rewrites (fp32 constant weights only):
   scales; an artifact stores the shared bytes once (weights are stored once by
   content).
 
-Symmetric blocks by default (no zero points). ``accuracy_level`` 4 (the
+Symmetric blocks by default (no zero points; ``symmetric=False`` writes a zero point per block). ``accuracy_level`` 4 (the
 activations rounded to int8 blocks in the kernel) is the fast path on CPU;
 level 0 runs int8 weights through a slow path (0.08x, DESIGN.md). A graph that
 already holds quantized ops is left alone, and so is a weight that is a graph
@@ -66,6 +66,8 @@ class Blocks:
 
     data: Tensor
     scales: Tensor
+    #: Asymmetric blocks' zero points [N, packed K_blocks] (uint8), None for symmetric ones (the kernels' default 8 or 128).
+    zero_points: Tensor | None
     k: int
     n: int
     #: The constant W was read from, and whether W is its transpose (then a tied embedding may be that constant).
@@ -163,7 +165,7 @@ class QuantizeWeights(Pass):
             return "the MatMul's input is 1-D (a linear layer's input has rows)"
         source = w
         prod = graph.producer(w)
-        if is_onnx_op(prod, "Transpose") and not graph.is_constant(w):
+        if prod is not None and is_onnx_op(prod, "Transpose") and not graph.is_constant(w):
             perm = prod.attrs.get("perm")
             if perm is not None and list(perm) != [1, 0]:
                 return f"the weight is Transpose(perm={list(perm)}) of a constant, not a 2-D transpose"
@@ -203,34 +205,37 @@ class QuantizeWeights(Pass):
         if alpha != 1.0:
             w = w * np.float32(alpha)
         k, n = (int(d) for d in w.shape)
-        data, scales = self._quantize(np.ascontiguousarray(w, np.float32))
-        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), k, n, source, transposed, alpha)
+        data, scales, zero_points = self._quantize(np.ascontiguousarray(w, np.float32))
+        zp = graph.constant(self.name, zero_points) if zero_points is not None else None
+        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), zp, k, n, source, transposed, alpha)
         run.done[key] = blocks
         run.count("bytes_before", int(values.nbytes))
-        run.count("bytes_after", int(data.nbytes + scales.nbytes))
+        run.count("bytes_after", int(data.nbytes + scales.nbytes + (zero_points.nbytes if zero_points is not None else 0)))
         return blocks
 
-    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32) of W [K, N], by ONNX Runtime's block quantizer."""
+    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32, zero points or None when symmetric) of W [K, N],
+        by ONNX Runtime's block quantizer."""
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
         config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=self.bits)
         data, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
-        if not self.symmetric:  # zero points are an input then; symmetric blocks use the kernels' default (8 or 128)
-            raise NotImplementedError("asymmetric blocks need zero-point inputs, which this pass does not write yet")
-        return data, scales
+        return data, scales, None if self.symmetric else zero_points
 
     def _to_matmul_nbits(self, graph: Graph, node: Node, x: Tensor, b: Blocks, bias: np.ndarray | None,
                          bias_tensor: Tensor | None, run: _Run) -> None:  # fmt: skip
         # y = x @ W + bias; MatMulNBits' bias input is a 1-D [N] row, anything else is added after it.
         out = node.outputs[0]
-        inputs: list[Tensor] = [x, b.data, b.scales]
+        # Inputs: A, B, scales, zero_points, g_idx, bias (the optional ones omitted, none trailing).
+        inputs: list[Tensor] = [x, b.data, b.scales, b.zero_points if b.zero_points is not None else graph.omitted()]
         add: Tensor | None = bias_tensor
         if bias is not None:
-            if bias.size == b.n and bias.ndim <= 2:
-                inputs += [graph.omitted(), graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
+            if bias.shape in ((b.n,), (1, b.n)):  # a bias row; a column [M, 1] or a full [M, N] C is added after
+                inputs += [graph.omitted(), graph.constant(self.name, bias.reshape(b.n))]
             else:
                 add = graph.constant(self.name, bias)
+        while inputs[-1].is_empty():
+            inputs.pop()
         attrs = {"K": b.k, "N": b.n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
         target = graph.variable(self.name, out.dtype, out.shape) if add is not None else out
         graph.remove_nodes([node])  # detached first: ``out`` gets one producer; the new nodes take its place in the order
@@ -268,7 +273,8 @@ class QuantizeWeights(Pass):
         out = node.outputs[0]
         ids = node.inputs[1]
         graph.remove_nodes([node])
-        graph.add_node("GatherBlockQuantized", [data, ids, blocks.scales], [out], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
+        inputs = [data, ids, blocks.scales] + ([blocks.zero_points] if blocks.zero_points is not None else [])
+        graph.add_node("GatherBlockQuantized", inputs, [out], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
         run.count("embedding")
         return ""
 
@@ -282,6 +288,8 @@ class QuantizeWeights(Pass):
         if not candidates:
             return None
         values = graph.const_value(table)  # E [V, H]; a tied projection's W [H, V] is E^T (an exporter's copy of it)
+        if values is None:
+            return None
         for b in candidates:
             w = graph.const_value(b.source)
             if w is not None and np.array_equal(w if b.transposed else w.T, values):

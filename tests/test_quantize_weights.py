@@ -124,3 +124,67 @@ def test_near_misses_decline_with_a_reason(case: str, reasons: list[str], golden
 def test_the_mode_is_checked() -> None:
     with pytest.raises(ValueError, match="quantize-weights takes mode int8 or int4, not 'int2'"):
         QuantizeWeights("int2")
+
+
+def test_the_pipeline_quantizes_last_and_only_when_asked() -> None:
+    from qgraph.errors import UnknownPassError
+    from qgraph.pipeline.options import Options
+    from qgraph.pipeline.registry import build_passes
+    from qgraph.pipeline.stages import compile_pipeline, default_pipeline
+    from qgraph.targets import get_target
+
+    cpu = get_target("cpu")
+    rewrite, specialize = compile_pipeline(cpu, rewrite=True, quantize=True)
+    assert specialize[-3:] == ["fuse-decode-attention", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
+    assert "quantize-weights" not in compile_pipeline(cpu, rewrite=True)[1]
+    assert default_pipeline(False, True)[-4:] == ["retain-kv-cache", "cleanup", "quantize-weights", "cleanup"]
+    assert default_pipeline(True, True)[-4:] == ["pin-static-shapes", "cleanup", "quantize-weights", "cleanup"]
+    (p,) = build_passes(["quantize-weights"], Options.resolve(quantize="int8", quant_block_size=64))
+    assert isinstance(p, QuantizeWeights) and (p.bits, p.block_size) == (8, 64)
+    with pytest.raises(UnknownPassError, match="quantize-weights needs --quantize int8 or int4"):
+        build_passes(["quantize-weights"], Options.resolve())
+
+
+def test_a_column_c_is_added_not_taken_as_the_bias_row() -> None:
+    """Gemm's C of shape [M, 1] broadcasts along N: with M = N it has N values but is no bias row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w, c = rng.uniform(-1, 1, (32, 3)).astype(np.float32), np.array([[5.0], [-5.0], [10.0]], np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"])]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 32])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])]
+    model = helper.make_model(helper.make_graph(nodes, "g", *io, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 10
+    out = run_pass(int8(), Graph.from_proto(model)).graph
+    assert [n.op for n in out.nodes] == ["MatMulNBits", "Add"]
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    (y,) = session(out).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w + c, atol=INT8_ATOL)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_asymmetric_blocks_carry_zero_points(mode: str) -> None:
+    """Symmetric by default; asymmetric blocks (a zero point per block) fit weights that are not centred on zero."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    table, w = rng.uniform(0.2, 1.5, (8, 32)).astype(np.float32), rng.uniform(0.5, 2.0, (32, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["y"])]
+    io = (
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+    )
+    model = helper.make_model(helper.make_graph(nodes, "g", *io, [numpy_helper.from_array(table, "E"), numpy_helper.from_array(w, "W")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 10
+    ids = np.array([[0, 7, 3]])
+    errors = {}
+    for symmetric in (True, False):
+        p = QuantizeWeights(mode, 16, symmetric=symmetric)
+        out = run_pass(p, Graph.from_proto(model)).graph
+        (mm,), (gather,) = out.nodes_by_op("MatMulNBits"), out.nodes_by_op("GatherBlockQuantized")
+        assert (len(mm.inputs), len(gather.inputs)) == ((3, 3) if symmetric else (4, 4))
+        (y,) = session(out).run(None, {"input_ids": ids})
+        errors[symmetric] = np.abs(y - table[ids] @ w).max()
+    assert errors[False] < errors[True] and errors[False] < (INT8_ATOL if mode == "int8" else INT4_ATOL)

@@ -15,7 +15,7 @@ from onnx import helper
 
 from fuzz.builder import F16, F32, I64, NP, Builder, Case, chance, perturbation
 
-QUANT_PERTURBATIONS = ["weight_input", "weight_computed", "fp16", "transA", "weight_3d", "already_quantized", "c_runtime_beta"]
+QUANT_PERTURBATIONS = ["weight_computed", "c_runtime_beta", "weight_input", "fp16", "transA", "weight_3d", "already_quantized"]
 BLOCK = 16
 
 
@@ -84,12 +84,14 @@ def quantize_weights_cases(draw: Any) -> Case:
             attrs["beta"] = draw(st.sampled_from([0.5, 2.0]))
         x = b.input("x", dtype, [k, m] if bad == "transA" else [m, k])
         inputs = [x, weight((n, k) if trans_b else (k, n))]
-        c_form = "runtime" if bad == "c_runtime_beta" else draw(st.sampled_from(["none", "row", "row2d", "full", "runtime"]))
+        c_form = (
+            "runtime" if bad == "c_runtime_beta" else draw(st.sampled_from(["none", "row", "row2d", "full", "runtime", "column", "scalar"]))
+        )
         tags.append(f"C={c_form}")
         if c_form == "runtime":
             inputs.append(b.input("c", dtype, [n]))
         elif c_form != "none":
-            shape = {"row": (n,), "row2d": (1, n), "full": (m, n)}[c_form]
+            shape = {"row": (n,), "row2d": (1, n), "full": (m, n), "column": (m, 1), "scalar": (1,)}[c_form]
             inputs.append(b.const(_weight(draw, shape), NP[dtype]))
         y = b.op("Gemm", inputs, **attrs)
         out_shape = [m, n]
