@@ -33,6 +33,7 @@ from qgraph.pipeline.options import (
     DEFAULT_PREFILL_SEQ_LEN,
     DEFAULT_QUANT_BLOCK_SIZE,
     QUANTIZE_MODES,
+    WEIGHT_ONLY_MODES,
     check_at_least_one,
     check_prompts,
     check_token_ids,
@@ -231,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qgraph.devtools.bench import run_bench, save_plot, write_json
 
     report = run_bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads,
-                       workdir=args.workdir, progress=_progress)  # fmt: skip
+                       workdir=args.workdir, progress=_progress, quantize=args.quantize, quant_block_size=args.quant_block_size)  # fmt: skip
     write_json(report, args.output)
     if args.plot:
         save_plot(report, args.plot)
@@ -351,13 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         parents=[common],
-        help="decode speed: Hugging Face, plain ONNX Runtime, qgraph cpu, the kernel ceiling and the memory bound",
+        help="decode speed: Hugging Face, plain ONNX Runtime, onnxruntime-genai, qgraph cpu, the kernel ceiling and the memory bound",
     )
     p.add_argument(
         "--model",
         default="random:gpt2",
-        help="hub id, folder, tiny-gpt2, tiny-llama, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl (default random:gpt2)",
+        help="hub id, folder, tiny-gpt2, tiny-llama, or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl|llama (default random:gpt2)",
     )
+    _add_quantize_options(p, WEIGHT_ONLY_MODES)  # adds the quantized contenders to the fp32 ones
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")

@@ -1,8 +1,9 @@
-"""``qgraph bench`` end to end on the bundled model (figures are printed, never asserted).
+"""``qgraph bench`` end to end on the bundled model, with its int8 contenders (figures are printed, never asserted).
 
-What is checked is what the figures rest on: every contender decodes the same
-greedy tokens, the report and its JSON hold every field, and the kernel ceiling
-runs exactly the decode graph's weight products.
+What is checked is what the figures rest on: every fp32 contender decodes the
+same greedy tokens, the report and its JSON hold every field, the kernel ceiling
+runs exactly the decode graph's weight products, and the quantized rows and bound
+are there.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ N_LAYER = 4  # the bundled tiny-gpt2
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
     work = tmp_path_factory.mktemp("bench")
-    report = run_bench("tiny-gpt2", prompt_len=8, new_tokens=5, rounds=2, threads=1, workdir=work, ttft_pairs=3)
+    report = run_bench("tiny-gpt2", prompt_len=8, new_tokens=5, rounds=2, threads=1, workdir=work, ttft_pairs=3, quantize="int8")
     return report, work
 
 
 def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Path]) -> None:
     report, _ = bench
     assert report.tokens_agree, "Hugging Face, plain ONNX Runtime and qgraph chose different greedy tokens"
-    assert [r.name for r in report.results] == ["huggingface-eager", "onnxruntime-plain-export", "qgraph-cpu"]
+    assert [r.name for r in report.results] == ["huggingface-eager", "onnxruntime-plain-export", "qgraph-cpu", "qgraph-cpu-int8",
+                                                "onnxruntime-matmulnbits-int8"]  # fmt: skip
     for r in report.results:
         assert len(r.runs) == 2  # one per round
         assert r.ttft_s > 0 and r.ms_per_token > 0
@@ -50,7 +52,7 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
         report.bound_ms_per_token / report.kernel_ceiling_ms_per_token
     )
     table = report.table()
-    assert "kernel ceiling" in table and "qgraph-cpu" in table and "greedy tokens identical across contenders: yes" in table
+    assert "kernel ceiling" in table and "qgraph-cpu" in table and "greedy tokens identical across contenders (fp32): yes" in table
     data = json.loads(json.dumps(report.to_dict()))
     assert {
         "kernel_ceiling_ms_per_token",
@@ -77,8 +79,36 @@ def test_contenders_agree_and_every_figure_is_there(bench: tuple[BenchReport, Pa
     for key in ("qgraph decode / bandwidth bound", "kernel ceiling / bandwidth bound"):
         assert 0 < t[key] < 1e3
     assert "paired in time" in table
-    assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 5
+    assert set(report.paired_ratios) <= set(report.ratios) and len(report.paired_ratios) == 9
     assert all(v > 0 for v in report.paired_ratios.values())
+
+
+def test_quantized_rows_ratios_and_bound(bench: tuple[BenchReport, Path]) -> None:
+    report, _ = bench
+    assert report.quantize == "int8" and report.quant_block_size == 32
+    # Every weight product at 8 bits with an fp32 scale per 32 weights (9/32 of its fp32 bytes), the rest as before.
+    products = report.kernel_ceiling_bytes
+    assert report.quantized_weight_bytes == pytest.approx(report.weight_bytes - products + products * 9 / 32, rel=1e-6)
+    assert report.quantized_bound_ms_per_token == pytest.approx(
+        report.bound_ms_per_token * report.quantized_weight_bytes / report.weight_bytes
+    )
+    by = {r.name: r for r in report.results}
+    q, fp32, nbits = by["qgraph-cpu-int8"], by["qgraph-cpu"], by["onnxruntime-matmulnbits-int8"]
+    assert report.ratios["qgraph int8 decode / qgraph decode"] == pytest.approx(fp32.ms_per_token / q.ms_per_token)
+    assert report.ratios["qgraph int8 TTFT / qgraph TTFT"] == pytest.approx(q.ttft_s / fp32.ttft_s)
+    assert report.ratios["qgraph int8 decode / onnxruntime matmulnbits int8 decode"] == pytest.approx(nbits.ms_per_token / q.ms_per_token)
+    assert report.ratios["qgraph int8 decode / int8 bandwidth bound"] == pytest.approx(report.quantized_bound_ms_per_token / q.ms_per_token)
+    # Both quantized rows decoded every token; how many equal fp32's is reported, not judged.
+    assert set(report.quantized_tokens_agree) == {"qgraph-cpu-int8", "onnxruntime-matmulnbits-int8"}
+    assert all(0 <= k <= report.new_tokens for k in report.quantized_tokens_agree.values())
+    assert report.notes == ["onnxruntime-genai: its builder does not take gpt2 models"]
+    targets = {t["ratio"]: t for t in report.targets()}
+    assert targets["qgraph int8 decode / qgraph decode"]["at_least"] == 1.8
+    assert targets["qgraph int8 TTFT / qgraph TTFT"]["at_most"] == 1.0
+    assert not any("int4" in k or "genai" in k for k in targets)  # only what this run measured is judged
+    table = report.table()
+    assert "int8 (block 32): every weight product quantized" in table and "not run: onnxruntime-genai: its builder" in table
+    assert "int8 greedy tokens equal to fp32's before the first difference (of 5)" in table
 
 
 def test_targets_are_judged_from_the_reported_figures(bench: tuple[BenchReport, Path]) -> None:
@@ -108,8 +138,35 @@ def test_targets_are_judged_from_the_reported_figures(bench: tuple[BenchReport, 
     # The bench's own report carries all four, in its JSON too.
     report, _ = bench
     data = json.loads(json.dumps(report.to_dict()))
-    assert [x["ratio"] for x in data["targets"]] == list(ratios)
-    assert all(isinstance(x["met"], bool) and x["in_time"] is not None for x in data["targets"][2:])
+    assert [x["ratio"] for x in data["targets"]][:4] == list(ratios)
+    assert all(isinstance(x["met"], bool) and x["in_time"] is not None for x in data["targets"][2:4])
+
+
+def test_quantized_and_genai_targets_are_judged_against_their_own_figures() -> None:
+    from qgraph.devtools.bench import Result
+
+    # Made-up figures of a Llama run with --quantize int4: the quantized bound is 5 ms/token, the fp32 one 20.
+    ms = {"huggingface-eager": 32.0, "onnxruntime-plain-export": 16.0, "qgraph-cpu": 15.0, "onnxruntime-genai": 15.0,
+          "qgraph-cpu-int4": 6.0, "onnxruntime-matmulnbits-int4": 9.0, "onnxruntime-genai-int4": 4.0}  # fmt: skip
+    results = [Result(n, 0.05, 1000 / v, v) for n, v in ms.items()]
+    ratios = {"qgraph decode / onnxruntime-genai decode": 1.0, "qgraph TTFT / onnxruntime-genai TTFT": 1.0,
+              "qgraph int4 decode / qgraph decode": 2.5, "qgraph int4 decode / onnxruntime matmulnbits int4 decode": 1.5,
+              "qgraph int4 decode / onnxruntime-genai int4 decode": 4 / 6, "qgraph int4 TTFT / qgraph TTFT": 1.0}  # fmt: skip
+    r = BenchReport("m", 32, 64, 2, 400_000_000, 20.0, 20.0, results, ratios, True, quantize="int4", quant_block_size=32,
+                    quantized_weight_bytes=100_000_000, quantized_bound_ms_per_token=5.0)  # fmt: skip
+    t = {x["ratio"]: x for x in r.targets()}
+    assert list(t) == list(ratios)  # in TARGETS' order; the int8 ones were not measured
+    assert t["qgraph decode / onnxruntime-genai decode"]["met"] and t["qgraph int4 decode / qgraph decode"]["met"]
+    genai4 = t["qgraph int4 decode / onnxruntime-genai int4 decode"]
+    assert not genai4["met"] and genai4["needs_ms_per_token"] == pytest.approx(4.0)
+    assert genai4["needs_x_bound"] == pytest.approx(5.0 / 4.0)  # against the bytes a quantized step reads
+    assert t["qgraph decode / onnxruntime-genai decode"]["needs_x_bound"] == pytest.approx(20.0 / 15.0)
+    table = r.table()
+    assert "int4 (block 32): every weight product quantized, 100.0 MB read per step -> bound 5.00 ms/token" in table
+    # Each row's "x bound" against its own bound: qgraph int4 at 5 / 6, qgraph fp32 at 20 / 15.
+    rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.split() and line.split()[0] in ms}
+    assert rows["qgraph-cpu-int4"] == "0.83" and rows["qgraph-cpu"] == "1.33"
+    assert "int4 decode vs onnxruntime-genai int4, at least 1x: 0.67 missed; needs 4.00 ms/token, 1.25x the bound's speed" in table
 
 
 def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:
@@ -165,11 +222,12 @@ def test_cli_json_output(bench: tuple[BenchReport, Path], tmp_path: Path) -> Non
     _, work = bench  # reuses the fixture's export
     out = tmp_path / "b.json"
     res = _cli("--model", "tiny-gpt2", "--prompt-len", "8", "--new-tokens", "3", "--rounds", "1", "--threads", "1",
-               "--workdir", str(work), "--output", str(out), "--json")  # fmt: skip
+               "--workdir", str(work), "--output", str(out), "--json", "--quantize", "int8")  # fmt: skip
     assert res.returncode == 0, res.stderr
     printed = json.loads(res.stdout)
     assert printed == json.loads(out.read_text())
     assert printed["tokens_agree"] and printed["new_tokens"] == 3 and printed["kernel_ceiling_products"] == 4 * N_LAYER + 1
+    assert printed["quantize"] == "int8" and "onnxruntime-matmulnbits-int8" in [r["name"] for r in printed["results"]]
 
 
 def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
@@ -178,6 +236,10 @@ def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--new-tokens must be at least 2" in res.stderr and "Traceback" not in res.stderr
     res = _cli("--model", "tiny-gpt2", "--rounds", "0", "--output", str(out))
     assert res.returncode == 2 and "--rounds must be at least 1" in res.stderr
+    res = _cli("--model", "tiny-gpt2", "--quantize", "int4", "--quant-block-size", "24", "--output", str(out))
+    assert res.returncode == 2 and "--quant-block-size" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = _cli("--model", "tiny-gpt2", "--quantize", "w8a16", "--output", str(out))  # the NPU's mode: not a bench row
+    assert res.returncode == 2 and "invalid choice: 'w8a16'" in res.stderr
     assert not out.exists()
 
 

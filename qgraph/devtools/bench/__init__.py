@@ -5,6 +5,12 @@ On the same weights and in one run it measures:
 * Hugging Face PyTorch eager (a prefill, then one forward per token with its cache);
 * ONNX Runtime on the plain (raw) export, the presents fed back as numpy arrays;
 * qgraph's compiled ``cpu`` artifact (the retained-state runtime);
+* onnxruntime-genai for the Llama-family models its builder takes (:mod:`.genai`: its builder's graph, its own
+  generation loop, greedy, the bench's threads, no early stop);
+* with ``quantize`` (int4, int8) also qgraph's quantized ``cpu`` artifact, ONNX Runtime's MatMulNBits path on the
+  plain export (:mod:`.ort_quant`: Gemm -> MatMul and transposed weights first, so that every linear layer is
+  quantized) and onnxruntime-genai at that precision, against the bound for the bytes a quantized step reads (every
+  weight product as blockwise integers with an fp32 scale per block, the rest as in fp32);
 * the memory-bandwidth bound: the best rate of a [1, K] x [K, N] fp32 product over
   512 MiB, which turns the model's weight bytes into a floor on the time per token;
 * the kernel ceiling: the compiled decode graph's weight products (every MatMul
@@ -30,8 +36,9 @@ and plain ONNX Runtime's prefills taken in turn, 40 times.
 
 The parts: :mod:`.report` (the report, its table and the targets),
 :mod:`.bound` (the bandwidth bound and the products-only kernel ceiling),
-:mod:`.timing` (sides taken in turn) and :mod:`.run` (the contenders and the
-driver).
+:mod:`.timing` (sides taken in turn), :mod:`.contenders` (the timed loops of
+Hugging Face and plain ONNX Runtime, the weight bytes a step streams),
+:mod:`.genai`, :mod:`.ort_quant` and :mod:`.run` (the driver).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ ceiling (the decode graph's weight products alone, :func:`write_products_only`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,49 @@ def measure_bandwidth(mib: int = 512, repeats: int = 8, threads: int = 2) -> flo
     return max(bandwidth_by_engine(mib, repeats, threads).values())
 
 
+@dataclass(frozen=True)
+class WeightProduct:
+    """A product of a graph with a 2-D fp32 weight: ``[1, k] x [k, n]``; ``trans_b``: a Gemm reading the weight as
+    [n, k]; ``fed``: a graph input the runtime binds (the cpu target's large MatMul weights), not an initializer."""
+
+    k: int
+    n: int
+    trans_b: bool
+    fed: bool
+
+
+def weight_products(model: Any) -> list[WeightProduct]:
+    """Every MatMul/Gemm of ``model`` (an onnx ModelProto) whose second input is a 2-D fp32 initializer or graph
+    input, in graph order: the weights a decode step streams."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    fed_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+                if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(i.type.tensor_type.shape.dim) == 2}  # fmt: skip
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        w = inits.get(n.input[1])
+        dims = list(w.dims) if w is not None and w.data_type == TensorProto.FLOAT else fed_dims.get(n.input[1])
+        if dims is None or len(dims) != 2 or not all(d > 0 for d in dims):
+            continue
+        trans_b = bool(next((a.i for a in n.attribute if a.name == "transB"), 0)) if n.op_type == "Gemm" else False
+        k, n_out = (int(dims[1]), int(dims[0])) if trans_b else (int(dims[0]), int(dims[1]))
+        out.append(WeightProduct(k, n_out, trans_b, w is None))
+    return out
+
+
+def quantized_bytes(products: list[WeightProduct], bits: int, block_size: int) -> int:
+    """Bytes the ``products``' weights take as symmetric blockwise ``bits``-bit integers with an fp32 scale per block
+    of ``block_size`` along k (MatMulNBits' layout: each column's blocks padded to whole bytes)."""
+    total = 0
+    for p in products:
+        blocks = -(-p.k // block_size)
+        total += p.n * blocks * (-(-block_size * bits // 8) + 4)
+    return total
+
+
 def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
     """Write the decode graph's weight products alone to ``out_path``; returns (feeds, products, weight bytes).
 
@@ -72,10 +116,6 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
     from onnx import TensorProto, helper
 
     model = onnx.load(str(decode_path), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    # Weights the runtime binds as inputs (the cpu target's large MatMul weights) are fed here too.
-    fed_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
-                if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(i.type.tensor_type.shape.dim) == 2}  # fmt: skip
     fed_feeds: dict[str, np.ndarray] = {}
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
@@ -83,21 +123,15 @@ def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int
     nodes, inputs, outputs, weights, seen_k = [], [], [], [], set()
     offset = nbytes = 0
     with open(out_path.parent / data_name, "wb") as data:
-        for n in model.graph.node:
-            if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
-                continue
-            w = inits.get(n.input[1])
-            dims = list(w.dims) if w is not None and w.data_type == TensorProto.FLOAT else fed_dims.get(n.input[1])
-            if dims is None or len(dims) != 2 or not all(d > 0 for d in dims):
-                continue
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0) if n.op_type == "Gemm" else 0
-            k, n_out = (int(dims[1]), int(dims[0])) if trans_b else (int(dims[0]), int(dims[1]))
+        for p in weight_products(model):
+            k, n_out, trans_b = p.k, p.n, p.trans_b
+            dims = [n_out, k] if trans_b else [k, n_out]
             i = len(nodes)
             if k not in seen_k:
                 seen_k.add(k)
                 inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
             values = rng.uniform(-0.05, 0.05, size=tuple(dims)).astype(np.float32)
-            if w is None:  # bound by the runtime: a graph input here too
+            if p.fed:  # bound by the runtime: a graph input here too
                 inputs.append(helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, dims))
                 fed_feeds[f"w{i}"] = values
             else:

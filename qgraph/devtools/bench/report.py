@@ -10,14 +10,57 @@ from typing import Any
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAUSE_S
 from qgraph.errors import QGraphError
 
-#: The project's performance targets (issue 6): (what, ratio key, "at least"/"at most", value, the contender the
-#: decode target is relative to: its ms/token over the value is the time per token that meets it).
+#: The project's performance targets (issue 6; onnxruntime-genai: issue 18; quantized: issue 19): (what, ratio key,
+#: "at least"/"at most", value, the contender the decode target is relative to: its ms/token over the value is the
+#: time per token that meets it). A target whose ratio the run did not measure is left out.
 TARGETS: list[tuple[str, str, str, float, str]] = [
     ("decode vs Hugging Face eager", "qgraph decode / huggingface decode", "at least", 2.0, "huggingface-eager"),
     ("decode vs ONNX Runtime on the plain export", "qgraph decode / onnxruntime decode", "at least", 1.0, "onnxruntime-plain-export"),
     ("decode vs the bandwidth bound", "qgraph decode / bandwidth bound", "at least", 0.9, "bound"),
     ("TTFT vs ONNX Runtime on the plain export", "qgraph TTFT / onnxruntime TTFT", "at most", 1.0, ""),
+    ("decode vs onnxruntime-genai fp32", "qgraph decode / onnxruntime-genai decode", "at least", 1.0, "onnxruntime-genai"),
+    ("TTFT vs onnxruntime-genai fp32", "qgraph TTFT / onnxruntime-genai TTFT", "at most", 1.0, ""),
+    ("int4 decode vs qgraph fp32", "qgraph int4 decode / qgraph decode", "at least", 2.5, "qgraph-cpu"),
+    (
+        "int4 decode vs ONNX Runtime's MatMulNBits int4",
+        "qgraph int4 decode / onnxruntime matmulnbits int4 decode",
+        "at least",
+        1.3,
+        "onnxruntime-matmulnbits-int4",
+    ),
+    (
+        "int4 decode vs onnxruntime-genai int4",
+        "qgraph int4 decode / onnxruntime-genai int4 decode",
+        "at least",
+        1.0,
+        "onnxruntime-genai-int4",
+    ),
+    ("int4 TTFT vs qgraph fp32", "qgraph int4 TTFT / qgraph TTFT", "at most", 1.0, ""),
+    ("int8 decode vs qgraph fp32", "qgraph int8 decode / qgraph decode", "at least", 1.8, "qgraph-cpu"),
+    ("int8 TTFT vs qgraph fp32", "qgraph int8 TTFT / qgraph TTFT", "at most", 1.0, ""),
 ]
+
+
+def ratio_pairs(quantize: str | None) -> list[tuple[str, str, str, str]]:
+    """The ratios between two contenders: (key, contender, the one it is compared with, "decode" or "ttft"). A decode
+    ratio is the first's speed over the second's, a TTFT ratio the first's time over the second's."""
+    pairs = [
+        ("qgraph decode / huggingface decode", "qgraph-cpu", "huggingface-eager", "decode"),
+        ("qgraph decode / onnxruntime decode", "qgraph-cpu", "onnxruntime-plain-export", "decode"),
+        ("qgraph TTFT / onnxruntime TTFT", "qgraph-cpu", "onnxruntime-plain-export", "ttft"),
+        ("qgraph decode / onnxruntime-genai decode", "qgraph-cpu", "onnxruntime-genai", "decode"),
+        ("qgraph TTFT / onnxruntime-genai TTFT", "qgraph-cpu", "onnxruntime-genai", "ttft"),
+    ]
+    if quantize:
+        q, name = quantize, f"qgraph-cpu-{quantize}"
+        pairs += [
+            (f"qgraph {q} decode / qgraph decode", name, "qgraph-cpu", "decode"),
+            (f"qgraph {q} TTFT / qgraph TTFT", name, "qgraph-cpu", "ttft"),
+            (f"qgraph {q} decode / onnxruntime matmulnbits {q} decode", name, f"onnxruntime-matmulnbits-{q}", "decode"),
+            (f"qgraph {q} decode / onnxruntime-genai {q} decode", name, f"onnxruntime-genai-{q}", "decode"),
+            (f"qgraph {q} TTFT / onnxruntime-genai {q} TTFT", name, f"onnxruntime-genai-{q}", "ttft"),
+        ]
+    return pairs
 
 
 @dataclass
@@ -56,6 +99,17 @@ class BenchReport:
     round_engine_bandwidths_gb_s: list[dict[str, float]] = field(default_factory=list)
     #: the bound measured at the same moment as the decode step: ratios over PAIRS alternations (see paired_in_time).
     in_time: dict[str, float] = field(default_factory=dict)
+    #: ``--quantize`` (int4, int8) and its block size, or None: the quantized contenders were not run.
+    quantize: str | None = None
+    quant_block_size: int | None = None
+    #: bytes a quantized decode step reads (every weight product at ``quantize`` with an fp32 scale per block, the
+    #: rest as in fp32) and the bound they give at the best bandwidth.
+    quantized_weight_bytes: int = 0
+    quantized_bound_ms_per_token: float = 0.0
+    #: per quantized contender, how many of its greedy tokens equal Hugging Face's fp32 ones before the first difference.
+    quantized_tokens_agree: dict[str, int] = field(default_factory=dict)
+    #: contenders that were not run, and why.
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "targets": self.targets()}
@@ -65,7 +119,7 @@ class BenchReport:
 
         ``met`` is the table's verdict. A decode target also gives ``needs_ms_per_token`` (the time per token that
         meets it) and ``needs_x_bound`` (that time as a multiple of the bound's speed: above 1 means reading the
-        weights faster than the bound does).
+        weights faster than the bound does; a quantized target's bound is the quantized one).
         """
         ms = {r.name: r.ms_per_token for r in self.results} | {"bound": self.bound_ms_per_token}
         out = []
@@ -79,9 +133,15 @@ class BenchReport:
             if rel in ms:
                 t["needs_ms_per_token"] = ms[rel] / value
                 if rel != "bound":
-                    t["needs_x_bound"] = self.bound_ms_per_token / t["needs_ms_per_token"]
+                    t["needs_x_bound"] = self.bound_for(key) / t["needs_ms_per_token"]
             out.append(t)
         return out
+
+    def bound_for(self, name: str) -> float:
+        """The bound (ms/token) of a contender or a ratio key: the quantized bound for the quantized ones."""
+        q = self.quantize
+        quantized = q is not None and (name.endswith(f"-{q}") or name.startswith(f"qgraph {q} "))
+        return self.quantized_bound_ms_per_token if quantized else self.bound_ms_per_token
 
     def table(self) -> str:
         lines = [
@@ -90,6 +150,12 @@ class BenchReport:
             f"memory bandwidth {self.bandwidth_gb_s:.1f} GB/s -> bound {self.bound_ms_per_token:.2f} ms/token "
             f"({1000 / self.bound_ms_per_token:.1f} tokens/s)",
         ]
+        if self.quantize:
+            lines.append(
+                f"{self.quantize} (block {self.quant_block_size}): every weight product quantized, "
+                f"{self.quantized_weight_bytes / 1e6:.1f} MB read per step -> bound {self.quantized_bound_ms_per_token:.2f} ms/token; "
+                f"the {self.quantize} rows' 'x bound' is against it"
+            )
         if self.kernel_ceiling_ms_per_token:
             lines.append(
                 f"kernel ceiling: the decode graph's {self.kernel_ceiling_products} weight products alone "
@@ -110,15 +176,21 @@ class BenchReport:
                              f"qgraph / onnxruntime {t['qgraph TTFT / onnxruntime TTFT']:.2f}")  # fmt: skip
         lines += [
             "",
-            f"{'contender':<26}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
+            f"{'contender':<30}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}{'x bound':>9}",
         ]
         for r in self.results:
-            lines.append(f"{r.name:<26}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
-                         f"{self.bound_ms_per_token / r.ms_per_token:>9.2f}")  # fmt: skip
+            lines.append(f"{r.name:<30}{r.ttft_s * 1e3:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.ms_per_token:>10.2f}"
+                         f"{self.bound_for(r.name) / r.ms_per_token:>9.2f}")  # fmt: skip
         lines.append("")
         lines += [f"{k}: {v:.2f}" + (f" (per round: {self.paired_ratios[k]:.2f})" if k in self.paired_ratios else "")
                   for k, v in self.ratios.items()]  # fmt: skip
-        lines.append(f"greedy tokens identical across contenders: {'yes' if self.tokens_agree else 'NO'}")
+        lines.append(
+            f"greedy tokens identical across contenders{' (fp32)' if self.quantize else ''}: {'yes' if self.tokens_agree else 'NO'}"
+        )
+        if self.quantized_tokens_agree:
+            agree = ", ".join(f"{n} {k}" for n, k in self.quantized_tokens_agree.items())
+            lines.append(f"{self.quantize} greedy tokens equal to fp32's before the first difference (of {self.new_tokens}): {agree}")
+        lines += [f"not run: {note}" for note in self.notes]
         lines += ["", "targets (met or missed by the table's figure; per round and in time beside it):"]
         for t in self.targets():
             sense, value = ("at least", t["at_least"]) if "at_least" in t else ("at most", t["at_most"])

@@ -1,4 +1,9 @@
-"""The contenders (Hugging Face eager, ONNX Runtime on the plain export, qgraph's cpu artifact) and :func:`run_bench`, which measures them in rounds against the bound and the kernel ceiling."""
+"""The driver, :func:`run_bench`: the contenders measured in rounds against the bound and the kernel ceiling.
+
+Always: Hugging Face eager, ONNX Runtime on the plain export and qgraph's cpu artifact; onnxruntime-genai for the
+families its builder takes (:mod:`.genai`). With ``quantize`` (int4, int8) also qgraph's quantized artifact, ONNX
+Runtime's MatMulNBits path on the plain export (:mod:`.ort_quant`) and onnxruntime-genai at that precision, against
+the bound for the bytes a quantized step reads."""
 
 from __future__ import annotations
 
@@ -13,66 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.devtools.bench.bound import bandwidth_by_engine, bound_product, write_products_only
-from qgraph.devtools.bench.report import BenchReport, Result
+from qgraph.devtools.bench.bound import bandwidth_by_engine, bound_product, quantized_bytes, weight_products, write_products_only
+from qgraph.devtools.bench.contenders import leading_agreement, model_folder, streamed_weight_bytes, time_hf, time_ort_raw
+from qgraph.devtools.bench.genai import GENAI_FAMILIES, GenaiRunner, genai_missing
+from qgraph.devtools.bench.ort_quant import BITS, quantize_plain_export
+from qgraph.devtools.bench.report import BenchReport, Result, ratio_pairs
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
 from qgraph.errors import QGraphError
-from qgraph.frontend.families import ModelSpec, family_of, random_family, random_shapes, spec_of
-from qgraph.pipeline.options import DEFAULT_CTX_LEN
+from qgraph.frontend.families import spec_of
+from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize
 
 log = logging.getLogger(__name__)
-
-
-def _time_hf(model: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    import torch
-
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        tok = int(out.logits[0, -1].argmax())
-        ttft = time.perf_counter() - t0
-        past, toks = out.past_key_values, [tok]
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            toks.append(tok)
-        return ttft, time.perf_counter() - t1, toks
-
-
-def _time_ort_raw(sess: Any, spec: ModelSpec, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-    names = [o.name for o in sess.get_outputs()]
-    past = {f"past_{kv}.{i}": np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-            for i in range(spec.num_layers) for kv in ("key", "value")}  # fmt: skip
-    t0 = time.perf_counter()
-    ids = np.array([prompt], np.int64)
-    length = len(prompt)
-    feeds = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64), "position_ids": np.arange(length)[None], **past}
-    out = dict(zip(names, sess.run(None, feeds)))
-    tok = int(out["logits"][0, -1].argmax())
-    ttft = time.perf_counter() - t0
-    toks = [tok]
-    t1 = time.perf_counter()
-    for _ in range(n - 1):
-        past = {k: out["present" + k[4:]] for k in past}
-        feeds = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, length + 1), np.int64),
-                 "position_ids": np.array([[length]], np.int64), **past}  # fmt: skip
-        out = dict(zip(names, sess.run(None, feeds)))
-        tok = int(out["logits"][0, -1].argmax())
-        toks.append(tok)
-        length += 1
-    return ttft, time.perf_counter() - t1, toks
-
-
-def _model_folder(model: str, workdir: Path) -> str:
-    """A hub id / folder / tiny-gpt2 as is; ``random:NAME`` saved to a folder with random weights."""
-    if not model.startswith("random:"):
-        return model
-    found = random_family(model.split(":", 1)[1])
-    if found is None:
-        raise QGraphError(f"unknown random model '{model}'; choose random:{'|random:'.join(random_shapes())}")
-    family, shape = found
-    return str(family.save_random(shape, workdir / model.replace(":", "-")))
 
 
 def run_bench(
@@ -85,23 +41,55 @@ def run_bench(
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     ttft_pairs: int = TTFT_PAIRS,
+    quantize: str | None = None,
+    quant_block_size: int | None = None,
 ) -> BenchReport:
-    """Measure every contender (see the module docstring); returns the report."""
+    """Measure every contender (see the module docstring); returns the report. ``quantize``: int4 or int8 adds the
+    quantized contenders (``quant_block_size`` weights per block) to the fp32 ones."""
     import torch
 
+    block_size = DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size
+    check_quantize(quantize, block_size, "cpu")  # before any work: the rule of every command
     say = progress or (lambda m: log.info("%s", m))
     torch.set_num_threads(threads)
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, block_size)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+Timed = Callable[[], tuple[float, float, list[int]]]
+
+
+def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str], threads: int, block_size: int,
+                      prompt: list[int], new_tokens: int, say: Callable[[str], None]) -> tuple[list[tuple[str, Timed]], list[str]]:  # fmt: skip
+    """onnxruntime-genai at each of ``precisions`` (fp32, int4, int8), or a note saying why it is not run."""
+    from qgraph.devtools.bench.genai import build
+
+    why = genai_missing()
+    if family not in GENAI_FAMILIES:
+        why = f"onnxruntime-genai: its builder does not take {family} models"
+    elif why is None and not Path(folder).is_dir():
+        why = f"onnxruntime-genai: its builder needs a local model folder, not {folder!r}"
+    elif why is None and not (Path(folder) / "tokenizer.json").is_file():
+        why = f"onnxruntime-genai: its builder needs a tokenizer.json in {folder}"
+    if why is not None:
+        return [], [why]
+    out = []
+    for precision in precisions:
+        say(f"building onnxruntime-genai's {precision} model")
+        built = tmp / ("genai-fp32" if precision == "fp32" else f"genai-{precision}-block{block_size}")  # reused when there
+        runner = GenaiRunner(build(folder, built, precision, block_size=block_size), threads)
+        name = "onnxruntime-genai" + ("" if precision == "fp32" else f"-{precision}")
+        out.append((name, lambda r=runner: r.run(prompt, new_tokens)))
+    return out, []
+
+
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
-               say: Callable[[str], None], ttft_pairs: int) -> BenchReport:  # fmt: skip
+               say: Callable[[str], None], ttft_pairs: int, quantize: str | None, block_size: int) -> BenchReport:  # fmt: skip
     import onnx
     import onnxruntime as ort
 
@@ -116,10 +104,10 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     if rounds < 1:
         raise QGraphError(f"--rounds must be at least 1, got {rounds}")
     tmp.mkdir(parents=True, exist_ok=True)
-    folder = _model_folder(model, tmp)
+    folder = model_folder(model, tmp)
     hf = load_model(folder)
     spec = spec_of(hf.config)
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters()) - family_of(hf.config).unread_weight_bytes(hf)
+    weight_bytes = streamed_weight_bytes(hf)
     ctx = min(spec.max_positions, max(DEFAULT_CTX_LEN, prompt_len + new_tokens))
     raw = tmp / "raw.onnx"
     if not raw.is_file():
@@ -134,30 +122,52 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     raw_sess = ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
     rt = Runtime(art, threads=threads)
     say("building the kernel ceiling (the decode graph's weight products alone)")
+    decode_path = art / rt.manifest.spec("decode").file
     ceiling_path = tmp / "products-only.onnx"
-    ceiling_feeds, n_products, ceiling_bytes = write_products_only(art / rt.manifest.spec("decode").file, ceiling_path)
+    ceiling_feeds, n_products, ceiling_bytes = write_products_only(decode_path, ceiling_path)
     ceiling_sess = rt.target.create_session(ceiling_path, rt.options.target_options, threads=threads)
     remove_model_files(ceiling_path)  # the session holds its own (pre-packed) copy
     prompt = np.random.default_rng(0).integers(0, spec.vocab_size, prompt_len).tolist()
 
     def hf_run() -> tuple[float, float, list[int]]:
-        return _time_hf(hf, prompt, new_tokens)
+        return time_hf(hf, prompt, new_tokens)
 
     def ort_run() -> tuple[float, float, list[int]]:
-        return _time_ort_raw(raw_sess, spec, prompt, new_tokens)
+        return time_ort_raw(raw_sess, spec, prompt, new_tokens)
 
-    def qgraph_run() -> tuple[float, float, list[int]]:
-        out = rt.generate([prompt], max_new_tokens=new_tokens)
+    def qgraph_run(runtime: Any = rt) -> tuple[float, float, list[int]]:
+        out = runtime.generate([prompt], max_new_tokens=new_tokens)
         return out.stats.ttft_s, out.stats.decode_s, out.tokens[0]
 
     def ort_ttft() -> float:
-        return _time_ort_raw(raw_sess, spec, prompt, 1)[0]
+        return time_ort_raw(raw_sess, spec, prompt, 1)[0]
 
     def qgraph_ttft() -> float:
         return rt.generate([prompt], max_new_tokens=1).stats.ttft_s
 
-    contenders: list[tuple[str, Callable[[], tuple[float, float, list[int]]]]] = [
+    contenders: list[tuple[str, Timed]] = [
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
+    genai, notes = genai_contenders(folder, spec.family, tmp, ["fp32", *([quantize] if quantize else [])], threads, block_size,
+                                     prompt, new_tokens, say)  # fmt: skip
+    contenders += genai[:1]
+    quantized_weight_bytes = 0
+    if quantize:
+        art_q = tmp / f"cpu-{quantize}"
+        say(f"compiling the {quantize} cpu artifact (block {block_size})")
+        compile_model(raw, "cpu", art_q, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads},
+                      progress=say, quantize=quantize, quant_block_size=block_size)  # fmt: skip
+        rt_q = Runtime(art_q, threads=threads)
+        nbits = tmp / f"raw-matmulnbits-{quantize}-block{block_size}.onnx"  # reused when there, as the plain export is
+        if not nbits.is_file():
+            say(f"quantizing the plain export with ONNX Runtime's MatMulNBitsQuantizer ({quantize}, block {block_size})")
+            quantize_plain_export(raw, nbits, quantize, block_size)
+        nbits_sess = ort.InferenceSession(str(nbits), so, providers=["CPUExecutionProvider"])
+        contenders += [(f"qgraph-cpu-{quantize}", lambda: qgraph_run(rt_q)),
+                       (f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens)), *genai[1:]]  # fmt: skip
+        products = weight_products(onnx.load(str(decode_path), load_external_data=False))
+        # Every weight product quantized, everything else (norms, biases) read as before.
+        fp32_products = sum(p.k * p.n * 4 for p in products)
+        quantized_weight_bytes = weight_bytes - fp32_products + quantized_bytes(products, BITS[quantize], block_size)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
     bandwidths, engines, ceiling = [], [], []
@@ -221,27 +231,40 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         per_tok = decode / (new_tokens - 1)
         results.append(Result(name, ttft, 1 / per_tok, per_tok * 1e3, rs))
     by = {r.name: r for r in results}
-    q, o, h = by["qgraph-cpu"], by["onnxruntime-plain-export"], by["huggingface-eager"]
-    ratios = {
-        "qgraph decode / huggingface decode": q.decode_tokens_per_s / h.decode_tokens_per_s,
-        "qgraph decode / onnxruntime decode": q.decode_tokens_per_s / o.decode_tokens_per_s,
-        "qgraph decode / bandwidth bound": q.decode_tokens_per_s / (1000 / bound_ms),
-        "qgraph TTFT / onnxruntime TTFT": q.ttft_s / o.ttft_s,
-    }
-    ceiling_ms = statistics.median(ceiling) * 1e3
-    # The same ratios per round (contenders a few seconds apart), then their median: steadier on a shared machine.
-    paired = {
-        "qgraph decode / huggingface decode": [hr["decode_s"] / qr["decode_s"] for qr, hr in zip(q.runs, h.runs)],
-        "qgraph decode / onnxruntime decode": [orr["decode_s"] / qr["decode_s"] for qr, orr in zip(q.runs, o.runs)],
-        "qgraph TTFT / onnxruntime TTFT": [qr["ttft_s"] / orr["ttft_s"] for qr, orr in zip(q.runs, o.runs)],
-        "qgraph decode / kernel ceiling": [c * (new_tokens - 1) / qr["decode_s"] for qr, c in zip(q.runs, ceiling)],
-        # Each round's own bound (its best product, measured seconds before the contenders), not the best of all rounds.
-        "qgraph decode / bandwidth bound": [weight_bytes / b * (new_tokens - 1) / qr["decode_s"] for qr, b in zip(q.runs, bandwidths)],
-    }
+    q = by["qgraph-cpu"]
+    ratios: dict[str, float] = {}
+    paired: dict[str, list[float]] = {}
+    # Each ratio from the table's medians, and per round (contenders a few seconds apart), then their median.
+    for key, a, b, kind in ratio_pairs(quantize):
+        if a in by and b in by:
+            x, y = by[a], by[b]
+            if kind == "decode":
+                ratios[key] = y.ms_per_token / x.ms_per_token
+                paired[key] = [yr["decode_s"] / xr["decode_s"] for xr, yr in zip(x.runs, y.runs)]
+            else:
+                ratios[key] = x.ttft_s / y.ttft_s
+                paired[key] = [xr["ttft_s"] / yr["ttft_s"] for xr, yr in zip(x.runs, y.runs)]
+    ratios["qgraph decode / bandwidth bound"] = bound_ms / q.ms_per_token
+    paired["qgraph decode / kernel ceiling"] = [c * (new_tokens - 1) / qr["decode_s"] for qr, c in zip(q.runs, ceiling)]
+    # Each round's own bound (its best product, measured seconds before the contenders), not the best of all rounds.
+    paired["qgraph decode / bandwidth bound"] = [weight_bytes / b * (new_tokens - 1) / qr["decode_s"] for qr, b in zip(q.runs, bandwidths)]
+    quantized_bound_ms = quantized_weight_bytes / bw * 1e3
+    if quantize:
+        qq = by[f"qgraph-cpu-{quantize}"]
+        key = f"qgraph {quantize} decode / {quantize} bandwidth bound"
+        ratios[key] = quantized_bound_ms / qq.ms_per_token
+        paired[key] = [quantized_weight_bytes / b * (new_tokens - 1) / qr["decode_s"] for qr, b in zip(qq.runs, bandwidths)]
     paired_ratios = {k: statistics.median(v) for k, v in paired.items()}
+    ceiling_ms = statistics.median(ceiling) * 1e3
     ratios["qgraph decode / kernel ceiling"] = ceiling_ms / q.ms_per_token
     ratios["kernel ceiling / bandwidth bound"] = bound_ms / ceiling_ms
-    agree = len({tuple(t) for t in tokens.values()}) == 1
+    fp32 = {n: t for n, t in tokens.items() if not (quantize and n.endswith(f"-{quantize}"))}
+    agree = len({tuple(t) for t in fp32.values()}) == 1
+    reference = tokens["huggingface-eager"]
+    quantized_agree = {n: leading_agreement(t, reference) for n, t in tokens.items() if n not in fp32}
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
                        ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios,
-                       [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time)  # fmt: skip
+                       [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time,
+                       quantize=quantize, quant_block_size=block_size if quantize else None,
+                       quantized_weight_bytes=int(quantized_weight_bytes), quantized_bound_ms_per_token=quantized_bound_ms,
+                       quantized_tokens_agree=quantized_agree, notes=notes)  # fmt: skip
