@@ -262,11 +262,13 @@ class AutoModelForCausalLM:
         batch_size: int | None = None,
         quantize: str | None = None,
         quant_block_size: int | None = None,
+        quant_vocab: str | None = None,
         **target_options: Any,
     ) -> Options:
         """The compile options asked for (None: the default), resolved against this model and checked;
         nothing slow runs (the config is read, nothing is exported). ``quantize``: "int8" or "int4" (cpu,
-        weight-only, ``quant_block_size`` weights per block, default 32), "w8a16" (qnn)."""
+        weight-only, ``quant_block_size`` weights per block, default 32; ``quant_vocab``: the vocabulary's
+        mode, default int8), "w8a16" (qnn)."""
         from qgraph.targets import get_target
 
         impl = get_target(target)
@@ -283,7 +285,7 @@ class AutoModelForCausalLM:
             target_options = {**target_options, "calibration": self._calibration_ids(calibration)}
         return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
                                target=impl, max_positions=self.spec.max_positions, quantize=quantize,
-                               quant_block_size=quant_block_size)  # fmt: skip
+                               quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
 
     def _calibration_ids(self, calibration: Sequence[Any] | None) -> list[list[int]]:
         """w8a16's calibration rows as token ids: text prompts (None: the built-in set) through the model's tokenizer."""
@@ -309,6 +311,7 @@ class AutoModelForCausalLM:
         options: Options | None = None,
         quantize: str | None = None,
         quant_block_size: int | None = None,
+        quant_vocab: str | None = None,
         **target_options: Any,
     ) -> Path:
         """Optimize and compile for ``target`` (cached unless ``artifacts`` is given); returns the directory.
@@ -321,12 +324,13 @@ class AutoModelForCausalLM:
         from qgraph.pipeline.stages import compile_pipeline
         from qgraph.targets import get_target
 
-        asked = {prefill_seq_len, ctx_len, batch_size, quantize, quant_block_size}
+        asked = {prefill_seq_len, ctx_len, batch_size, quantize, quant_block_size, quant_vocab}
         if options is not None and (target_options or asked != {None}):
             raise TypeError("compile() takes resolved options or the numbers and target options to resolve, not both")
         # Everything that can be checked before the (slow) export is: the options, and the order of every pass.
         opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
-                                       quantize=quantize, quant_block_size=quant_block_size, **target_options)  # fmt: skip
+                                       quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab,
+                                       **target_options)  # fmt: skip
         impl = get_target(target)
         impl.check_dry_run(dry_run)
         rewrite, specialize = compile_pipeline(impl, rewrite=True, quantize=opts.weight_only)

@@ -103,6 +103,7 @@ def compile_model(
     progress: Progress | None = None,
     quantize: str | None = None,
     quant_block_size: int | None = None,
+    quant_vocab: str | None = None,
 ) -> Path:
     """Compile ``source`` for ``target`` into ``out_dir``; returns the directory.
 
@@ -116,7 +117,7 @@ def compile_model(
     graph = source if isinstance(source, Graph) else Graph.load(source)
     opts = Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=options, target=impl,
                            max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph), quantize=quantize,
-                           quant_block_size=quant_block_size)  # fmt: skip
+                           quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
     return compile_artifact(graph, target, out_dir, opts, dry_run=dry_run, progress=progress)
 
 

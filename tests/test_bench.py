@@ -107,7 +107,9 @@ def test_quantized_rows_ratios_and_bound(bench: tuple[BenchReport, Path]) -> Non
     assert targets["qgraph int8 TTFT / qgraph TTFT"]["at_most"] == 1.0
     assert not any("int4" in k or "genai" in k for k in targets)  # only what this run measured is judged
     table = report.table()
-    assert "int8 (block 32): every weight product quantized" in table and "not run: onnxruntime-genai: its builder" in table
+    assert (
+        "int8 (block 32, vocabulary int8): every weight product quantized" in table and "not run: onnxruntime-genai: its builder" in table
+    )
     assert "int8 greedy tokens equal to fp32's before the first difference (of 5)" in table
 
 
@@ -162,7 +164,7 @@ def test_quantized_and_genai_targets_are_judged_against_their_own_figures() -> N
     assert genai4["needs_x_bound"] == pytest.approx(5.0 / 4.0)  # against the bytes a quantized step reads
     assert t["qgraph decode / onnxruntime-genai decode"]["needs_x_bound"] == pytest.approx(20.0 / 15.0)
     table = r.table()
-    assert "int4 (block 32): every weight product quantized, 100.0 MB read per step -> bound 5.00 ms/token" in table
+    assert "int4 (block 32, vocabulary int4): every weight product quantized, 100.0 MB read per step -> bound 5.00 ms/token" in table
     # Each row's "x bound" against its own bound: qgraph int4 at 5 / 6, qgraph fp32 at 20 / 15.
     rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.split() and line.split()[0] in ms}
     assert rows["qgraph-cpu-int4"] == "0.83" and rows["qgraph-cpu"] == "1.33"

@@ -82,12 +82,16 @@ def test_prompt_and_generate_rules() -> None:
 def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
     opts = Options.resolve(ctx_len=48, prefill_seq_len=8, batch_size=2, target_options={"threads": None}, target=get_target("cpu"))
     data = opts.to_dict()
-    assert set(data) == {"ctx_len", "prefill_seq_len", "batch_size", "target_options", "quantize", "quant_block_size"}
+    assert set(data) == {"ctx_len", "prefill_seq_len", "batch_size", "target_options", "quantize", "quant_block_size", "quant_vocab"}
     assert Options.from_dict(data) == opts
     quantized = Options.resolve(quantize="int4", quant_block_size=64, target=get_target("cpu"))
     assert Options.from_dict(quantized.to_dict()) == quantized and quantized.weight_only
     old = {k: v for k, v in data.items() if not k.startswith("quant")}  # a manifest from before quantization
     assert Options.from_dict(old) == opts and opts.quantize is None
+    assert quantized.quant_vocab == "int8"  # the default: the vocabulary in int8 under int4
+    # A manifest from before --quant-vocab quantized the vocabulary in the mode itself.
+    before = {k: v for k, v in quantized.to_dict().items() if k != "quant_vocab"}
+    assert Options.from_dict(before).quant_vocab == "int4"
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ def test_an_exporters_copy_of_the_tied_weight_is_found_by_value(golden: Any) -> 
 def test_int4_blocks_and_the_bytes_they_save(golden: Any) -> None:
     graph = Graph.parse((GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text())
     before = Graph.parse((GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text())
-    result = run_pass(QuantizeWeights("int4", 16), graph)
+    result = run_pass(QuantizeWeights("int4", 16, vocab_mode="int4"), graph)
     fp32 = 16 * 32 * 4
     # int4: 16 x 32 weights in 32 blocks of 16 -> 8 bytes of data and one fp32 scale per block.
     assert result.stats["bytes_before"] == 2 * fp32 and result.stats["bytes_after"] == 32 * (8 + 4)
@@ -95,12 +95,31 @@ def test_int4_blocks_and_the_bytes_they_save(golden: Any) -> None:
     assert np.abs(got - want).max() < INT4_ATOL
 
 
+def test_the_vocabulary_is_int8_under_int4_by_default(golden: Any) -> None:
+    """The projection to the logits (here tied to the embedding, which shares its blocks) takes vocab_mode's bits,
+    int8 unless asked; a linear layer whose output is not a graph output takes the mode's."""
+    text = (GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text()
+    graph = Graph.parse(text.replace("h = Add (e, p)", "h0 = Add (e, p)\n   h = MatMul (h0, H)").replace(
+        "float[4,32] P =", "float[32,32] H = {" + ",".join(["0.01"] * 32 * 32) + "}, float[4,32] P ="))  # fmt: skip
+    result = run_pass(QuantizeWeights("int4", 16), graph)
+    assert result.stats["vocab_projection"] == 1 and result.stats["tied_embedding"] == 1
+    bits = {n.outputs[0].name: n.attrs["bits"] for n in result.graph.nodes_by_op("MatMulNBits")}
+    assert bits == {"h": 4, "logits": 8}
+    (gather,) = result.graph.nodes_by_op("GatherBlockQuantized")
+    assert gather.attrs["bits"] == 8
+    # Asked for int4, the vocabulary is int4 too; an unknown vocab_mode is refused.
+    out = run_pass(QuantizeWeights("int4", 16, vocab_mode="int4"), Graph.parse(text)).graph
+    assert {n.attrs["bits"] for n in [*out.nodes_by_op("MatMulNBits"), *out.nodes_by_op("GatherBlockQuantized")]} == {4}
+    with pytest.raises(ValueError, match="quantize-weights takes vocab_mode int8 or int4, not 'int2'"):
+        QuantizeWeights("int4", vocab_mode="int2")
+
+
 def test_the_blocks_decode_to_the_weights(golden: Any) -> None:
     """Each weight is within one quantization step of its block's value (the layout MatMulNBits reads; half a step but
     where symmetric int4 clips +8 to +7), and most within half a step (ties round either way)."""
     graph = Graph.parse((GOLDEN_DIR / "quantize-weights" / "gemm_bias.before.onnxtxt").read_text())
     w = graph.const_value(graph.nodes[0].inputs[1])
-    out = run_pass(QuantizeWeights("int4", 16), graph).graph
+    out = run_pass(QuantizeWeights("int4", 16, vocab_mode="int4"), graph).graph  # the Gemm makes the logits: a vocabulary
     (mm,) = out.nodes_by_op("MatMulNBits")
     data, scales = out.const_value(mm.inputs[1]), out.const_value(mm.inputs[2])  # [N, K/16, 8] uint8, [N, K/16]
     q = np.stack([data & 0xF, data >> 4], axis=-1).reshape(8, 2, 16).astype(np.float32) - 8  # low nibble first, zero point 8

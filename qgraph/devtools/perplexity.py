@@ -36,6 +36,7 @@ class PerplexityReport:
     target: str
     quantize: str | None
     quant_block_size: int | None  # int8 and int4 only
+    quant_vocab: str | None  # int8 and int4 only: the vocabulary's mode
     ctx_len: int
     stride: int
     windows: int
@@ -47,6 +48,8 @@ class PerplexityReport:
 
     def table(self) -> str:
         mode = f"--quantize {self.quantize}" if self.quantize else "not quantized"
+        if self.quant_vocab:
+            mode += f" --quant-vocab {self.quant_vocab}"
         rows = [
             ("perplexity", f"{self.perplexity:.4f} ({mode}, target {self.target})"),
             ("reference perplexity", f"{self.reference_perplexity:.4f} (not quantized, target {self.target})"),
@@ -77,6 +80,7 @@ def measure_perplexity(
     target: str = "cpu",
     quantize: str | None = None,
     quant_block_size: int | None = None,
+    quant_vocab: str | None = None,
     ctx_len: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
@@ -96,7 +100,7 @@ def measure_perplexity(
     lm = AutoModelForCausalLM.from_pretrained(model, progress=progress)
     # batch 1: a window is one row. Every option is checked here, before the (slow) export.
     opts = lm.options(target, ctx_len=ctx_len, batch_size=1, quantize=quantize, quant_block_size=quant_block_size,
-                      **(target_options or {}))  # fmt: skip
+                      quant_vocab=quant_vocab, **(target_options or {}))  # fmt: skip
     # verbose=False: a text longer than the model's positions is expected here (it is scored in windows).
     ids = list(load_tokenizer(lm.source)(text, verbose=False)["input_ids"])[:max_tokens]
     ids = check_token_ids([ids], lm.spec.vocab_size)[0]
@@ -130,6 +134,7 @@ def measure_perplexity(
         target=target,
         quantize=quantize,
         quant_block_size=opts.quant_block_size if opts.weight_only else None,
+        quant_vocab=opts.quant_vocab if opts.weight_only else None,
         ctx_len=opts.ctx_len,
         stride=stride,
         windows=len(wins),

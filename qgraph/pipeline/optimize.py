@@ -72,19 +72,20 @@ def optimize(
     check: bool = False,
     quantize: str | None = None,
     quant_block_size: int | None = None,
+    quant_vocab: str | None = None,
 ) -> Report:
     """Rewrite ``graph`` in place with ``passes`` (default: the default pipeline).
 
     ``ctx_len`` defaults to the model's maximum length or 128, whichever is
     smaller (:class:`~qgraph.pipeline.options.Options`). With ``batch_size``
     and ``seq_len`` the shapes are pinned too. ``quantize`` (int8, int4) adds
-    weight-only quantization (``quant_block_size`` weights per block). In check mode the graph is
+    weight-only quantization (``quant_block_size`` weights per block, the vocabulary in ``quant_vocab``, default int8). In check mode the graph is
     verified after every pass. Returns the pass report. The default pipeline
     raises :class:`~qgraph.errors.RewriteError` with the reason when the graph
     cannot become the retained-state contract (no growing KV cache).
     """
     opts = Options.resolve(ctx_len=ctx_len, batch_size=batch_size, seq_len=seq_len, max_positions=graph_max_positions(graph),
-                           quantize=quantize, quant_block_size=quant_block_size)  # fmt: skip
+                           quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
     # The default pipeline promises the contract; passes named by the caller may leave a partial graph (the report says why).

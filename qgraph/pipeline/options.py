@@ -38,6 +38,9 @@ WEIGHT_ONLY_MODES = ("int8", "int4")
 QUANTIZE_TARGETS: dict[str, tuple[str | None, ...]] = {"int8": (None, "cpu"), "int4": (None, "cpu"), "w8a16": ("qnn",)}
 #: Weights per quantization block along the reduction axis when not asked (``--quant-block-size``).
 DEFAULT_QUANT_BLOCK_SIZE = 32
+#: The vocabulary's mode (its projection and the token embedding) under int8 or int4 when not asked (``--quant-vocab``):
+#: int8, because int4 there costs most of int4's accuracy (passes/quantize_weights.py).
+DEFAULT_QUANT_VOCAB = "int8"
 
 #: How a message names each count, and the flag that sets it.
 _NAMED = {
@@ -71,9 +74,12 @@ def check_pin(batch_size: int | None, seq_len: int | None) -> None:
         raise OptionError("give both --batch-size and --seq-len to pin shapes, or neither")
 
 
-def check_quantize(quantize: str | None, block_size: int, target: str | None) -> None:
+def check_quantize(quantize: str | None, block_size: int, target: str | None, vocab: str = DEFAULT_QUANT_VOCAB) -> None:
     """Rules: ``quantize`` is a known mode that ``target`` (None: a target-free optimize) takes; the block size is a
-    power of two, at least 16 (ONNX Runtime's MatMulNBits and GatherBlockQuantized take no other)."""
+    power of two, at least 16 (ONNX Runtime's MatMulNBits and GatherBlockQuantized take no other); the vocabulary's
+    mode is int8 or int4."""
+    if vocab not in WEIGHT_ONLY_MODES:
+        raise OptionError(f"unknown --quant-vocab {vocab!r}; use {' or '.join(WEIGHT_ONLY_MODES)}")
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise OptionError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
@@ -148,6 +154,8 @@ class Options:
     quantize: str | None = None
     #: Weights per quantization block along the reduction axis.
     quant_block_size: int = DEFAULT_QUANT_BLOCK_SIZE
+    #: The vocabulary's mode (projection and token embedding) under weight-only quantization.
+    quant_vocab: str = DEFAULT_QUANT_VOCAB
 
     @property
     def pinned(self) -> bool:
@@ -174,6 +182,7 @@ class Options:
         cache_len: int | None = None,
         quantize: str | None = None,
         quant_block_size: int | None = None,
+        quant_vocab: str | None = None,
     ) -> Options:
         """The options asked for (None: the default), made whole against the model and checked once.
 
@@ -195,9 +204,10 @@ class Options:
             target_options=dict(target_options or {}),
             quantize=quantize,
             quant_block_size=DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size,
+            quant_vocab=DEFAULT_QUANT_VOCAB if quant_vocab is None else quant_vocab,
         )
         opts.validate(max_positions=max_positions)
-        check_quantize(opts.quantize, opts.quant_block_size, target.name if target is not None else None)
+        check_quantize(opts.quantize, opts.quant_block_size, target.name if target is not None else None, opts.quant_vocab)
         if target is not None:
             opts = replace(opts, target_options=target.check_options(dict(opts.target_options)))
         return opts
@@ -227,12 +237,13 @@ class Options:
         """What the manifest records (a compile's widths are its specializations: no seq_len)."""
         return {"ctx_len": self.ctx_len, "prefill_seq_len": self.prefill_seq_len, "batch_size": self.batch_size,
                 "target_options": dict(self.target_options), "quantize": self.quantize,
-                "quant_block_size": self.quant_block_size}  # fmt: skip
+                "quant_block_size": self.quant_block_size, "quant_vocab": self.quant_vocab}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Options:
         """The options a manifest recorded (:meth:`to_dict`), as they were resolved (a manifest from before
-        quantization records none: not quantized)."""
+        quantization records none: not quantized; one from before ``quant_vocab`` quantized the vocabulary in its mode)."""
         return cls(ctx_len=int(data["ctx_len"]), prefill_seq_len=int(data["prefill_seq_len"]), batch_size=int(data["batch_size"]),
                    target_options=dict(data["target_options"]), quantize=data.get("quantize"),
-                   quant_block_size=int(data.get("quant_block_size", DEFAULT_QUANT_BLOCK_SIZE)))  # fmt: skip
+                   quant_block_size=int(data.get("quant_block_size", DEFAULT_QUANT_BLOCK_SIZE)),
+                   quant_vocab=data.get("quant_vocab") or data.get("quantize") or DEFAULT_QUANT_VOCAB)  # fmt: skip

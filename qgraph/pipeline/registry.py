@@ -47,7 +47,7 @@ def _factories(opts: Options) -> dict[str, Callable[[], Pass]]:
     def quantize() -> Pass:
         if not opts.weight_only:
             raise UnknownPassError(f"quantize-weights needs --quantize {' or '.join(WEIGHT_ONLY_MODES)}")
-        return QuantizeWeights(mode=opts.quantize, block_size=opts.quant_block_size)  # type: ignore[arg-type]
+        return QuantizeWeights(mode=opts.quantize, block_size=opts.quant_block_size, vocab_mode=opts.quant_vocab)  # type: ignore[arg-type]
 
     return {
         "retain-kv-cache": lambda: RetainKvCache(ctx_len=opts.ctx_len),

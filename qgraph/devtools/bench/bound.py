@@ -67,6 +67,8 @@ class WeightProduct:
     n: int
     trans_b: bool
     fed: bool
+    #: the vocabulary projection: its output is a graph output (the logits), directly or through a Reshape.
+    vocab: bool = False
 
 
 def weight_products(model: Any) -> list[WeightProduct]:
@@ -77,6 +79,8 @@ def weight_products(model: Any) -> list[WeightProduct]:
     inits = {t.name: t for t in model.graph.initializer}
     fed_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
                 if i.type.tensor_type.elem_type == TensorProto.FLOAT and len(i.type.tensor_type.shape.dim) == 2}  # fmt: skip
+    outputs = {o.name for o in model.graph.output}
+    outputs |= {n.input[0] for n in model.graph.node if n.op_type == "Reshape" and n.output[0] in outputs}
     out = []
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
@@ -87,7 +91,7 @@ def weight_products(model: Any) -> list[WeightProduct]:
             continue
         trans_b = bool(next((a.i for a in n.attribute if a.name == "transB"), 0)) if n.op_type == "Gemm" else False
         k, n_out = (int(dims[1]), int(dims[0])) if trans_b else (int(dims[0]), int(dims[1]))
-        out.append(WeightProduct(k, n_out, trans_b, w is None))
+        out.append(WeightProduct(k, n_out, trans_b, w is None, n.output[0] in outputs))
     return out
 
 

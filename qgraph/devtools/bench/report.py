@@ -102,6 +102,8 @@ class BenchReport:
     #: ``--quantize`` (int4, int8) and its block size, or None: the quantized contenders were not run.
     quantize: str | None = None
     quant_block_size: int | None = None
+    #: qgraph's vocabulary mode (projection and embedding) under ``quantize``.
+    quant_vocab: str | None = None
     #: bytes a quantized decode step reads (every weight product at ``quantize`` with an fp32 scale per block, the
     #: rest as in fp32) and the bound they give at the best bandwidth.
     quantized_weight_bytes: int = 0
@@ -152,7 +154,7 @@ class BenchReport:
         ]
         if self.quantize:
             lines.append(
-                f"{self.quantize} (block {self.quant_block_size}): every weight product quantized, "
+                f"{self.quantize} (block {self.quant_block_size}, vocabulary {self.quant_vocab or self.quantize}): every weight product quantized, "
                 f"{self.quantized_weight_bytes / 1e6:.1f} MB read per step -> bound {self.quantized_bound_ms_per_token:.2f} ms/token; "
                 f"the {self.quantize} rows' 'x bound' is against it"
             )

@@ -26,7 +26,7 @@ from qgraph.devtools.bench.report import BenchReport, Result, ratio_pairs
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import spec_of
-from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize
+from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, DEFAULT_QUANT_VOCAB, check_quantize
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,22 @@ def run_bench(
     ttft_pairs: int = TTFT_PAIRS,
     quantize: str | None = None,
     quant_block_size: int | None = None,
+    quant_vocab: str | None = None,
 ) -> BenchReport:
     """Measure every contender (see the module docstring); returns the report. ``quantize``: int4 or int8 adds the
-    quantized contenders (``quant_block_size`` weights per block) to the fp32 ones."""
+    quantized contenders (``quant_block_size`` weights per block; qgraph's vocabulary in ``quant_vocab``, default int8) to the
+    fp32 ones."""
     import torch
 
     block_size = DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size
-    check_quantize(quantize, block_size, "cpu")  # before any work: the rule of every command
+    vocab = DEFAULT_QUANT_VOCAB if quant_vocab is None else quant_vocab
+    check_quantize(quantize, block_size, "cpu", vocab)  # before any work: the rule of every command
     say = progress or (lambda m: log.info("%s", m))
     torch.set_num_threads(threads)
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, block_size)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, block_size, vocab)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -89,7 +92,7 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
 
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
-               say: Callable[[str], None], ttft_pairs: int, quantize: str | None, block_size: int) -> BenchReport:  # fmt: skip
+               say: Callable[[str], None], ttft_pairs: int, quantize: str | None, block_size: int, vocab: str) -> BenchReport:  # fmt: skip
     import onnx
     import onnxruntime as ort
 
@@ -153,9 +156,9 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     quantized_weight_bytes = 0
     if quantize:
         art_q = tmp / f"cpu-{quantize}"
-        say(f"compiling the {quantize} cpu artifact (block {block_size})")
+        say(f"compiling the {quantize} cpu artifact (block {block_size}, vocabulary {vocab})")
         compile_model(raw, "cpu", art_q, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads},
-                      progress=say, quantize=quantize, quant_block_size=block_size)  # fmt: skip
+                      progress=say, quantize=quantize, quant_block_size=block_size, quant_vocab=vocab)  # fmt: skip
         rt_q = Runtime(art_q, threads=threads)
         nbits = tmp / f"raw-matmulnbits-{quantize}-block{block_size}.onnx"  # reused when there, as the plain export is
         if not nbits.is_file():
@@ -165,9 +168,14 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         contenders += [(f"qgraph-cpu-{quantize}", lambda: qgraph_run(rt_q)),
                        (f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens)), *genai[1:]]  # fmt: skip
         products = weight_products(onnx.load(str(decode_path), load_external_data=False))
-        # Every weight product quantized, everything else (norms, biases) read as before.
+        # Every weight product quantized (the vocabulary projection in ``vocab``), everything else (norms, biases) read as before.
         fp32_products = sum(p.k * p.n * 4 for p in products)
-        quantized_weight_bytes = weight_bytes - fp32_products + quantized_bytes(products, BITS[quantize], block_size)
+        quantized_weight_bytes = (
+            weight_bytes
+            - fp32_products
+            + quantized_bytes([p for p in products if not p.vocab], BITS[quantize], block_size)
+            + quantized_bytes([p for p in products if p.vocab], BITS[vocab], block_size)
+        )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
     bandwidths, engines, ceiling = [], [], []
@@ -265,6 +273,6 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     return BenchReport(model, prompt_len, new_tokens, threads, int(weight_bytes), bw / 1e9, bound_ms, results, ratios, agree,
                        ceiling_ms, n_products, ceiling_bytes, overhead_ms, paired_ratios,
                        [b / 1e9 for b in bandwidths], [{k: v / 1e9 for k, v in e.items()} for e in engines], in_time,
-                       quantize=quantize, quant_block_size=block_size if quantize else None,
+                       quantize=quantize, quant_block_size=block_size if quantize else None, quant_vocab=vocab if quantize else None,
                        quantized_weight_bytes=int(quantized_weight_bytes), quantized_bound_ms_per_token=quantized_bound_ms,
                        quantized_tokens_agree=quantized_agree, notes=notes)  # fmt: skip
