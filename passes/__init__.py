@@ -24,6 +24,7 @@ from passes.fuse_rms_norm import FuseRmsNorm
 from passes.fuse_rotary import FuseRotary
 from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.legalize_qnn import LegalizeQnn
+from passes.pack_matmuls import PackMatmuls
 from passes.pin_static_shapes import PinStaticShapes
 from passes.quantize_weights import QuantizeWeights
 from passes.retain_kv_cache import RetainKvCache
@@ -48,6 +49,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         FuseSkipLayerNorm,
         FuseDecodeAttention,
         FuseRotary,
+        PackMatmuls,
         QuantizeWeights,
     )
 }
@@ -65,6 +67,7 @@ __all__ = [
     "FuseRotary",
     "FuseSkipLayerNorm",
     "LegalizeQnn",
+    "PackMatmuls",
     "PinStaticShapes",
     "QuantizeWeights",
     "RetainKvCache",

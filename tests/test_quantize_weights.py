@@ -154,10 +154,11 @@ def test_the_pipeline_quantizes_last_and_only_when_asked() -> None:
 
     cpu = get_target("cpu")
     rewrite, specialize = compile_pipeline(cpu, rewrite=True, quantize=True)
-    assert specialize[-3:] == ["fuse-decode-attention", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
-    assert "quantize-weights" not in compile_pipeline(cpu, rewrite=True)[1]
-    assert default_pipeline(False, True)[-4:] == ["retain-kv-cache", "cleanup", "quantize-weights", "cleanup"]
-    assert default_pipeline(True, True)[-4:] == ["pin-static-shapes", "cleanup", "quantize-weights", "cleanup"]
+    # pack-matmuls goes with quantization: it pays with quantized weights only (qgraph.pipeline.stages.QUANTIZE_PASSES).
+    assert specialize[-4:] == ["fuse-decode-attention", "pack-matmuls", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
+    assert not {"pack-matmuls", "quantize-weights"} & set(compile_pipeline(cpu, rewrite=True)[1])
+    assert default_pipeline(False, True)[-5:] == ["retain-kv-cache", "cleanup", "pack-matmuls", "quantize-weights", "cleanup"]
+    assert default_pipeline(True, True)[-5:] == ["pin-static-shapes", "cleanup", "pack-matmuls", "quantize-weights", "cleanup"]
     (p,) = build_passes(["quantize-weights"], Options.resolve(quantize="int8", quant_block_size=64))
     assert isinstance(p, QuantizeWeights) and (p.bits, p.block_size) == (8, 64)
     with pytest.raises(UnknownPassError, match="quantize-weights needs --quantize int8 or int4"):

@@ -29,6 +29,7 @@ from fuzz.fold_constants import fold_constants_cases
 from fuzz.gelu import gelu_cases
 from fuzz.layer_norm import layer_norm_cases
 from fuzz.legalize_qnn import legalize_qnn_cases
+from fuzz.pack_matmuls import pack_matmuls_cases
 from fuzz.pin_static_shapes import pin_static_shapes_cases
 from fuzz.quantize_weights import quantize_weights_cases
 from fuzz.retain_kv_cache import retain_kv_cache_cases
@@ -54,6 +55,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-decode-attention": decode_attention_cases(),
     "fuse-rotary": rotary_cases(),
     "quantize-weights": quantize_weights_cases(),
+    "pack-matmuls": pack_matmuls_cases(),
 }
 
 __all__ = ["STRATEGIES", "Case", "Outcome", "check"]

@@ -1,0 +1,103 @@
+"""Pack the linear layers that read one input into one MatMul: a Llama layer's q/k/v projections, its gate and up.
+
+    q = MatMul(x, Wq)                        y = MatMul(x, concat(Wq, Wk, Wv, axis=1))
+    k = MatMul(x, Wk)              ->        q, k, v = Split(y, [Nq, Nk, Nv], axis=-1)
+    v = MatMul(x, Wv)
+
+A decode step streams every weight once whatever the packing, so the bytes are
+the same; what goes is a kernel call per projection (two of three q/k/v calls,
+one of two gate/up calls per layer): each is a thread-pool dispatch over a
+small output (a 4-KV-head k projection is [1, 768] x [768, 256]), and under
+int4 (quantize-weights runs after it, on the packed weight) the weight's read
+is short enough for the calls' fixed cost to show. onnxruntime-genai's builder
+writes Llama's q/k/v and gate/up packed for the same reason. GPT-2's exporters
+pack its attention already (one ``c_attn``), and its MLP is not gated: nothing
+to do there.
+
+What it packs: standard-domain ``MatMul`` nodes that read the same input as
+their first operand and a 2-D float32 constant as their second, with the same
+K. A group of one is left alone (nothing to pack). Beside a linear layer, a
+``MatMul`` of the same input whose weight is a graph input, computed at run
+time, not float32 or not 2-D is a near miss with that reason (one where no
+linear layer reads the input, such as attention's products, is not looked
+at). Running it twice changes nothing: a packed input has one reader left.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from qgraph.ir.graph import Graph, Node
+from qgraph.ir.validate import is_onnx_op
+from qgraph.pipeline.fusion import NearMiss
+from qgraph.pipeline.manager import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+
+class PackMatmuls(Pass):
+    """MatMuls of one input by constant weights -> one MatMul by their concatenation, then a Split (module docstring)."""
+
+    name = "pack-matmuls"
+    produces = ("matmuls_packed",)
+    invalidates = ("no_dead_nodes",)
+
+    def __init__(self) -> None:
+        self.near_misses: list[NearMiss] = []
+
+    def run(self, graph: Graph) -> PassResult:
+        self.near_misses = []
+        groups: dict[int, list[tuple[Node, np.ndarray | str]]] = {}
+        for node in graph.nodes:
+            if is_onnx_op(node, "MatMul") and len(node.inputs) == 2 and len(node.outputs) == 1:
+                groups.setdefault(id(node.inputs[0]), []).append((node, self._weight(graph, node)))
+        stats: dict[str, int] = {}
+        for group in groups.values():
+            weights = [(n, w) for n, w in group if isinstance(w, np.ndarray)]
+            if not weights:
+                continue  # attention's products and the like: no linear layer reads this input
+            for node, why in group:
+                if isinstance(why, str):  # beside a linear layer, a product that is not one
+                    self.near_misses.append(NearMiss(node.name, node.op, why))
+            by_k: dict[int, list[tuple[Node, np.ndarray]]] = {}
+            for node, w in weights:
+                by_k.setdefault(int(w.shape[0]), []).append((node, w))
+            for same in by_k.values():
+                if len(same) > 1:
+                    self._pack(graph, same)
+                    stats["packed"] = stats.get("packed", 0) + 1
+                    stats["matmuls"] = stats.get("matmuls", 0) + len(same)
+        if self.near_misses:
+            stats["declined"] = len(self.near_misses)
+        log.info("%s: %s", self.name, stats or "nothing to pack")
+        return PassResult(graph, bool(stats.get("packed")), stats)
+
+    @staticmethod
+    def _weight(graph: Graph, node: Node) -> np.ndarray | str:
+        """The 2-D float32 constant weight of a linear-layer MatMul, else why it is not one."""
+        w = node.inputs[1]
+        if any(t is w for t in graph.inputs):
+            return f"the weight '{w.name}' is a graph input, not a constant"
+        if not graph.is_constant(w):
+            return f"the weight '{w.name}' is computed at run time"
+        value = graph.const_value(w)
+        if value is None or value.dtype != np.float32:
+            return f"the weight '{w.name}' is not float32"
+        if value.ndim != 2:
+            return f"the weight '{w.name}' has shape {list(value.shape)}, not 2-D"
+        return value
+
+    def _pack(self, graph: Graph, group: list[tuple[Node, np.ndarray]]) -> None:
+        first = group[0][0]
+        x = first.inputs[0]
+        widths = [int(w.shape[1]) for _, w in group]
+        weight = graph.constant(self.name, np.ascontiguousarray(np.concatenate([w for _, w in group], axis=1)))
+        outs = [n.outputs[0] for n, _ in group]
+        shape = list(outs[0].shape) if outs[0].shape is not None else None
+        packed = graph.variable(self.name, outs[0].dtype, [*shape[:-1], sum(widths)] if shape else None)
+        graph.remove_nodes([n for n, _ in group])  # detached first: each output gets the Split as its one producer
+        graph.add_node("MatMul", [x, weight], [packed], prefix=self.name, before=first)
+        split = graph.constant(self.name, np.asarray(widths, np.int64))
+        graph.add_node("Split", [packed, split], outs, {"axis": -1}, prefix=self.name, before=first)
