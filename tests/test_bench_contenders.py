@@ -131,11 +131,16 @@ def test_quantized_bytes_are_what_matmulnbits_stores(tmp_path: Path, bits: int, 
                               [helper.make_tensor_value_info("y", f, [1, n])], [numpy_helper.from_array(w, "w")])  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     products = weight_products(model)
-    assert products == [WeightProduct(k, n, trans_b=False, fed=False)]
+    assert products == [WeightProduct(k, n, trans_b=False, fed=False, vocab=True)]  # its output is the graph's: the logits
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
     q.process()
     stored = sum(numpy_helper.to_array(t).nbytes for t in q.model.model.graph.initializer)
     assert quantized_bytes(products, bits, block) == stored  # the packed weight and its fp32 scales, no zero points
+    # Read by another op, the same product is a linear layer, not the vocabulary projection (its bits are --quantize's).
+    hidden = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+                               [helper.make_tensor_value_info("x", f, [1, k])], [helper.make_tensor_value_info("y", f, [1, n])],
+                               [numpy_helper.from_array(w, "w")])  # fmt: skip
+    assert weight_products(helper.make_model(hidden, opset_imports=[helper.make_opsetid("", 17)]))[0].vocab is False
 
 
 def test_streamed_bytes_leave_out_an_untied_input_embedding(tiny_llama: Path) -> None:
