@@ -276,9 +276,9 @@ def test_the_manifest_records_each_value_once(artifact: Path) -> None:
     assert data["format"] == 2
     assert data["options"] == {"ctx_len": CTX, "prefill_seq_len": PREFILL, "batch_size": 2,
                                "target_options": {"threads": None, "feed_min_bytes": 32 << 20}, "quantize": None,
-                               "quant_block_size": 32}  # fmt: skip
+                               "quant_block_size": 32, "quant_vocab": "int8"}  # fmt: skip
     keys = _keys(data)
-    for name in ("ctx_len", "prefill_seq_len", "batch_size", "target_options", "quantize", "quant_block_size"):
+    for name in ("ctx_len", "prefill_seq_len", "batch_size", "target_options", "quantize", "quant_block_size", "quant_vocab"):
         assert keys.count(name) == 1, f"{name} is recorded {keys.count(name)} times"
     assert "seq_len" not in keys  # a specialization's width follows from the options
     assert data["specializations"] == [{"name": "prefill", "file": "prefill.onnx", "extra_files": []},
