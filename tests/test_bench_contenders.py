@@ -209,3 +209,22 @@ def test_bench_on_a_llama_runs_every_contender_to_the_same_tokens(tiny_llama: Pa
     assert targets["qgraph decode / onnxruntime-genai decode"]["at_least"] == 1.0
     assert targets["qgraph decode / onnxruntime-genai decode"]["needs_ms_per_token"] == pytest.approx(g.ms_per_token)
     assert "onnxruntime-genai" in report.table()
+
+
+def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path: Path) -> None:
+    """--quantize int4 runs qgraph's default artifact (the vocabulary in int8) and the all-int4 one beside genai int4."""
+    pytest.importorskip("onnxruntime_genai")
+    from qgraph.devtools.bench import run_bench
+
+    report = run_bench(str(tiny_llama), prompt_len=8, new_tokens=4, rounds=1, threads=1, workdir=tmp_path, ttft_pairs=1, quantize="int4")
+    names = [r.name for r in report.results]
+    assert names[3:] == ["onnxruntime-genai", "qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",
+                         "onnxruntime-genai-int4"]  # fmt: skip
+    by = {r.name: r for r in report.results}
+    alt, genai4 = by["qgraph-cpu-int4-vocab-int4"], by["onnxruntime-genai-int4"]
+    assert report.ratios["qgraph int4 vocab int4 decode / onnxruntime-genai int4 decode"] == pytest.approx(
+        genai4.ms_per_token / alt.ms_per_token
+    )
+    assert report.quant_vocab == "int8" and "(the -vocab-int4 row reads less)" in report.table()
+    assert set(report.quantized_tokens_agree) == {"qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",
+                                                  "onnxruntime-genai-int4"}  # fmt: skip

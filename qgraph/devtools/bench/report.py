@@ -59,6 +59,14 @@ def ratio_pairs(quantize: str | None) -> list[tuple[str, str, str, str]]:
             (f"qgraph {q} decode / onnxruntime matmulnbits {q} decode", name, f"onnxruntime-matmulnbits-{q}", "decode"),
             (f"qgraph {q} decode / onnxruntime-genai {q} decode", name, f"onnxruntime-genai-{q}", "decode"),
             (f"qgraph {q} TTFT / onnxruntime-genai {q} TTFT", name, f"onnxruntime-genai-{q}", "ttft"),
+            # The same with the vocabulary in the same mode (run when --quant-vocab differs from --quantize).
+            (
+                f"qgraph {q} vocab {q} decode / onnxruntime matmulnbits {q} decode",
+                f"{name}-vocab-{q}",
+                f"onnxruntime-matmulnbits-{q}",
+                "decode",
+            ),
+            (f"qgraph {q} vocab {q} decode / onnxruntime-genai {q} decode", f"{name}-vocab-{q}", f"onnxruntime-genai-{q}", "decode"),
         ]
     return pairs
 
@@ -157,6 +165,7 @@ class BenchReport:
                 f"{self.quantize} (block {self.quant_block_size}, vocabulary {self.quant_vocab or self.quantize}): every weight product quantized, "
                 f"{self.quantized_weight_bytes / 1e6:.1f} MB read per step -> bound {self.quantized_bound_ms_per_token:.2f} ms/token; "
                 f"the {self.quantize} rows' 'x bound' is against it"
+                + (f" (the -vocab-{self.quantize} row reads less)" if self.quant_vocab not in (None, self.quantize) else "")
             )
         if self.kernel_ceiling_ms_per_token:
             lines.append(

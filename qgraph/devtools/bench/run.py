@@ -155,18 +155,24 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     contenders += genai[:1]
     quantized_weight_bytes = 0
     if quantize:
-        art_q = tmp / f"cpu-{quantize}"
-        say(f"compiling the {quantize} cpu artifact (block {block_size}, vocabulary {vocab})")
-        compile_model(raw, "cpu", art_q, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads},
-                      progress=say, quantize=quantize, quant_block_size=block_size, quant_vocab=vocab)  # fmt: skip
-        rt_q = Runtime(art_q, threads=threads)
+        # The vocabulary in its own mode (int8 by default); when that differs from the rest, the artifact with it in the
+        # same mode as the rest runs too (``-vocab-int4``): what the accuracy costs in speed, in the same run.
+        runtimes = {}
+        for v in dict.fromkeys([vocab, quantize]):
+            art_q = tmp / f"cpu-{quantize}-vocab-{v}"
+            say(f"compiling the {quantize} cpu artifact (block {block_size}, vocabulary {v})")
+            compile_model(raw, "cpu", art_q, prefill_seq_len=prompt_len, ctx_len=ctx, batch_size=1, options={"threads": threads},
+                          progress=say, quantize=quantize, quant_block_size=block_size, quant_vocab=v)  # fmt: skip
+            runtimes[v] = Runtime(art_q, threads=threads)
         nbits = tmp / f"raw-matmulnbits-{quantize}-block{block_size}.onnx"  # reused when there, as the plain export is
         if not nbits.is_file():
             say(f"quantizing the plain export with ONNX Runtime's MatMulNBitsQuantizer ({quantize}, block {block_size})")
             quantize_plain_export(raw, nbits, quantize, block_size)
         nbits_sess = ort.InferenceSession(str(nbits), so, providers=["CPUExecutionProvider"])
-        contenders += [(f"qgraph-cpu-{quantize}", lambda: qgraph_run(rt_q)),
-                       (f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens)), *genai[1:]]  # fmt: skip
+        contenders += [(f"qgraph-cpu-{quantize}", lambda: qgraph_run(runtimes[vocab]))]
+        if vocab != quantize:
+            contenders += [(f"qgraph-cpu-{quantize}-vocab-{quantize}", lambda: qgraph_run(runtimes[quantize]))]
+        contenders += [(f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens)), *genai[1:]]
         products = weight_products(onnx.load(str(decode_path), load_external_data=False))
         # Every weight product quantized (the vocabulary projection in ``vocab``), everything else (norms, biases) read as before.
         fp32_products = sum(p.k * p.n * 4 for p in products)
