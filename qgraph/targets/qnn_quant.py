@@ -5,8 +5,9 @@ ONNX Runtime's QNN quantization tools do the work (``onnxruntime.quantization``)
 weights in the weight type) and ``quantize``, static MinMax calibration. What qgraph adds is the calibration
 data: each specialization is calibrated on the steps it will run. The float graph of that specialization
 runs on ONNX Runtime's CPU provider over the calibration token rows (chunks as wide as its ``input_ids``,
-from position 0, every cache carried from one step to the next as the runtime carries it), and every
-step's inputs are a calibration sample, so the cache inputs are calibrated on real keys and values.
+from position 0, every cache carried from one step to the next as the runtime carries it), then over all the rows
+end to end as one row of ctx_len tokens (every position calibrated), and every step's inputs are a calibration
+sample, so the cache inputs are calibrated on real keys and values.
 
 Types: activations uint16, symmetric (zero point 32768); weights int8, symmetric, per output channel (MatMul weights per
 tensor: QNN has no per-channel MatMul), except LayerNorm's scale and bias, uint8 per tensor (the HTP rejects
@@ -75,6 +76,12 @@ def calibration_steps(model_path: Path, rows: Sequence[Sequence[int]]) -> Iterat
     dtype = np.float16 if inputs[names[0]].type == "tensor(float16)" else np.float32
     ctx_len = shape[2]
     outputs = [n + RETAINED_SUFFIX for n in names]
+    # Then the rows end to end (cycled) as one row of ctx_len tokens: every position the artifact can run is calibrated.
+    # Ranges that grow with the position (a rotary embedding's angle, position x inv_freq) are clipped past the last
+    # one calibrated: tiny-llama's decode graph calibrated on the rows alone (positions up to about 30) computed
+    # angles of 40 at position 44, and its w8a16 perplexity was 2.5x the float one's.
+    joined = [t for r in rows for t in r]
+    rows = [*rows, (joined * (ctx_len // max(1, len(joined)) + 1))[:ctx_len]] if joined else list(rows)
     for row in rows:
         cache = {n: np.zeros(shape, dtype) for n in names}
         # Whole chunks that fit the cache, as the runtime feeds them (a chunk's first position + width <= ctx_len).
@@ -108,11 +115,15 @@ def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
             return step
 
     model = onnx.load(str(model_path))
-    # LayerNorm's scale and bias per tensor in uint8 (see the module docstring); every other weight int8 per channel.
-    norms = {n.input[i]: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for n in model.graph.node
-             if n.op_type == "LayerNormalization" for i in (1, 2) if len(n.input) > i and n.input[i]}  # fmt: skip
+    # LayerNorm's scale and bias per tensor in uint8 (see the module docstring); every other weight int8 per channel,
+    # but the constants of rotary angles in 16 bits (rotary_constants).
+    overrides = {n.input[i]: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for n in model.graph.node
+                 if n.op_type == "LayerNormalization" for i in (1, 2) if len(n.input) > i and n.input[i]}  # fmt: skip
+    rotary = rotary_constants(model)
+    overrides.update({name: [{"quant_type": QuantType.QInt16, "symmetric": True}] for name in rotary})
+    log.info("w8a16: rotary constants in 16 bits: %s", rotary or "none")
     config = get_qnn_qdq_config(model, Steps(), activation_type=QuantType.QUInt16, activation_symmetric=True,
-                                weight_type=QuantType.QInt8, per_channel=True, init_overrides=norms)  # fmt: skip
+                                weight_type=QuantType.QInt8, per_channel=True, init_overrides=overrides)  # fmt: skip
     config.use_external_data_format = True
     quantize(model, str(out), config)
     for p in (pre, pre.with_name(pre.name + ".data")):
@@ -123,4 +134,39 @@ def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
     return counted[0]
 
 
-__all__ = ["CALIBRATION_PROMPTS", "calibration_steps", "check_calibration", "quantize_w8a16"]
+#: Ops between a rotary embedding's constant frequencies and its Cos/Sin: the angle's computation.
+_ANGLE_OPS = frozenset({"Mul", "MatMul", "Cast", "Concat", "Transpose", "Reshape", "Unsqueeze", "Expand", "Squeeze"})
+
+
+def rotary_constants(model: Any) -> list[str]:
+    """The initializers a Cos or Sin reads through the angle's ops (``_ANGLE_OPS``, up to 6 deep): a rotary
+    embedding's ``inv_freq`` (and a scaling factor).
+
+    As int8 weights they break RoPE: a Llama's ``inv_freq`` runs from 1 down to about 1e-4, and int8's one scale
+    per tensor (1/127) rounds the low frequencies to 0 or 0.008, an angle error of position x 0.004 rad (0.13 at
+    position 32, in every rotated query and key). In 16 bits the error is position x 1.5e-5 rad.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found: list[str] = []
+    frontier = [n.input[0] for n in model.graph.node if n.op_type in ("Cos", "Sin") and n.input]
+    seen: set[str] = set()
+    for _ in range(6):
+        nxt = []
+        for name in frontier:
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in inits:
+                found.append(name)
+                continue
+            node = producer.get(name)
+            if node is not None and node.op_type in _ANGLE_OPS and not node.domain:
+                nxt += [i for i in node.input if i]
+        frontier = nxt
+    # Shape operands (Reshape/Expand's int64 shapes) are not quantized: only float constants are overridden.
+    floats = {t.name for t in model.graph.initializer if t.data_type in (1, 10)}  # FLOAT, FLOAT16
+    return sorted(n for n in dict.fromkeys(found) if n in floats)
+
+
+__all__ = ["CALIBRATION_PROMPTS", "calibration_steps", "check_calibration", "quantize_w8a16", "rotary_constants"]
