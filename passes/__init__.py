@@ -22,7 +22,7 @@ from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
 from passes.fuse_rotary import FuseRotary
-from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
+from passes.fuse_skip_layer_norm import FuseSkipLayerNorm, FuseSkipRmsNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pack_matmuls import PackMatmuls
 from passes.pin_static_shapes import PinStaticShapes
@@ -47,6 +47,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         FuseAttention,
         SimplifyShapes,
         FuseSkipLayerNorm,
+        FuseSkipRmsNorm,
         FuseDecodeAttention,
         FuseRotary,
         PackMatmuls,
@@ -66,6 +67,7 @@ __all__ = [
     "FuseRmsNorm",
     "FuseRotary",
     "FuseSkipLayerNorm",
+    "FuseSkipRmsNorm",
     "LegalizeQnn",
     "PackMatmuls",
     "PinStaticShapes",

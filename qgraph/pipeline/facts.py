@@ -56,6 +56,8 @@ DECODE_ATTENTION_FUSED = "decode_attention_fused"
 SKIP_LAYER_NORM_FUSED = "skip_layer_norm_fused"
 #: Linear layers that read one input are one MatMul by their concatenated weights and a Split (pack-matmuls).
 MATMULS_PACKED = "matmuls_packed"
+#: A residual Add and the RMSNormalization reading it are ``com.microsoft.SkipSimplifiedLayerNormalization``, where proved.
+SKIP_RMS_NORM_FUSED = "skip_rms_norm_fused"
 #: Finite float32 constants lie in the fp16 range (clip-fp16; by default the large weights are not read).
 FP16_CLIPPED = "fp16_clipped"
 #: The ops QNN HTP was measured to reject are rewritten into ones it takes (legalize-qnn).
@@ -71,7 +73,7 @@ PREFILL_CHUNKS_CONSECUTIVE = "prefill_chunks_consecutive"
 FACTS: frozenset[str] = frozenset({
     TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, WEIGHTS_QUANTIZED,
     STATIC_SHAPES, SHAPES_SIMPLIFIED, ROTARY_FUSED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED,
-    QNN_LEGAL, MATMULS_PACKED,
+    QNN_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip
 

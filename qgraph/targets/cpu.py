@@ -34,7 +34,9 @@ class CpuTarget(Target):
         # Not fuse-skip-layer-norm: ONNX Runtime's SkipLayerNormalization kernel is slower than its Add +
         # LayerNormalization here (prefill +1.7 ms, decode 0 to +0.09 ms/token, both orders of 300 alternating
         # steps; PERFORMANCE.md).
-        "final": ("fuse-decode-attention",),
+        # fuse-skip-rms-norm: a residual Add and the RMSNormalization reading it in one kernel (Llama family; int4
+        # decode about -0.1 ms/token on the bench's Llama shape, fp32 within the noise: passes/fuse_skip_layer_norm.py).
+        "final": ("fuse-decode-attention", "fuse-skip-rms-norm"),
     }
 
     def _options(self, threads: int | None) -> ort.SessionOptions:

@@ -52,6 +52,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-attention": attention_cases(),
     "simplify-shapes": simplify_shapes_cases(),
     "fuse-skip-layer-norm": skip_layer_norm_cases(),
+    "fuse-skip-rms-norm": skip_layer_norm_cases(rms=True),
     "fuse-decode-attention": decode_attention_cases(),
     "fuse-rotary": rotary_cases(),
     "quantize-weights": quantize_weights_cases(),
