@@ -6,6 +6,7 @@ types and shapes); ``matching`` and ``pattern`` (the fusions' graph walks and
 their declarative matcher); ``norms`` (what both norm fusions match); ``opset``
 (raising the opset for a fused op newer than the graph); ``folding`` and
 ``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes);
+``skip_norms`` (a residual Add and its norm as one contrib op, for both skip-norm fusions);
 ``kv_caches`` (an export's growing KV caches and the attention each feeds, for
 retain-kv-cache); ``rope_tables`` (a rotary embedding's cos/sin tables, evaluated
 from the graph, for fuse-rotary).
@@ -22,7 +23,8 @@ from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_rms_norm import FuseRmsNorm
 from passes.fuse_rotary import FuseRotary
-from passes.fuse_skip_layer_norm import FuseSkipLayerNorm, FuseSkipRmsNorm
+from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
+from passes.fuse_skip_rms_norm import FuseSkipRmsNorm
 from passes.legalize_qnn import LegalizeQnn
 from passes.pack_matmuls import PackMatmuls
 from passes.pin_static_shapes import PinStaticShapes

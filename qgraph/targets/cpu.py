@@ -35,7 +35,7 @@ class CpuTarget(Target):
         # LayerNormalization here (prefill +1.7 ms, decode 0 to +0.09 ms/token, both orders of 300 alternating
         # steps; PERFORMANCE.md).
         # fuse-skip-rms-norm: a residual Add and the RMSNormalization reading it in one kernel (Llama family; int4
-        # decode about -0.1 ms/token on the bench's Llama shape, fp32 within the noise: passes/fuse_skip_layer_norm.py).
+        # decode about -0.1 ms/token on the bench's Llama shape, fp32 within the noise: passes/fuse_skip_rms_norm.py).
         "final": ("fuse-decode-attention", "fuse-skip-rms-norm"),
     }
 
