@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from passes.constants import CONST_RTOL
@@ -74,3 +76,11 @@ def to_scalar(v: np.ndarray) -> Scalar:
 def close(value: float, target: float) -> bool:
     """``value`` is ``target`` within CONST_RTOL, or within its dtype's precision (see :class:`Scalar`)."""
     return abs(value - target) <= getattr(value, "rtol", CONST_RTOL) * abs(target)
+
+
+def dtype_and_shape(graph: Graph, w: Tensor) -> tuple[np.dtype[Any], list[int]]:
+    """A constant's element type and shape: an initializer's from its header, a Constant node's from its (inline) value."""
+    if isinstance(w.shape, (list, tuple)) and all(isinstance(d, int) for d in w.shape) and w.dtype is not None:
+        return np.dtype(w.dtype), [int(d) for d in w.shape]
+    value = graph.const_value(w)
+    return (value.dtype, list(value.shape)) if value is not None else (np.dtype(np.float32), [])

@@ -29,6 +29,7 @@ import logging
 
 import numpy as np
 
+from passes.const_values import dtype_and_shape
 from qgraph.ir.graph import Graph, Node
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import NearMiss
@@ -49,21 +50,21 @@ class PackMatmuls(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         self.near_misses = []
-        groups: dict[int, list[tuple[Node, np.ndarray | str]]] = {}
+        groups: dict[int, list[tuple[Node, list[int] | str]]] = {}
         for node in graph.nodes:
             if is_onnx_op(node, "MatMul") and len(node.inputs) == 2 and len(node.outputs) == 1:
-                groups.setdefault(id(node.inputs[0]), []).append((node, self._weight(graph, node)))
+                groups.setdefault(id(node.inputs[0]), []).append((node, self._weight_shape(graph, node)))
         stats: dict[str, int] = {}
         for group in groups.values():
-            weights = [(n, w) for n, w in group if isinstance(w, np.ndarray)]
+            weights = [(n, shape) for n, shape in group if not isinstance(shape, str)]
             if not weights:
                 continue  # attention's products and the like: no linear layer reads this input
             for node, why in group:
                 if isinstance(why, str):  # beside a linear layer, a product that is not one
                     self.near_misses.append(NearMiss(node.name, node.op, why))
-            by_k: dict[int, list[tuple[Node, np.ndarray]]] = {}
-            for node, w in weights:
-                by_k.setdefault(int(w.shape[0]), []).append((node, w))
+            by_k: dict[int, list[Node]] = {}
+            for node, shape in weights:
+                by_k.setdefault(shape[0], []).append(node)
             for same in by_k.values():
                 if len(same) > 1:
                     self._pack(graph, same)
@@ -75,29 +76,31 @@ class PackMatmuls(Pass):
         return PassResult(graph, bool(stats.get("packed")), stats)
 
     @staticmethod
-    def _weight(graph: Graph, node: Node) -> np.ndarray | str:
-        """The 2-D float32 constant weight of a linear-layer MatMul, else why it is not one."""
+    def _weight_shape(graph: Graph, node: Node) -> list[int] | str:
+        """The [K, N] of a linear-layer MatMul's 2-D float32 constant weight (from its header: only packed weights are
+        read), else why it is not one."""
         w = node.inputs[1]
         if any(t is w for t in graph.inputs):
             return f"the weight '{w.name}' is a graph input, not a constant"
         if not graph.is_constant(w):
             return f"the weight '{w.name}' is computed at run time"
-        value = graph.const_value(w)
-        if value is None or value.dtype != np.float32:
+        dtype, shape = dtype_and_shape(graph, w)
+        if dtype != np.float32:
             return f"the weight '{w.name}' is not float32"
-        if value.ndim != 2:
-            return f"the weight '{w.name}' has shape {list(value.shape)}, not 2-D"
-        return value
+        if len(shape) != 2:
+            return f"the weight '{w.name}' has shape {shape}, not 2-D"
+        return shape
 
-    def _pack(self, graph: Graph, group: list[tuple[Node, np.ndarray]]) -> None:
-        first = group[0][0]
+    def _pack(self, graph: Graph, group: list[Node]) -> None:
+        first = group[0]
         x = first.inputs[0]
-        widths = [int(w.shape[1]) for _, w in group]
-        weight = graph.constant(self.name, np.ascontiguousarray(np.concatenate([w for _, w in group], axis=1)))
-        outs = [n.outputs[0] for n, _ in group]
+        weights = [graph.const_value(n.inputs[1]) for n in group]
+        widths = [int(w.shape[1]) for w in weights]
+        weight = graph.constant(self.name, np.ascontiguousarray(np.concatenate(weights, axis=1)))
+        outs = [n.outputs[0] for n in group]
         shape = list(outs[0].shape) if outs[0].shape is not None else None
         packed = graph.variable(self.name, outs[0].dtype, [*shape[:-1], sum(widths)] if shape else None)
-        graph.remove_nodes([n for n, _ in group])  # detached first: each output gets the Split as its one producer
+        graph.remove_nodes(group)  # detached first: each output gets the Split as its one producer
         graph.add_node("MatMul", [x, weight], [packed], prefix=self.name, before=first)
         split = graph.constant(self.name, np.asarray(widths, np.int64))
         graph.add_node("Split", [packed, split], outs, {"axis": -1}, prefix=self.name, before=first)

@@ -47,15 +47,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from passes.const_values import dtype_and_shape
 from passes.constants import MS_DOMAIN, MS_VERSION
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_custom_domain, is_onnx_op
 from qgraph.pipeline.fusion import NearMiss
 from qgraph.pipeline.manager import Pass, PassResult
+from qgraph.pipeline.options import DEFAULT_QUANT_VOCAB
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ CPU_ACCURACY_LEVEL = 4
 #: Ops that mean a graph is quantized already.
 QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
                            "DequantizeLinear", "MatMulBnb4", "MatMulFpQ4"})  # fmt: skip
-#: The vocabulary's mode (projection and embedding) unless asked: int8, also under int4 (module docstring).
-DEFAULT_VOCAB_MODE = "int8"
 #: Ops between ``input_ids`` and the token embedding's Gather that keep the ids, and between the vocabulary
 #: projection and the graph output it makes.
 _ID_PASSTHROUGH = frozenset({"Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -109,7 +109,7 @@ class QuantizeWeights(Pass):
     invalidates = ("no_dead_nodes",)
     MODES: ClassVar[tuple[str, ...]] = tuple(BITS)
 
-    def __init__(self, mode: str = "int4", block_size: int = 32, *, vocab_mode: str = DEFAULT_VOCAB_MODE,
+    def __init__(self, mode: str = "int4", block_size: int = 32, *, vocab_mode: str = DEFAULT_QUANT_VOCAB,
                  symmetric: bool = True, accuracy_level: int = CPU_ACCURACY_LEVEL) -> None:  # fmt: skip
         for what, m in (("mode", mode), ("vocab_mode", vocab_mode)):
             if m not in BITS:
@@ -207,7 +207,7 @@ class QuantizeWeights(Pass):
         if not graph.is_constant(w):
             prod = graph.producer(w)
             return f"the weight '{w.name}' is computed at run time (by {prod.op if prod else 'nothing'}), not a constant"
-        dtype, shape = _dtype_and_shape(graph, w)
+        dtype, shape = dtype_and_shape(graph, w)
         if dtype != np.float32:
             return f"the weight '{w.name}' is {dtype.name}; quantize-weights takes float32 weights"
         if len(shape) != 2:
@@ -275,7 +275,7 @@ class QuantizeWeights(Pass):
         problem = self._weight_problem(graph, table, node)
         if problem is not None:
             return problem
-        width = _dtype_and_shape(graph, table)[1][1]
+        width = dtype_and_shape(graph, table)[1][1]
         if width % self.block_size:
             return f"the embedding width {width} is not a multiple of the block size {self.block_size}"
         blocks = self._tied(graph, table, run)
@@ -305,7 +305,7 @@ class QuantizeWeights(Pass):
             found = run.done.get((id(table), True, 1.0, bits))
             if found is not None:
                 return found
-        shape = _dtype_and_shape(graph, table)[1]
+        shape = dtype_and_shape(graph, table)[1]
         candidates = [b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape]
         if not candidates:
             return None
@@ -345,11 +345,3 @@ class QuantizeWeights(Pass):
                 return False
             t = prod.inputs[0]
         return False
-
-
-def _dtype_and_shape(graph: Graph, w: Tensor) -> tuple[np.dtype[Any], list[int]]:
-    """A constant's element type and shape: an initializer's from its header, a Constant node's from its (inline) value."""
-    if isinstance(w.shape, (list, tuple)) and all(isinstance(d, int) for d in w.shape) and w.dtype is not None:
-        return np.dtype(w.dtype), [int(d) for d in w.shape]
-    value = graph.const_value(w)
-    return (value.dtype, list(value.shape)) if value is not None else (np.dtype(np.float32), [])

@@ -146,9 +146,12 @@ def rotary_constants(model: Any) -> list[str]:
     per tensor (1/127) rounds the low frequencies to 0 or 0.008, an angle error of position x 0.004 rad (0.13 at
     position 32, in every rotated query and key). In 16 bits the error is position x 1.5e-5 rad.
     """
-    inits = {t.name for t in model.graph.initializer}
+    from onnx import TensorProto
+
+    # Only float constants: a Reshape's or an Expand's int64 shape is not quantized.
+    floats = {t.name for t in model.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
     producer = {o: n for n in model.graph.node for o in n.output}
-    found: list[str] = []
+    found: set[str] = set()
     frontier = [n.input[0] for n in model.graph.node if n.op_type in ("Cos", "Sin") and n.input]
     seen: set[str] = set()
     for _ in range(6):
@@ -157,16 +160,14 @@ def rotary_constants(model: Any) -> list[str]:
             if name in seen:
                 continue
             seen.add(name)
-            if name in inits:
-                found.append(name)
+            if name in floats:
+                found.add(name)
                 continue
             node = producer.get(name)
             if node is not None and node.op_type in _ANGLE_OPS and not node.domain:
                 nxt += [i for i in node.input if i]
         frontier = nxt
-    # Shape operands (Reshape/Expand's int64 shapes) are not quantized: only float constants are overridden.
-    floats = {t.name for t in model.graph.initializer if t.data_type in (1, 10)}  # FLOAT, FLOAT16
-    return sorted(n for n in dict.fromkeys(found) if n in floats)
+    return sorted(found)
 
 
 __all__ = ["CALIBRATION_PROMPTS", "calibration_steps", "check_calibration", "quantize_w8a16", "rotary_constants"]
