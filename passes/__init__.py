@@ -7,7 +7,7 @@ their declarative matcher); ``norms`` (what both norm fusions match); ``opset``
 (raising the opset for a fused op newer than the graph); ``folding`` and
 ``fold_kernels`` (constant folding, for fold-constants and pin-static-shapes);
 ``skip_norms`` (a residual Add and its norm as one contrib op, for both skip-norm fusions);
-``kv_caches`` (an export's growing KV caches and the attention each feeds, for
+``positions`` (what the attention fusions prove about positions and slots); ``kv_caches`` (an export's growing KV caches and the attention each feeds, for
 retain-kv-cache); ``rope_tables`` (a rotary embedding's cos/sin tables, evaluated
 from the graph, for fuse-rotary).
 """
@@ -18,6 +18,7 @@ from passes.cleanup import Cleanup
 from passes.clip_fp16 import ClipFp16
 from passes.fold_constants import FoldConstants
 from passes.fuse_attention import FuseAttention
+from passes.fuse_attention_rotary import FuseAttentionRotary
 from passes.fuse_decode_attention import FuseDecodeAttention
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
@@ -51,6 +52,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         FuseSkipLayerNorm,
         FuseSkipRmsNorm,
         FuseDecodeAttention,
+        FuseAttentionRotary,
         FuseRotary,
         PackMatmuls,
         QuantizeWeights,
@@ -63,6 +65,7 @@ __all__ = [
     "ClipFp16",
     "FoldConstants",
     "FuseAttention",
+    "FuseAttentionRotary",
     "FuseDecodeAttention",
     "FuseGelu",
     "FuseLayerNorm",

@@ -42,9 +42,10 @@ opset-23 op on ONNX Runtime's kernel.
 
 When Q comes from ``Transpose(X, [0, 2, 1, 3])`` (the usual head split) the
 query is X reshaped, and when the output's only use is the usual head merge
-(``Transpose([0, 2, 1, 3])`` then a Reshape to [B, S, N*H]), the fused node
-writes the merged tensor directly; otherwise Transposes and Reshapes restore
-the layouts.
+(``Transpose([0, 2, 1, 3])`` then a Reshape), the fused node writes the merged
+tensor directly (through one Reshape when the merge asks for another static
+shape than [B, S, N*H], such as [B*S, N*H]: 12 fewer kernels per Llama-shape
+step); otherwise Transposes and Reshapes restore the layouts.
 """
 
 from __future__ import annotations
@@ -310,11 +311,16 @@ class FuseAttention(FusionPass[AttentionMatch]):
         out = m.out
         merge = self._head_merge(graph, out)
         if merge is not None:
-            # Transpose([0, 2, 1, 3]) + Reshape of the output is a Reshape of the [B, S, N*H] result.
+            # Transpose([0, 2, 1, 3]) + Reshape of the output is a Reshape of the [B, S, N*H] result, or nothing when
+            # that is the shape asked for (the attention writes it).
             transpose, reshape = merge
-            o_bsd = add("MultiHeadAttention", inputs, 1, **attrs).outputs[0]
-            static = graph.constant(self.name, np.array(reshape.outputs[0].shape, np.int64))
-            add("Reshape", [o_bsd, static], [reshape.outputs[0]])
+            merged = reshape.outputs[0]
+            if static_dims(merged.shape, 3) == merged_shape:
+                add("MultiHeadAttention", inputs, [merged], **attrs)
+            else:
+                o_bsd = add("MultiHeadAttention", inputs, 1, **attrs).outputs[0]
+                static = graph.constant(self.name, np.array(merged.shape, np.int64))
+                add("Reshape", [o_bsd, static], [merged])
             graph.remove_nodes([transpose, reshape])
         else:
             o_bsd = add("MultiHeadAttention", inputs, 1, **attrs).outputs[0]

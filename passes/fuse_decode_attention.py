@@ -92,6 +92,7 @@ from onnx import TensorProto
 from passes.constants import MASK_VALUE, MS_DOMAIN, MS_VERSION
 from passes.dtypes import tensor_dtype
 from passes.pattern import Const, Miss, Op, Var, match
+from passes.positions import equal_when_valid, row_value
 from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
@@ -99,8 +100,6 @@ from qgraph.pipeline.facts import PREFILL_CHUNKS_CONSECUTIVE
 from qgraph.pipeline.fusion import FusionPass, Match, only_consumer
 from qgraph.pipeline.manager import PassResult
 
-# Ops that move a per-row value between [B, 1] and [B, 1, 1, 1] without changing it.
-_ROW_VIEW_OPS = ("Unsqueeze", "Reshape", "Squeeze", "Identity")
 _NOT_ZERO_OR_HIDDEN = "the attention bias is not 0 for shown slots and a large negative number for hidden ones"
 _NOT_ARANGE = "the shown slots are not compared against 0..C-1"
 # M[b, 0, i, j] = 0 if slots[j] <= p[b, i] else hidden (the constants read as they are, not through Identity)
@@ -191,7 +190,7 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         positions = None
         if s > 1:
             # A chunk of a prompt: GroupQueryAttention writes token i at slot p0 + i (p0: the chunk's first position).
-            positions = _row_value(graph, pos, b, b * s)
+            positions = row_value(graph, pos, b, b * s)
             if not any(x is positions for x in graph.inputs) or static_dims(positions.shape) != [b, s]:
                 return "the mask's positions are not the graph's [B, S] position input"
             if ctx % s:
@@ -215,7 +214,7 @@ class FuseDecodeAttention(FusionPass[DecodeAttentionMatch]):
         slot = self._slot(graph, key_write.inputs[1], [b, kv, s])
         if isinstance(slot, str):
             return slot
-        if not _equal_when_valid(graph, slot, pos, b, b * s):
+        if not equal_when_valid(graph, slot, pos, b, b * s):
             return "the slot written is not shown to be the position the mask uses"
         split = graph.producer(q)
         packed = None
@@ -383,19 +382,6 @@ def _kv_repeat(graph: Graph, t: Tensor, anchor: Node, bnch: list[int]) -> tuple[
     return insert.inputs[0], kv, [insert, expand, merge]
 
 
-def _row_value(graph: Graph, t: Tensor, b: int, count: int) -> Tensor:
-    """``t`` with views that keep its ``count`` values in B rows (Unsqueeze, Reshape, ...) stripped off."""
-    while True:
-        prod = graph.producer(t)
-        if prod is None or not is_onnx_op(prod, *_ROW_VIEW_OPS):
-            return t
-        src = prod.inputs[0]
-        dims = static_dims(src.shape)
-        if dims is None or int(np.prod(dims)) != count or (dims and dims[0] != b):
-            return t
-        t = src
-
-
 def _identity_when_valid(graph: Graph, idx: Tensor, positions: Tensor | None, s: int) -> bool:
     """True if the gather indices ``idx`` provably pick token i at i wherever positions[0, i] >= 0 (one row of S).
 
@@ -403,32 +389,13 @@ def _identity_when_valid(graph: Graph, idx: Tensor, positions: Tensor | None, s:
     """
     if positions is None:
         return False
-    where = graph.producer(_row_value(graph, idx, 1, s))
+    where = graph.producer(row_value(graph, idx, 1, s))
     if not is_onnx_op(where, "Where"):
         return False
     test = graph.producer(where.inputs[0])
     if not is_onnx_op(test, "GreaterOrEqual") or graph.scalar(test.inputs[1]) != 0:
         return False
-    if _row_value(graph, test.inputs[0], 1, s) is not positions:
+    if row_value(graph, test.inputs[0], 1, s) is not positions:
         return False
     steps = graph.const_value(where.inputs[1])
     return steps is not None and steps.size == s and np.array_equal(steps.reshape(-1), np.arange(s))
-
-
-def _equal_when_valid(graph: Graph, t: Tensor, p: Tensor, b: int, count: int, depth: int = 8) -> bool:
-    """True if ``t`` provably equals ``p`` wherever p >= 0 (both ``count`` values in B rows)."""
-    t, p = _row_value(graph, t, b, count), _row_value(graph, p, b, count)
-    if t is p:
-        return True
-    where = graph.producer(t)
-    if depth == 0 or not is_onnx_op(where, "Where"):
-        return False
-    cond, x, y = where.inputs
-    test = graph.producer(cond)
-    if test is None or graph.scalar(test.inputs[1]) != 0:
-        return False
-    if is_onnx_op(test, "GreaterOrEqual") and test.inputs[0] is x:  # Where(x >= 0, x, _) is x when x >= 0
-        return _equal_when_valid(graph, x, p, b, count, depth - 1)
-    if is_onnx_op(test, "Less") and test.inputs[0] is y:  # Where(x < 0, _, x) is x when x >= 0
-        return _equal_when_valid(graph, y, p, b, count, depth - 1)
-    return False

@@ -14,6 +14,9 @@ writes Llama's q/k/v and gate/up packed for the same reason. GPT-2's exporters
 pack its attention already (one ``c_attn``), and its MLP is not gated: nothing
 to do there.
 
+When the parts are read by one Concat alone, in order, on the last axis (a decode step's q, k and v that
+fuse-attention-rotary feeds GroupQueryAttention packed), the packed product is that Concat: no Split is made.
+
 What it packs: standard-domain ``MatMul`` nodes that read the same input as
 their first operand and a 2-D float32 constant as their second, with the same
 K. A group of one is left alone (nothing to pack). Beside a linear layer, a
@@ -30,7 +33,7 @@ import logging
 import numpy as np
 
 from passes.const_values import dtype_and_shape
-from qgraph.ir.graph import Graph, Node
+from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import NearMiss
 from qgraph.pipeline.manager import Pass, PassResult
@@ -67,7 +70,8 @@ class PackMatmuls(Pass):
                 by_k.setdefault(shape[0], []).append(node)
             for same in by_k.values():
                 if len(same) > 1:
-                    self._pack(graph, same)
+                    if self._pack(graph, same):
+                        stats["concat_dropped"] = stats.get("concat_dropped", 0) + 1
                     stats["packed"] = stats.get("packed", 0) + 1
                     stats["matmuls"] = stats.get("matmuls", 0) + len(same)
         if self.near_misses:
@@ -91,7 +95,8 @@ class PackMatmuls(Pass):
             return f"the weight '{w.name}' has shape {shape}, not 2-D"
         return shape
 
-    def _pack(self, graph: Graph, group: list[Node]) -> None:
+    def _pack(self, graph: Graph, group: list[Node]) -> bool:
+        """Pack ``group``; True when the packed product replaced a Concat of its parts (no Split made)."""
         first = group[0]
         x = first.inputs[0]
         weights = [graph.const_value(n.inputs[1]) for n in group]
@@ -100,7 +105,25 @@ class PackMatmuls(Pass):
         outs = [n.outputs[0] for n in group]
         shape = list(outs[0].shape) if outs[0].shape is not None else None
         packed = graph.variable(self.name, outs[0].dtype, [*shape[:-1], sum(widths)] if shape else None)
+        concat = self._concat_of(graph, outs)
         graph.remove_nodes(group)  # detached first: each output gets the Split as its one producer
         graph.add_node("MatMul", [x, weight], [packed], prefix=self.name, before=first)
+        if concat is not None:  # Concat(q, k, v) of the parts in order (fuse-attention-rotary's): the packed product itself
+            graph.replace_uses(concat.outputs[0], packed)
+            graph.remove_nodes([concat])
+            return True
         split = graph.constant(self.name, np.asarray(widths, np.int64))
         graph.add_node("Split", [packed, split], outs, {"axis": -1}, prefix=self.name, before=first)
+        return False
+
+    @staticmethod
+    def _concat_of(graph: Graph, outs: list[Tensor]) -> Node | None:
+        """The Concat on the last axis that is the only reader of ``outs`` and reads them alone, in order, if any."""
+        readers = [n for o in outs for n in graph.consumers(o)]
+        cat = readers[0] if readers else None
+        if (not is_onnx_op(cat, "Concat") or any(r is not cat for r in readers) or len(readers) != len(outs)
+                or [id(t) for t in cat.inputs] != [id(o) for o in outs] or any(graph.is_graph_output(o) for o in outs)
+                or graph.is_graph_output(cat.outputs[0])):  # fmt: skip
+            return None
+        axis = int(cat.attrs.get("axis", 0))
+        return cat if axis == -1 or (outs[0].shape is not None and axis == len(outs[0].shape) - 1) else None

@@ -57,12 +57,18 @@ from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_custom_domain, is_onnx_op
 from qgraph.pipeline.fusion import NearMiss
 from qgraph.pipeline.manager import Pass, PassResult
-from qgraph.pipeline.options import DEFAULT_QUANT_VOCAB
+from qgraph.pipeline.options import default_quant_vocab
 
 log = logging.getLogger(__name__)
 
 #: The bits of each mode.
 BITS = {"int8": 8, "int4": 4}
+#: The vocabulary's modes: its projection's bits, and the bits its best candidates are rescored in (None: not rescored).
+VOCAB_MODES: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (4, None), "int4-rescore": (4, 8)}
+#: Candidates per row that ``int4-rescore`` rescores (the int4 logits' top k).
+RESCORE_K = 8
+#: The opset the rescoring's ops take their axes as inputs from (Unsqueeze, ReduceSum).
+RESCORE_MIN_OPSET = 13
 #: MatMulNBits' accuracy level on CPU: activations in int8 blocks, the fast kernels (level 0 took a slow path for int8).
 CPU_ACCURACY_LEVEL = 4
 #: Ops that mean a graph is quantized already.
@@ -90,6 +96,14 @@ class Blocks:
     alpha: float = 1.0
     #: Bits per weight (4 or 8).
     bits: int = 4
+    #: ``data`` as GatherBlockQuantized reads it, [N, K * bits / 8] (the same bytes), once made.
+    rows: Tensor | None = None
+
+    def gather_data(self, graph: Graph, prefix: str) -> Tensor:
+        """``data`` as GatherBlockQuantized reads it (one tensor for every gather of these blocks)."""
+        if self.rows is None:
+            self.rows = graph.constant(prefix, np.asarray(graph.const_value(self.data)).reshape(self.n, -1))
+        return self.rows
 
 
 @dataclass
@@ -109,15 +123,19 @@ class QuantizeWeights(Pass):
     invalidates = ("no_dead_nodes",)
     MODES: ClassVar[tuple[str, ...]] = tuple(BITS)
 
-    def __init__(self, mode: str = "int4", block_size: int = 32, *, vocab_mode: str = DEFAULT_QUANT_VOCAB,
+    def __init__(self, mode: str = "int4", block_size: int = 32, *, vocab_mode: str | None = None,
                  symmetric: bool = True, accuracy_level: int = CPU_ACCURACY_LEVEL) -> None:  # fmt: skip
-        for what, m in (("mode", mode), ("vocab_mode", vocab_mode)):
-            if m not in BITS:
-                raise ValueError(f"quantize-weights takes {what} {' or '.join(BITS)}, not {m!r}")
+        if mode not in BITS:
+            raise ValueError(f"quantize-weights takes mode {' or '.join(BITS)}, not {mode!r}")
+        vocab_mode = default_quant_vocab(mode) if vocab_mode is None else vocab_mode
+        if vocab_mode not in VOCAB_MODES:
+            raise ValueError(f"quantize-weights takes vocab_mode {', '.join(VOCAB_MODES)}, not {vocab_mode!r}")
         self.mode = mode
         self.bits = BITS[mode]
         self.vocab_mode = vocab_mode
-        self.vocab_bits = BITS[vocab_mode]
+        self.vocab_bits, self.rescore_bits = VOCAB_MODES[vocab_mode]
+        # The token embedding reads one row per token: it takes the rescoring's bits (a tied one shares their blocks).
+        self.embedding_bits = self.rescore_bits or self.vocab_bits
         self.block_size = block_size
         self.symmetric = symmetric
         self.accuracy_level = accuracy_level
@@ -192,14 +210,74 @@ class QuantizeWeights(Pass):
         if problem is not None:
             return problem
         vocab = self._is_vocab_projection(graph, node)
-        blocks = self._blocks(graph, source, transposed, alpha, run, self.vocab_bits if vocab else self.bits)
+        rescore = self._rescore_problem(graph, source, transposed, bias, bias_tensor) if vocab and self.rescore_bits else None
+        bits = self.bits
+        if vocab:  # the vocabulary's bits; a projection that cannot be rescored takes the rescoring's bits instead
+            bits = self.vocab_bits if rescore is None or not self.rescore_bits else self.rescore_bits
+            if rescore is not None and self.rescore_bits:
+                log.info("%s: the vocabulary projection %s in int%d, not rescored: %s", self.name, node.name, bits, rescore)
+                run.count("rescore_declined")
+        blocks = self._blocks(graph, source, transposed, alpha, run, bits)
         if isinstance(blocks, str):
             return blocks
-        self._to_matmul_nbits(graph, node, x, blocks, bias, bias_tensor, run)
+        fine = None
+        if vocab and self.rescore_bits and rescore is None:
+            made = self._blocks(graph, source, transposed, alpha, run, self.rescore_bits)
+            if isinstance(made, str):
+                return made
+            fine = made
+        out = node.outputs[0]
+        coarse = graph.variable(self.name, out.dtype, out.shape) if fine is not None else out
+        self._to_matmul_nbits(graph, node, x, blocks, bias, bias_tensor, run, coarse)
+        if fine is not None:
+            self._rescore(graph, node, x, coarse, out, fine, bias)
+            run.count("vocab_rescored")
         run.count(node.op.lower())
         if vocab:
             run.count("vocab_projection")
         return None
+
+    def _rescore_problem(self, graph: Graph, source: Tensor, transposed: bool, bias: np.ndarray | None,
+                         bias_tensor: Tensor | None) -> str | None:  # fmt: skip
+        """Why the vocabulary projection's candidates cannot be rescored, or None."""
+        k = dtype_and_shape(graph, source)[1][1 if transposed else 0]
+        if k % self.block_size:  # GatherBlockQuantized's rows would hold the blocks' padding
+            return f"its input width {k} is not a multiple of the block size {self.block_size}"
+        if bias_tensor is not None:
+            return "its bias is computed at run time"
+        if bias is not None and bias.ndim > 1 and bias.shape[0] != 1:
+            return f"its bias has shape {list(bias.shape)}, not a row"
+        opset = graph.opset() or 1
+        if opset < RESCORE_MIN_OPSET:
+            return f"the graph is at opset {opset}; the rescoring's ops need {RESCORE_MIN_OPSET}"
+        return None
+
+    def _rescore(self, graph: Graph, node: Node, x: Tensor, coarse: Tensor, out: Tensor, fine: Blocks,
+                 bias: np.ndarray | None) -> None:  # fmt: skip
+        """out = coarse logits with the top RESCORE_K of each row recomputed from ``fine`` (more bits) rows.
+
+        # _, idx = TopK(coarse, k)                        idx [..., k]: the candidates
+        # rows   = GatherBlockQuantized(fine, idx)        [..., k, K]: their weight columns, dequantized
+        # exact  = ReduceSum(rows * x[..., None, :], -1)  (+ bias[idx])
+        # out    = ScatterElements(coarse, idx, exact, axis=-1)
+        """
+        p = self.name
+        k = graph.constant(p, np.array([min(RESCORE_K, fine.n)], np.int64))
+        idx = graph.variable(p, np.int64)
+        graph.add_node("TopK", [coarse, k], [graph.variable(p, out.dtype), idx], {"axis": -1, "largest": 1, "sorted": 0},
+                       prefix=p, before=node)  # fmt: skip
+        inputs = [fine.gather_data(graph, p), idx, fine.scales] + ([fine.zero_points] if fine.zero_points is not None else [])
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": fine.bits}
+        rows = graph.add_node("GatherBlockQuantized", inputs, 1, attrs, prefix=p, domain=MS_DOMAIN, before=node).outputs[0]
+        last = graph.constant(p, np.array([-1], np.int64))
+        col = graph.add_node("Unsqueeze", [x, graph.constant(p, np.array([-2], np.int64))], 1, prefix=p, before=node).outputs[0]
+        prod = graph.add_node("Mul", [rows, col], 1, prefix=p, before=node).outputs[0]
+        exact = graph.add_node("ReduceSum", [prod, last], 1, {"keepdims": 0}, prefix=p, before=node).outputs[0]
+        if bias is not None:
+            picked = graph.add_node("Gather", [graph.constant(p, bias.reshape(-1).astype(np.float32)), idx], 1, {"axis": 0},
+                                    prefix=p, before=node).outputs[0]  # fmt: skip
+            exact = graph.add_node("Add", [exact, picked], 1, prefix=p, before=node).outputs[0]
+        graph.add_node("ScatterElements", [coarse, idx, exact], [out], {"axis": -1}, prefix=p, before=node)
 
     def _weight_problem(self, graph: Graph, w: Tensor, node: Node) -> str | None:
         if any(t is w for t in graph.inputs):
@@ -244,9 +322,8 @@ class QuantizeWeights(Pass):
         return data, scales, None if self.symmetric else zero_points
 
     def _to_matmul_nbits(self, graph: Graph, node: Node, x: Tensor, b: Blocks, bias: np.ndarray | None,
-                         bias_tensor: Tensor | None, run: _Run) -> None:  # fmt: skip
-        # y = x @ W + bias; MatMulNBits' bias input is a 1-D [N] row, anything else is added after it.
-        out = node.outputs[0]
+                         bias_tensor: Tensor | None, run: _Run, out: Tensor) -> None:  # fmt: skip
+        # out = x @ W + bias; MatMulNBits' bias input is a 1-D [N] row, anything else is added after it.
         # Inputs: A, B, scales, zero_points, g_idx, bias (the optional ones omitted, none trailing).
         inputs: list[Tensor] = [x, b.data, b.scales, b.zero_points if b.zero_points is not None else graph.omitted()]
         add: Tensor | None = bias_tensor
@@ -280,16 +357,14 @@ class QuantizeWeights(Pass):
             return f"the embedding width {width} is not a multiple of the block size {self.block_size}"
         blocks = self._tied(graph, table, run)
         if blocks is None:
-            made = self._blocks(graph, table, True, 1.0, run, self.vocab_bits)  # E [V, H] = W^T, W [H, V]: blocks along rows
+            made = self._blocks(graph, table, True, 1.0, run, self.embedding_bits)  # E [V, H] = W^T, W [H, V]: blocks along rows
             if isinstance(made, str):
                 return made
             blocks = made
         else:
             run.count("tied_embedding")
             run.count("bytes_before", blocks.k * blocks.n * 4)  # the fp32 table goes; its blocks are the projection's
-        # The data as GatherBlockQuantized reads it: [V, H * bits / 8]; the same bytes as the projection's blocks.
-        values = graph.const_value(blocks.data)
-        data = graph.constant(self.name, np.asarray(values).reshape(blocks.n, -1))
+        data = blocks.gather_data(graph, self.name)  # [V, H * bits / 8]: the same bytes as the projection's blocks
         attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": blocks.bits}
         out = node.outputs[0]
         ids = node.inputs[1]
@@ -301,12 +376,13 @@ class QuantizeWeights(Pass):
 
     def _tied(self, graph: Graph, table: Tensor, run: _Run) -> Blocks | None:
         """The blocks of a projection whose weight is this table's transpose (tied), if one was quantized."""
-        for bits in (self.vocab_bits, self.bits):
+        order = (self.embedding_bits, self.vocab_bits, self.bits)
+        for bits in order:
             found = run.done.get((id(table), True, 1.0, bits))
             if found is not None:
                 return found
         shape = dtype_and_shape(graph, table)[1]
-        candidates = [b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape]
+        candidates = sorted((b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape), key=lambda b: order.index(b.bits))
         if not candidates:
             return None
         values = graph.const_value(table)  # E [V, H]; a tied projection's W [H, V] is E^T (an exporter's copy of it)

@@ -268,7 +268,7 @@ class AutoModelForCausalLM:
         """The compile options asked for (None: the default), resolved against this model and checked;
         nothing slow runs (the config is read, nothing is exported). ``quantize``: "int8" or "int4" (cpu,
         weight-only, ``quant_block_size`` weights per block, default 32; ``quant_vocab``: the vocabulary's
-        mode, default int8), "w8a16" (qnn)."""
+        mode, "int8", "int4" or "int4-rescore", default int8 under int8 and int4-rescore under int4), "w8a16" (qnn)."""
         from qgraph.targets import get_target
 
         impl = get_target(target)

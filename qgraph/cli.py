@@ -32,7 +32,7 @@ from qgraph.pipeline.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_SEQ_LEN,
     DEFAULT_QUANT_BLOCK_SIZE,
-    DEFAULT_QUANT_VOCAB,
+    QUANT_VOCAB_MODES,
     QUANTIZE_MODES,
     WEIGHT_ONLY_MODES,
     check_at_least_one,
@@ -282,9 +282,10 @@ def _add_quantize_options(p: argparse.ArgumentParser, modes: Sequence[str] = QUA
                    help="weight-only quantization: int8 or int4 (cpu: MatMulNBits, symmetric blocks), w8a16 (qnn: QDQ)")  # fmt: skip
     p.add_argument("--quant-block-size", type=int, default=None,
                    help=f"weights per quantization block (default {DEFAULT_QUANT_BLOCK_SIZE}; a power of two, 16 or more)")  # fmt: skip
-    p.add_argument("--quant-vocab", choices=WEIGHT_ONLY_MODES, default=None,
-                   help=f"int8/int4: the vocabulary's mode, its projection and the token embedding (default {DEFAULT_QUANT_VOCAB}: "
-                        "int4 there costs most of int4's accuracy; int4 reads fewer bytes per step)")  # fmt: skip
+    p.add_argument("--quant-vocab", choices=QUANT_VOCAB_MODES, default=None,
+                   help="int8/int4: the vocabulary's mode, its projection and the token embedding (default: int8 under int8, "
+                        "int4-rescore under int4: int4 blocks whose top candidates per token are rescored from int8 ones, as "
+                        "accurate as int8 there at int4's bytes per step; plain int4 costs most of int4's accuracy)")  # fmt: skip
 
 
 def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:

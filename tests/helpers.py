@@ -163,17 +163,18 @@ def assert_same_outputs(
     rtol: float = 1e-4,
     seed: int = 0,
     dims: dict[str, int] | None = None,
-    shared_state: bool = False,
+    shared_state: bool | str = False,
     feeds: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Run both graphs on the same random inputs and compare every output.
 
-    ``shared_state``: run ``b`` with its caches updated in place (:func:`run_shared_state`).
+    ``shared_state``: run ``b`` with its caches updated in place (:func:`run_shared_state`); ``"both"``: ``a`` too
+    (a graph whose caches are GroupQueryAttention's already: it writes only the step's slots).
     ``feeds``: inputs to use instead of random ones."""
     sa, sb = session(a), session(b)
     feeds = random_feeds(sa, seed, dims) | (feeds or {})
     names = [o.name for o in sa.get_outputs()]
-    ra = sa.run(names, feeds)
+    ra = run_shared_state(sa, feeds, names) if shared_state == "both" else sa.run(names, feeds)
     feeds_b = {k: v for k, v in feeds.items() if k in {i.name for i in sb.get_inputs()}}
     rb = run_shared_state(sb, feeds_b, names) if shared_state else sb.run(names, feeds_b)
     for name, x, y in zip(names, ra, rb):
@@ -196,7 +197,7 @@ def check_case(
     expect_modified: bool,
     expect_stats: dict[str, Any] | None = None,
     atol: float = 1e-5,
-    shared_state: bool = False,
+    shared_state: bool | str = False,
     feeds: dict[str, np.ndarray] | None = None,
 ) -> Graph:
     """The standard pass test for ``tests/golden/<pass>/<case>``; returns the result.

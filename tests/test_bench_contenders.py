@@ -212,7 +212,8 @@ def test_bench_on_a_llama_runs_every_contender_to_the_same_tokens(tiny_llama: Pa
 
 
 def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path: Path) -> None:
-    """--quantize int4 runs qgraph's default artifact (the vocabulary in int8) and the all-int4 one beside genai int4."""
+    """--quantize int4 runs qgraph's default artifact (the vocabulary's candidates rescored in int8) and the plain int4
+    one beside genai int4."""
     pytest.importorskip("onnxruntime_genai")
     from qgraph.devtools.bench import run_bench
 
@@ -225,6 +226,7 @@ def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path
     assert report.ratios["qgraph int4 vocab int4 decode / onnxruntime-genai int4 decode"] == pytest.approx(
         genai4.ms_per_token / alt.ms_per_token
     )
-    assert report.quant_vocab == "int8" and "(the -vocab-int4 row reads less)" in report.table()
+    assert report.quant_vocab == "int4-rescore"
+    assert "(the -vocab-int4 row: the vocabulary plainly int4, the same bytes without the rescoring)" in report.table()
     assert set(report.quantized_tokens_agree) == {"qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",
                                                   "onnxruntime-genai-int4"}  # fmt: skip

@@ -88,7 +88,8 @@ def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
     assert Options.from_dict(quantized.to_dict()) == quantized and quantized.weight_only
     old = {k: v for k, v in data.items() if not k.startswith("quant")}  # a manifest from before quantization
     assert Options.from_dict(old) == opts and opts.quantize is None
-    assert quantized.quant_vocab == "int8"  # the default: the vocabulary in int8 under int4
+    assert quantized.quant_vocab == "int4-rescore"  # the default under int4: int4, its candidates rescored in int8
+    assert Options.resolve(quantize="int8", target=get_target("cpu")).quant_vocab == "int8"
     # A manifest from before --quant-vocab quantized the vocabulary in the mode itself.
     before = {k: v for k, v in quantized.to_dict().items() if k != "quant_vocab"}
     assert Options.from_dict(before).quant_vocab == "int4"

@@ -19,6 +19,15 @@ def test_qkv_and_gate_up_are_packed_and_lone_projections_stay(golden: Any) -> No
     assert packed.op == "MatMul" and packed.inputs[0].name == "x" and out.const_value(packed.inputs[1]).shape == (8, 16)
 
 
+def test_a_concat_of_the_parts_in_order_is_the_packed_product(golden: Any) -> None:
+    """fuse-attention-rotary feeds the attention Concat(q, k, v): packed, that is the packed product itself, no Split."""
+    out = check_case(PackMatmuls, "concat_of_parts", golden, expect_modified=True,
+                     expect_stats={"packed": 2, "matmuls": 5, "concat_dropped": 1})  # fmt: skip
+    assert out.op_counts() == {"MatMul": 2, "Split": 1, "Concat": 1, "Relu": 1}  # the out-of-order pair keeps its Split, Concat
+    (relu,) = out.nodes_by_op("Relu")
+    assert out.producer(relu.inputs[0]).op == "MatMul"
+
+
 def test_products_that_are_not_linear_layers_are_near_misses(golden: Any) -> None:
     assert declined_reasons(PackMatmuls, "near_misses", golden) == [
         "the weight 'w_in' is a graph input, not a constant",

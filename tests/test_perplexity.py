@@ -176,10 +176,11 @@ def test_int4_block_32_is_within_two_percent(heldout_runs: dict[str, object]) ->
 
 
 def test_int4_block_32_agrees_on_95_percent(heldout_runs: dict[str, object]) -> None:
-    """int4 linear layers, the vocabulary (projection and embedding) in int8, the default: with it in int4 too
-    (--quant-vocab int4) the agreement was 92.8% on tiny-gpt2 and 93.1% on tiny-llama (docs/quantization.md)."""
+    """int4 linear layers and vocabulary projection, each token's top 8 candidates rescored from int8 rows, the
+    embedding in int8: the default. With the vocabulary plainly int4 (--quant-vocab int4) the agreement was 92.8% on
+    tiny-gpt2 and 93.1% on tiny-llama; int8 there gave 98.1% and 96.2% (docs/quantization.md)."""
     r = heldout_runs["int4"]
-    assert r.quant_vocab == "int8" and r.top1_agreement >= 0.95  # type: ignore[attr-defined]
+    assert r.quant_vocab == "int4-rescore" and r.top1_agreement >= 0.95  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- qnn --quantize w8a16

@@ -63,10 +63,14 @@ def test_the_manifest_and_graphs_hold_the_quantization(tiny: dict[str, Any]) -> 
         for spec in ("prefill", "decode"):
             ops = Graph.load(arts[q] / f"{spec}.onnx").op_counts()
             # ONNX Runtime's optimized graph: 4 layers x 4 linear layers and the vocabulary in MatMulNBits, the embedding
-            # in GatherBlockQuantized; no fp32 weight product is left.
-            assert ops["MatMulNBits"] == 17 and ops["GatherBlockQuantized"] == 1 and ops["Gemm"] == 0, ops
+            # in GatherBlockQuantized; no fp32 weight product is left. int4 rescores the vocabulary's top candidates
+            # from int8 rows (a second GatherBlockQuantized, reading the embedding's blocks).
+            rescored = q == "int4"
+            assert ops["MatMulNBits"] == 17 and ops["GatherBlockQuantized"] == 1 + rescored and ops["Gemm"] == 0, ops
+            assert ops["TopK"] == ops["ScatterElements"] == rescored, ops
             stats = next(p["stats"] for p in manifest.pass_reports[spec]["passes"] if p["name"] == "quantize-weights")
             assert stats["gemm"] == 16 and stats["matmul"] == 1 and stats["tied_embedding"] == 1
+            assert stats.get("vocab_rescored", 0) == rescored
             assert stats["bytes_after"] < stats["bytes_before"] * (0.3 if q == "int8" else 0.17)
     assert Manifest.load(arts[None]).options.quantize is None
 

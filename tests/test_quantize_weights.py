@@ -95,23 +95,56 @@ def test_int4_blocks_and_the_bytes_they_save(golden: Any) -> None:
     assert np.abs(got - want).max() < INT4_ATOL
 
 
-def test_the_vocabulary_is_int8_under_int4_by_default(golden: Any) -> None:
-    """The projection to the logits (here tied to the embedding, which shares its blocks) takes vocab_mode's bits,
-    int8 unless asked; a linear layer whose output is not a graph output takes the mode's."""
+def test_the_vocabulary_is_rescored_in_int8_under_int4_by_default(golden: Any) -> None:
+    """int4-rescore, the default under int4: the logits come from int4 blocks, then each row's top 8 are recomputed
+    from int8 blocks, which the tied embedding shares; every other logit keeps its int4 value."""
+    feeds = {"input_ids": np.array([[0, 5, 15, 5]]), "position_ids": np.arange(4)[None]}
+    stats = {"matmul": 1, "embedding": 1, "tied_embedding": 1, "vocab_rescored": 1}
+    out = check_case(lambda: QuantizeWeights("int4", 16), "vocab_rescore", golden, expect_modified=True, expect_stats=stats,
+                     atol=INT4_ATOL, feeds=feeds)  # fmt: skip
+    (mm,) = out.nodes_by_op("MatMulNBits")
+    assert mm.attrs["bits"] == 4
+    embed, rows = sorted(out.nodes_by_op("GatherBlockQuantized"), key=lambda n: n.inputs[1].name != "input_ids")
+    assert embed.attrs["bits"] == rows.attrs["bits"] == 8 and embed.inputs[2] is rows.inputs[2]  # one set of int8 scales
+    (topk,) = out.nodes_by_op("TopK")
+    assert topk.inputs[0] is mm.outputs[0] and out.const_value(topk.inputs[1]).tolist() == [8]
+    (want,) = session(Graph.parse((GOLDEN_DIR / "quantize-weights" / "vocab_rescore.before.onnxtxt").read_text())).run(None, feeds)
+    out.gs.outputs.append(mm.outputs[0].to_variable(dtype=np.float32))  # the int4 logits too
+    got, rough = session(out).run(None, feeds)
+    picked = np.zeros(rough.shape, bool)
+    np.put_along_axis(picked, np.argsort(-rough, axis=-1)[..., :8], True, axis=-1)
+    assert np.array_equal(got[~picked], rough[~picked])
+    err, rough_err = np.abs(got - want)[picked], np.abs(rough - want)[picked]
+    assert err.max() < INT8_ATOL and rough_err.mean() > 3 * err.mean(), (err.max(), rough_err.mean(), err.mean())
+
+
+def test_the_vocabulary_modes(golden: Any) -> None:
+    """vocab_mode int8: the projection to the logits (here tied to the embedding, which shares its blocks) in int8, a
+    linear layer whose output is not a graph output in the mode's bits; int4: all int4; an unknown mode is refused."""
     text = (GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text()
     graph = Graph.parse(text.replace("h = Add (e, p)", "h0 = Add (e, p)\n   h = MatMul (h0, H)").replace(
         "float[4,32] P =", "float[32,32] H = {" + ",".join(["0.01"] * 32 * 32) + "}, float[4,32] P ="))  # fmt: skip
-    result = run_pass(QuantizeWeights("int4", 16), graph)
-    assert result.stats["vocab_projection"] == 1 and result.stats["tied_embedding"] == 1
+    result = run_pass(QuantizeWeights("int4", 16, vocab_mode="int8"), graph)
+    assert result.stats["vocab_projection"] == 1 and result.stats["tied_embedding"] == 1 and "vocab_rescored" not in result.stats
     bits = {n.outputs[0].name: n.attrs["bits"] for n in result.graph.nodes_by_op("MatMulNBits")}
     assert bits == {"h": 4, "logits": 8}
     (gather,) = result.graph.nodes_by_op("GatherBlockQuantized")
     assert gather.attrs["bits"] == 8
-    # Asked for int4, the vocabulary is int4 too; an unknown vocab_mode is refused.
     out = run_pass(QuantizeWeights("int4", 16, vocab_mode="int4"), Graph.parse(text)).graph
     assert {n.attrs["bits"] for n in [*out.nodes_by_op("MatMulNBits"), *out.nodes_by_op("GatherBlockQuantized")]} == {4}
-    with pytest.raises(ValueError, match="quantize-weights takes vocab_mode int8 or int4, not 'int2'"):
+    assert not out.nodes_by_op("TopK")
+    assert QuantizeWeights("int8").vocab_mode == "int8" and QuantizeWeights("int4").vocab_mode == "int4-rescore"
+    with pytest.raises(ValueError, match="quantize-weights takes vocab_mode int8, int4, int4-rescore, not 'int2'"):
         QuantizeWeights("int4", vocab_mode="int2")
+
+
+def test_a_vocabulary_that_cannot_be_rescored_takes_int8(golden: Any) -> None:
+    """Below opset 13 (Unsqueeze and ReduceSum take their axes as attributes there) the projection is not rescored:
+    it takes the rescoring's int8 blocks instead, as --quant-vocab int8 would."""
+    text = (GOLDEN_DIR / "quantize-weights" / "tied_embedding.before.onnxtxt").read_text().replace('"" : 17', '"" : 12')
+    result = run_pass(QuantizeWeights("int4", 16), Graph.parse(text))
+    assert result.stats["rescore_declined"] == 1 and "vocab_rescored" not in result.stats
+    assert [n.attrs["bits"] for n in result.graph.nodes_by_op("MatMulNBits")] == [8] and not result.graph.nodes_by_op("TopK")
 
 
 def test_the_blocks_decode_to_the_weights(golden: Any) -> None:
@@ -201,7 +234,7 @@ def test_asymmetric_blocks_carry_zero_points(mode: str) -> None:
     ids = np.array([[0, 7, 3]])
     errors = {}
     for symmetric in (True, False):
-        p = QuantizeWeights(mode, 16, symmetric=symmetric)
+        p = QuantizeWeights(mode, 16, symmetric=symmetric, vocab_mode=mode)  # y is the logits: the vocabulary
         out = run_pass(p, Graph.from_proto(model)).graph
         (mm,), (gather,) = out.nodes_by_op("MatMulNBits"), out.nodes_by_op("GatherBlockQuantized")
         assert (len(mm.inputs), len(gather.inputs)) == ((3, 3) if symmetric else (4, 4))

@@ -52,6 +52,8 @@ ROTARY_FUSED = "rotary_fused"
 ATTENTION_FUSED = "attention_fused"
 #: Attention over the retained cache and its cache writes are ``com.microsoft.GroupQueryAttention``, where proved.
 DECODE_ATTENTION_FUSED = "decode_attention_fused"
+#: A decode step's q/k rotary embeddings are GroupQueryAttention's own (``do_rotary``), where proved.
+ATTENTION_ROTARY_FUSED = "attention_rotary_fused"
 #: A residual Add and the LayerNormalization reading it are ``com.microsoft.SkipLayerNormalization``, where proved.
 SKIP_LAYER_NORM_FUSED = "skip_layer_norm_fused"
 #: Linear layers that read one input are one MatMul by their concatenated weights and a Split (pack-matmuls).
@@ -73,7 +75,7 @@ PREFILL_CHUNKS_CONSECUTIVE = "prefill_chunks_consecutive"
 FACTS: frozenset[str] = frozenset({
     TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, WEIGHTS_QUANTIZED,
     STATIC_SHAPES, SHAPES_SIMPLIFIED, ROTARY_FUSED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED,
-    QNN_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED,
+    QNN_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED, ATTENTION_ROTARY_FUSED,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip
 

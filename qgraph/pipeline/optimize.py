@@ -79,7 +79,7 @@ def optimize(
     ``ctx_len`` defaults to the model's maximum length or 128, whichever is
     smaller (:class:`~qgraph.pipeline.options.Options`). With ``batch_size``
     and ``seq_len`` the shapes are pinned too. ``quantize`` (int8, int4) adds
-    weight-only quantization (``quant_block_size`` weights per block, the vocabulary in ``quant_vocab``, default int8). In check mode the graph is
+    weight-only quantization (``quant_block_size`` weights per block, the vocabulary in ``quant_vocab``, default the mode's: options.default_quant_vocab). In check mode the graph is
     verified after every pass. Returns the pass report. The default pipeline
     raises :class:`~qgraph.errors.RewriteError` with the reason when the graph
     cannot become the retained-state contract (no growing KV cache).

@@ -38,9 +38,19 @@ WEIGHT_ONLY_MODES = ("int8", "int4")
 QUANTIZE_TARGETS: dict[str, tuple[str | None, ...]] = {"int8": (None, "cpu"), "int4": (None, "cpu"), "w8a16": ("qnn",)}
 #: Weights per quantization block along the reduction axis when not asked (``--quant-block-size``).
 DEFAULT_QUANT_BLOCK_SIZE = 32
-#: The vocabulary's mode (its projection and the token embedding) under int8 or int4 when not asked (``--quant-vocab``):
-#: int8, because int4 there costs most of int4's accuracy (passes/quantize_weights.py).
-DEFAULT_QUANT_VOCAB = "int8"
+#: The vocabulary's modes (``--quant-vocab``; its projection and the token embedding): int8 or int4 blocks, or
+#: ``int4-rescore``: int4 blocks, the top candidates of each row of logits recomputed from int8 blocks, and the
+#: embedding in int8 (passes/quantize_weights.py).
+QUANT_VOCAB_MODES = ("int8", "int4", "int4-rescore")
+#: The vocabulary's mode under each weight-only mode when not asked: int4 in the vocabulary costs most of int4's
+#: accuracy, which rescoring its candidates in int8 gives back at int4's bytes per step (docs/quantization.md).
+DEFAULT_QUANT_VOCAB = {"int8": "int8", "int4": "int4-rescore"}
+
+
+def default_quant_vocab(quantize: str | None) -> str:
+    """The vocabulary's mode under ``quantize`` when not asked (int8 when not weight-only quantized)."""
+    return DEFAULT_QUANT_VOCAB.get(quantize or "", "int8")
+
 
 #: How a message names each count, and the flag that sets it.
 _NAMED = {
@@ -74,12 +84,12 @@ def check_pin(batch_size: int | None, seq_len: int | None) -> None:
         raise OptionError("give both --batch-size and --seq-len to pin shapes, or neither")
 
 
-def check_quantize(quantize: str | None, block_size: int, target: str | None, vocab: str = DEFAULT_QUANT_VOCAB) -> None:
+def check_quantize(quantize: str | None, block_size: int, target: str | None, vocab: str | None = None) -> None:
     """Rules: ``quantize`` is a known mode that ``target`` (None: a target-free optimize) takes; the block size is a
     power of two, at least 16 (ONNX Runtime's MatMulNBits and GatherBlockQuantized take no other); the vocabulary's
-    mode is int8 or int4."""
-    if vocab not in WEIGHT_ONLY_MODES:
-        raise OptionError(f"unknown --quant-vocab {vocab!r}; use {' or '.join(WEIGHT_ONLY_MODES)}")
+    mode (None: the default) is one of :data:`QUANT_VOCAB_MODES`."""
+    if vocab is not None and vocab not in QUANT_VOCAB_MODES:
+        raise OptionError(f"unknown --quant-vocab {vocab!r}; use one of {', '.join(QUANT_VOCAB_MODES)}")
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise OptionError(f"unknown --quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
@@ -155,7 +165,7 @@ class Options:
     #: Weights per quantization block along the reduction axis.
     quant_block_size: int = DEFAULT_QUANT_BLOCK_SIZE
     #: The vocabulary's mode (projection and token embedding) under weight-only quantization.
-    quant_vocab: str = DEFAULT_QUANT_VOCAB
+    quant_vocab: str = "int8"  # resolve() fills in the mode's default (default_quant_vocab)
 
     @property
     def pinned(self) -> bool:
@@ -204,7 +214,7 @@ class Options:
             target_options=dict(target_options or {}),
             quantize=quantize,
             quant_block_size=DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size,
-            quant_vocab=DEFAULT_QUANT_VOCAB if quant_vocab is None else quant_vocab,
+            quant_vocab=default_quant_vocab(quantize) if quant_vocab is None else quant_vocab,
         )
         opts.validate(max_positions=max_positions)
         check_quantize(opts.quantize, opts.quant_block_size, target.name if target is not None else None, opts.quant_vocab)
@@ -246,4 +256,4 @@ class Options:
         return cls(ctx_len=int(data["ctx_len"]), prefill_seq_len=int(data["prefill_seq_len"]), batch_size=int(data["batch_size"]),
                    target_options=dict(data["target_options"]), quantize=data.get("quantize"),
                    quant_block_size=int(data.get("quant_block_size", DEFAULT_QUANT_BLOCK_SIZE)),
-                   quant_vocab=data.get("quant_vocab") or data.get("quantize") or DEFAULT_QUANT_VOCAB)  # fmt: skip
+                   quant_vocab=data.get("quant_vocab") or data.get("quantize") or default_quant_vocab(None))  # fmt: skip

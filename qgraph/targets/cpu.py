@@ -36,7 +36,9 @@ class CpuTarget(Target):
         # steps; PERFORMANCE.md).
         # fuse-skip-rms-norm: a residual Add and the RMSNormalization reading it in one kernel (Llama family; int4
         # decode about -0.1 ms/token on the bench's Llama shape, fp32 within the noise: passes/fuse_skip_rms_norm.py).
-        "final": ("fuse-decode-attention", "fuse-skip-rms-norm"),
+        # fuse-attention-rotary: a decode step's q/k rotary embeddings inside GroupQueryAttention (do_rotary), as
+        # onnxruntime-genai's graphs have it (passes/fuse_attention_rotary.py).
+        "final": ("fuse-decode-attention", "fuse-attention-rotary", "fuse-skip-rms-norm"),
     }
 
     def _options(self, threads: int | None) -> ort.SessionOptions:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from fuzz.attention import attention_cases
+from fuzz.attention_rotary import attention_rotary_cases
 from fuzz.builder import Case
 from fuzz.check import Outcome, check
 from fuzz.cleanup import cleanup_cases
@@ -54,6 +55,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-skip-layer-norm": skip_layer_norm_cases(),
     "fuse-skip-rms-norm": skip_layer_norm_cases(rms=True),
     "fuse-decode-attention": decode_attention_cases(),
+    "fuse-attention-rotary": attention_rotary_cases(),
     "fuse-rotary": rotary_cases(),
     "quantize-weights": quantize_weights_cases(),
     "pack-matmuls": pack_matmuls_cases(),

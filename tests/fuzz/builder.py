@@ -39,7 +39,7 @@ class Case:
     kv: dict[str, Any] | None = None  # retain-kv-cache: compare through a decode step
     feeds: dict[str, np.ndarray] | None = None  # inputs that must have these values (e.g. indices in range)
     custom_node: str | None = None  # a node moved to a custom domain: it must survive, and ORT cannot run the graph
-    shared_state: bool = False  # run the rewritten graph with each cache updated in place (as the runtime binds it)
+    shared_state: bool | str = False  # run the rewritten graph (and with "both" the original) with caches updated in place
     idempotent: bool = True
 
     def __repr__(self) -> str:

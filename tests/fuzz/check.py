@@ -86,7 +86,8 @@ def _compare(before: Graph, after: Graph, case: Case) -> None:
                 shape = [int(d) for d in i.shape]
                 full[i.name] = (rng.integers(0, 2, shape).astype(bool) if "bool" in i.type else
                                 rng.standard_normal(shape).astype(np.float32) if "float" in i.type else rng.integers(-5, 5, shape))  # fmt: skip
-        ra = sa.run(names, {k: v for k, v in full.items() if k in inputs})
+        feeds_a = {k: v for k, v in full.items() if k in inputs}
+        ra = run_shared_state(sa, feeds_a, names) if case.shared_state == "both" else sa.run(names, feeds_a)
         feeds_b = {k: v for k, v in full.items() if k in {i.name for i in sb.get_inputs()}}
         rb = run_shared_state(sb, feeds_b, names) if case.shared_state else sb.run(names, feeds_b)
         for name, x, y in zip(names, ra, rb):

@@ -153,6 +153,10 @@ class BenchReport:
         quantized = q is not None and (name.endswith(f"-{q}") or name.startswith(f"qgraph {q} "))
         return self.quantized_bound_ms_per_token if quantized else self.bound_ms_per_token
 
+    def _vocab_row_reads(self) -> str:
+        """What the ``-vocab-<mode>`` row reads against the default row's vocabulary mode."""
+        return "the same bytes without the rescoring" if self.quant_vocab == f"{self.quantize}-rescore" else "fewer bytes"
+
     def table(self) -> str:
         lines = [
             f"model {self.model}: {self.weight_bytes / 1e6:.1f} MB of weights, prompt {self.prompt_len}, "
@@ -165,7 +169,8 @@ class BenchReport:
                 f"{self.quantize} (block {self.quant_block_size}, vocabulary {self.quant_vocab or self.quantize}): every weight product quantized, "
                 f"{self.quantized_weight_bytes / 1e6:.1f} MB read per step -> bound {self.quantized_bound_ms_per_token:.2f} ms/token; "
                 f"the {self.quantize} rows' 'x bound' is against it"
-                + (f" (the -vocab-{self.quantize} row reads less)" if self.quant_vocab not in (None, self.quantize) else "")
+                + (f" (the -vocab-{self.quantize} row: the vocabulary plainly {self.quantize}, {self._vocab_row_reads()})"
+                   if self.quant_vocab not in (None, self.quantize) else "")
             )
         if self.kernel_ceiling_ms_per_token:
             lines.append(

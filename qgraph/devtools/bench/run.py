@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from passes.quantize_weights import VOCAB_MODES
 from qgraph.devtools.bench.bound import bandwidth_by_engine, bound_product, quantized_bytes, weight_products, write_products_only
 from qgraph.devtools.bench.contenders import leading_agreement, model_folder, streamed_weight_bytes, time_hf, time_ort_raw
 from qgraph.devtools.bench.genai import GENAI_FAMILIES, GenaiRunner, genai_missing
@@ -26,7 +27,7 @@ from qgraph.devtools.bench.report import BenchReport, Result, ratio_pairs
 from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import spec_of
-from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, DEFAULT_QUANT_VOCAB, check_quantize
+from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize, default_quant_vocab
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,12 @@ def run_bench(
     quant_vocab: str | None = None,
 ) -> BenchReport:
     """Measure every contender (see the module docstring); returns the report. ``quantize``: int4 or int8 adds the
-    quantized contenders (``quant_block_size`` weights per block; qgraph's vocabulary in ``quant_vocab``, default int8) to the
+    quantized contenders (``quant_block_size`` weights per block; qgraph's vocabulary in ``quant_vocab``, default the mode's) to the
     fp32 ones."""
     import torch
 
     block_size = DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size
-    vocab = DEFAULT_QUANT_VOCAB if quant_vocab is None else quant_vocab
+    vocab = default_quant_vocab(quantize) if quant_vocab is None else quant_vocab
     check_quantize(quantize, block_size, "cpu", vocab)  # before any work: the rule of every command
     say = progress or (lambda m: log.info("%s", m))
     torch.set_num_threads(threads)
@@ -155,7 +156,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
     contenders += genai[:1]
     quantized_weight_bytes = 0
     if quantize:
-        # The vocabulary in its own mode (int8 by default); when that differs from the rest, the artifact with it in the
+        # The vocabulary in its own mode (int4-rescore under int4 by default); when that differs from the rest, the artifact with it in the
         # same mode as the rest runs too (``-vocab-int4``): what the accuracy costs in speed, in the same run.
         runtimes = {}
         for v in dict.fromkeys([vocab, quantize]):
@@ -180,7 +181,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
             weight_bytes
             - fp32_products
             + quantized_bytes([p for p in products if not p.vocab], BITS[quantize], block_size)
-            + quantized_bytes([p for p in products if p.vocab], BITS[vocab], block_size)
+            + quantized_bytes([p for p in products if p.vocab], VOCAB_MODES[vocab][0], block_size)  # rescored rows: a few
         )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
