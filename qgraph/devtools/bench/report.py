@@ -169,8 +169,11 @@ class BenchReport:
                 f"{self.quantize} (block {self.quant_block_size}, vocabulary {self.quant_vocab or self.quantize}): every weight product quantized, "
                 f"{self.quantized_weight_bytes / 1e6:.1f} MB read per step -> bound {self.quantized_bound_ms_per_token:.2f} ms/token; "
                 f"the {self.quantize} rows' 'x bound' is against it"
-                + (f" (the -vocab-{self.quantize} row: the vocabulary plainly {self.quantize}, {self._vocab_row_reads()})"
-                   if self.quant_vocab not in (None, self.quantize) else "")
+                + (
+                    f" (the -vocab-{self.quantize} row: the vocabulary plainly {self.quantize}, {self._vocab_row_reads()})"
+                    if self.quant_vocab not in (None, self.quantize)
+                    else ""
+                )
             )
         if self.kernel_ceiling_ms_per_token:
             lines.append(
