@@ -121,6 +121,25 @@ def test_parse_const_value_and_edit() -> None:
     g.check()
 
 
+def test_a_node_added_next_to_a_node_already_gone_is_an_error() -> None:
+    """remove_nodes, then anything that applies pending edits (here: reading the nodes), then add_node(before=) the
+    removed node: the new node has nowhere to go; it used to vanish silently."""
+    g = Graph.parse(TEXT)
+    mul = g.nodes_by_op("Mul")[0]
+    g.remove_nodes([mul])
+    assert "Mul" not in g.op_counts()  # the removal is applied
+    g.add_node("Add", [mul.inputs[0] if mul.inputs else g.inputs[0]] * 2, prefix="late", before=mul)
+    with pytest.raises(RuntimeError, match=r"added before or after a node that is no longer in the graph"):
+        _ = g.nodes  # applying the edits finds the lost insertion
+    # Removed and added in one go (the removal not applied yet), the new node takes the old one's place.
+    g2 = Graph.parse(TEXT)
+    mul2 = g2.nodes_by_op("Mul")[0]
+    x = mul2.inputs[0]
+    g2.remove_nodes([mul2])
+    g2.add_node("Add", [x, x], prefix="swap", before=mul2)
+    assert [n.op for n in g2.nodes] == ["Constant", "Add", "Relu"]
+
+
 def test_check_names_what_is_wrong() -> None:
     g = Graph.parse(TEXT)
     g.gs.nodes.reverse()  # Relu now reads 'a' before Mul makes it

@@ -101,8 +101,15 @@ class Graph:
 
         for n in self._raw.nodes:
             emit(n)
+        lost = [m.name for pending in (*before.values(), *after.values()) for m in pending]
         self._raw.nodes = out
         self._dead, self._before, self._after = set(), {}, {}
+        if lost:
+            # The anchor of before=/after= left the graph in an earlier sync: the nodes would vanish silently.
+            raise RuntimeError(
+                f"nodes {lost} were added before or after a node that is no longer in the graph (removed, and the "
+                "removal applied, before the insertion); add the new nodes first, then remove the old ones"
+            )
 
     def position(self, node: Node) -> int:
         """A key that orders nodes as the graph does (cheap: cached, kept across edits)."""
@@ -303,7 +310,8 @@ class Graph:
                 return name
 
     def _seed_names(self) -> None:
-        self._used: set[str] = set(self._gs.tensors().keys()) | {n.name for n in self._gs.nodes if n.name}
+        # The raw graph: seeding must not apply pending edits (a node added before= a removed one needs it still there).
+        self._used: set[str] = set(self._raw.tensors().keys()) | {n.name for n in self._raw.nodes if n.name}
         self._name_counts[""] = 0
 
     def constant(self, prefix: str, values: np.ndarray | float | int, dtype: Any = None) -> Constant:
