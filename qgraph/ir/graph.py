@@ -101,15 +101,10 @@ class Graph:
 
         for n in self._raw.nodes:
             emit(n)
-        lost = [m.name for pending in (*before.values(), *after.values()) for m in pending]
-        self._raw.nodes = out
-        self._dead, self._before, self._after = set(), {}, {}
+        lost = [m.name for pending in (*before.values(), *after.values()) for m in pending]  # their anchor left earlier
+        self._raw.nodes, self._dead, self._before, self._after = out, set(), {}, {}
         if lost:
-            # The anchor of before=/after= left the graph in an earlier sync: the nodes would vanish silently.
-            raise RuntimeError(
-                f"nodes {lost} were added before or after a node that is no longer in the graph (removed, and the "
-                "removal applied, before the insertion); add the new nodes first, then remove the old ones"
-            )
+            raise RuntimeError(f"nodes {lost} were added before or after a node that is no longer in the graph; add the new nodes first")
 
     def position(self, node: Node) -> int:
         """A key that orders nodes as the graph does (cheap: cached, kept across edits)."""
@@ -310,7 +305,7 @@ class Graph:
                 return name
 
     def _seed_names(self) -> None:
-        # The raw graph: seeding must not apply pending edits (a node added before= a removed one needs it still there).
+        # The raw graph: seeding must not apply pending edits (a node added before= a removed one needs it there).
         self._used: set[str] = set(self._raw.tensors().keys()) | {n.name for n in self._raw.nodes if n.name}
         self._name_counts[""] = 0
 
