@@ -138,6 +138,18 @@ def test_the_vocabulary_modes(golden: Any) -> None:
         QuantizeWeights("int4", vocab_mode="int2")
 
 
+def test_a_rescored_projection_adds_its_bias_to_the_candidates() -> None:
+    """A Gemm with a bias row making the logits (8 of them: every one is a candidate): the rescored logits are int8's
+    products plus the bias picked at each candidate."""
+    text = (GOLDEN_DIR / "quantize-weights" / "gemm_bias.before.onnxtxt").read_text()
+    out = run_pass(QuantizeWeights("int4", 16), Graph.parse(text)).graph
+    assert out.op_counts()["TopK"] == 1 and out.op_counts()["Gather"] == 1  # the bias at the candidates
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)}
+    (want,) = session(Graph.parse(text)).run(None, feeds)
+    (got,) = session(out).run(None, feeds)
+    assert np.abs(got - want).max() < INT8_ATOL, np.abs(got - want).max()
+
+
 def test_a_vocabulary_that_cannot_be_rescored_takes_int8(golden: Any) -> None:
     """Below opset 13 (Unsqueeze and ReduceSum take their axes as attributes there) the projection is not rescored:
     it takes the rescoring's int8 blocks instead, as --quant-vocab int8 would."""
