@@ -56,7 +56,6 @@ class AttentionRotaryMatch(Match):
     """The attention, its Concat and the two rotary embeddings (and the Split, when packed: ``nodes``)."""
 
     attention: Node
-    concat: Node
     packed: Tensor | None  # the q/k/v product the Split reads, if the attention can take it whole
     q: Tensor
     k: Tensor
@@ -104,12 +103,10 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
         if not only_consumer(ins[0], anchor) or graph.is_graph_output(ins[0]):
             return "the packed q/k/v is read elsewhere"
         rq, rk = (graph.producer(t) for t in concat.inputs[:2])
-        found = []
         for role, rot, n in (("q", rq, heads), ("k", rk, kv)):
             why = _rotary_problem(graph, rot, concat, n, h)
             if why is not None:
                 return f"{role}: {why}"
-            found.append(rot)
         if any(a is not b for a, b in zip(rq.inputs[1:], rk.inputs[1:])):
             return "q and k are rotated with different tables or positions"
         cos, sin, positions = rq.inputs[1:4]
@@ -125,7 +122,7 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
                 and all(only_consumer(t, user) for t, user in ((q, rq), (k, rk), (v, concat)))):  # fmt: skip
             packed = split.inputs[0]
             nodes.append(split)
-        return AttentionRotaryMatch(nodes=nodes, attention=anchor, concat=concat, packed=packed, q=q, k=k, v=v, cos=cos, sin=sin)
+        return AttentionRotaryMatch(nodes=nodes, attention=anchor, packed=packed, q=q, k=k, v=v, cos=cos, sin=sin)
 
     def rewrite(self, graph: Graph, m: AttentionRotaryMatch) -> None:
         gqa = m.attention

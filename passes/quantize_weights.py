@@ -210,22 +210,19 @@ class QuantizeWeights(Pass):
         if problem is not None:
             return problem
         vocab = self._is_vocab_projection(graph, node)
-        rescore = self._rescore_problem(graph, source, transposed, bias, bias_tensor) if vocab and self.rescore_bits else None
-        bits = self.bits
-        if vocab:  # the vocabulary's bits; a projection that cannot be rescored takes the rescoring's bits instead
-            bits = self.vocab_bits if rescore is None or not self.rescore_bits else self.rescore_bits
-            if rescore is not None and self.rescore_bits:
-                log.info("%s: the vocabulary projection %s in int%d, not rescored: %s", self.name, node.name, bits, rescore)
-                run.count("rescore_declined")
-        blocks = self._blocks(graph, source, transposed, alpha, run, bits)
+        rescore = vocab and self.rescore_bits is not None
+        why_not = self._rescore_problem(graph, source, transposed, bias, bias_tensor) if rescore else None
+        if why_not is not None:  # a projection that cannot be rescored takes the rescoring's bits instead
+            log.info("%s: the vocabulary projection %s in int%d, not rescored: %s", self.name, node.name, self.rescore_bits, why_not)
+            run.count("rescore_declined")
+            rescore = False
+        bits = (self.rescore_bits if why_not else self.vocab_bits) if vocab else self.bits
+        blocks = self._blocks(graph, source, transposed, alpha, run, bits)  # type: ignore[arg-type]
         if isinstance(blocks, str):
             return blocks
-        fine = None
-        if vocab and self.rescore_bits and rescore is None:
-            made = self._blocks(graph, source, transposed, alpha, run, self.rescore_bits)
-            if isinstance(made, str):
-                return made
-            fine = made
+        fine = self._blocks(graph, source, transposed, alpha, run, self.rescore_bits) if rescore else None  # type: ignore[arg-type]
+        if isinstance(fine, str):
+            return fine
         out = node.outputs[0]
         coarse = graph.variable(self.name, out.dtype, out.shape) if fine is not None else out
         self._to_matmul_nbits(graph, node, x, blocks, bias, bias_tensor, run, coarse)
