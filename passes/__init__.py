@@ -17,6 +17,7 @@ from __future__ import annotations
 from passes.cleanup import Cleanup
 from passes.clip_fp16 import ClipFp16
 from passes.fold_constants import FoldConstants
+from passes.fold_identities import FoldIdentities
 from passes.fuse_attention import FuseAttention
 from passes.fuse_attention_rotary import FuseAttentionRotary
 from passes.fuse_decode_attention import FuseDecodeAttention
@@ -49,6 +50,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         LegalizeQnn,
         FuseAttention,
         SimplifyShapes,
+        FoldIdentities,
         FuseSkipLayerNorm,
         FuseSkipRmsNorm,
         FuseDecodeAttention,
@@ -64,6 +66,7 @@ __all__ = [
     "Cleanup",
     "ClipFp16",
     "FoldConstants",
+    "FoldIdentities",
     "FuseAttention",
     "FuseAttentionRotary",
     "FuseDecodeAttention",

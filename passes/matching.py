@@ -67,6 +67,16 @@ def sole_consumer(graph: Graph, tensor: Tensor) -> Node | None:
     return tensor.outputs[0]
 
 
+def bypass(graph: Graph, node: Node, source: Tensor) -> bool:
+    """Make the consumers of ``node``'s output read ``source`` and drop ``node``; False for a graph output (kept)."""
+    out = node.outputs[0]
+    if graph.is_graph_output(out):
+        return False
+    graph.replace_uses(out, source)
+    graph.remove_nodes([node])
+    return True
+
+
 def other_input(node: Node, tensor: Tensor) -> Tensor:
     """The operand of a binary node that is not ``tensor`` (``tensor`` itself for f(t, t))."""
     return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from passes.matching import bypass
 from passes.shapes import static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
@@ -88,7 +89,7 @@ class SimplifyShapes(Pass):
                 continue  # removed earlier in this sweep
             out = node.outputs[0]
             if is_onnx_op(node, "GatherElements") and self._unit_gather(node):
-                if self._bypass(graph, node, node.inputs[0]):
+                if bypass(graph, node, node.inputs[0]):
                     count("gather_elements")
             elif is_onnx_op(node, "GatherElements") and (line := self._line_indices(graph, node)) is not None:
                 self._to_gather(graph, node, line, lines)
@@ -105,7 +106,7 @@ class SimplifyShapes(Pass):
                 self._merge_reshape(graph, node, count)
             elif is_onnx_op(node, "Expand", "Identity"):
                 shape = _static(out)
-                if shape is not None and shape == _static(node.inputs[0]) and self._bypass(graph, node, node.inputs[0]):
+                if shape is not None and shape == _static(node.inputs[0]) and bypass(graph, node, node.inputs[0]):
                     count(node.op.lower())
         self._flatten_rows(graph, count)
         log.info("%s: %s", self.name, stats or "nothing to simplify")
@@ -194,18 +195,8 @@ class SimplifyShapes(Pass):
             if "allowzero" in node.attrs:
                 del node.attrs["allowzero"]
             count("reshape_merged")
-        if shape == _static(node.inputs[0]) and self._bypass(graph, node, node.inputs[0]):
+        if shape == _static(node.inputs[0]) and bypass(graph, node, node.inputs[0]):
             count("reshape_removed")
-
-    @staticmethod
-    def _bypass(graph: Graph, node: Node, source: Tensor) -> bool:
-        """Make the consumers of ``node``'s output read ``source``; False for a graph output (kept)."""
-        out = node.outputs[0]
-        if graph.is_graph_output(out):
-            return False
-        graph.replace_uses(out, source)
-        graph.remove_nodes([node])
-        return True
 
 
 def _unflatten_shape(node: Node) -> list[int] | None:

@@ -200,7 +200,7 @@ def test_the_pipeline_quantizes_last_and_only_when_asked() -> None:
     cpu = get_target("cpu")
     rewrite, specialize = compile_pipeline(cpu, rewrite=True, quantize=True)
     # pack-matmuls goes with quantization: it pays with quantized weights only (qgraph.pipeline.stages.QUANTIZE_PASSES).
-    assert specialize[-4:] == ["fuse-skip-rms-norm", "pack-matmuls", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
+    assert specialize[-4:] == ["fold-identities", "pack-matmuls", "quantize-weights", "cleanup"] and "quantize-weights" not in rewrite
     assert not {"pack-matmuls", "quantize-weights"} & set(compile_pipeline(cpu, rewrite=True)[1])
     assert default_pipeline(False, True)[-5:] == ["retain-kv-cache", "cleanup", "pack-matmuls", "quantize-weights", "cleanup"]
     assert default_pipeline(True, True)[-5:] == ["pin-static-shapes", "cleanup", "pack-matmuls", "quantize-weights", "cleanup"]

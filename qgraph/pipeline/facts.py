@@ -46,6 +46,8 @@ WEIGHTS_QUANTIZED = "weights_quantized"
 STATIC_SHAPES = "static_shapes"
 #: Layout ops that static shapes make trivial are gone (a decode step's head split is one Reshape), row-wise regions are 2-D.
 SHAPES_SIMPLIFIED = "shapes_simplified"
+#: Ops that static shapes make identities or constants are gone (fold-identities: a decode step's last-position selection).
+IDENTITIES_FOLDED = "identities_folded"
 #: Rotate-half rotary embeddings are ``RotaryEmbedding`` ops, where fuse-rotary proved them.
 ROTARY_FUSED = "rotary_fused"
 #: Attention is ``com.microsoft.MultiHeadAttention``, where fuse-attention proved it (ONNX Runtime only).
@@ -76,6 +78,7 @@ FACTS: frozenset[str] = frozenset({
     TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, WEIGHTS_QUANTIZED,
     STATIC_SHAPES, SHAPES_SIMPLIFIED, ROTARY_FUSED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED,
     QNN_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED, ATTENTION_ROTARY_FUSED,
+    IDENTITIES_FOLDED,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip
 

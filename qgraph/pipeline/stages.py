@@ -65,6 +65,9 @@ SPECIALIZE: Stage = (
     LEGALIZE,  # on the exporters' layouts: after simplify-shapes, cpu's fuse-attention leaves no decode attention to fuse (measured)
     "simplify-shapes",  # static shapes make layout ops trivial; row-wise regions go 2-D
     FINAL,  # after simplify-shapes: its matches need the simplified layouts, and 2-D regions do not grow through fused ops
+    # After the final slot, whose fusions match retain-kv-cache's nodes as that pass wrote them (and add the Reshapes
+    # it merges); before quantize-weights, which then finds the vocabulary projection reading the hidden state itself.
+    "fold-identities",  # a decode step's last-position selection and padding redirect are identities at one token
     # Last: the passes before it see Gemm and Gather, whose static shapes ONNX inference gives (it stops at a contrib op
     # such as MatMulNBits, and pin-static-shapes re-infers every shape); after retain-kv-cache, whose last-position
     # logits select one row in front of the vocabulary MatMul; before finish, so the vocabulary is fed only in fp32.

@@ -27,6 +27,7 @@ from fuzz.cleanup import cleanup_cases
 from fuzz.clip_fp16 import clip_fp16_cases
 from fuzz.decode_attention import decode_attention_cases
 from fuzz.fold_constants import fold_constants_cases
+from fuzz.fold_identities import fold_identities_cases
 from fuzz.gelu import gelu_cases
 from fuzz.layer_norm import layer_norm_cases
 from fuzz.legalize_qnn import legalize_qnn_cases
@@ -45,6 +46,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "fuse-rms-norm": rms_norm_cases(),
     "fuse-gelu": gelu_cases(),
     "fold-constants": fold_constants_cases(),
+    "fold-identities": fold_identities_cases(),
     "pin-static-shapes": pin_static_shapes_cases(),
     "clip-fp16": clip_fp16_cases(),
     "retain-kv-cache": retain_kv_cache_cases(),
