@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from qgraph.errors import ExportError, InvalidModelError
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.frontend.hf import ModelSource, load_model, require_hf
+from qgraph.ir.contract import MAX_POSITIONS_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -277,9 +278,10 @@ def export_model(
         # Converting here would change the caller's module in place (torch's .to() does).
         raise ExportError(f"the model is {have}, not the {dtype} asked for; convert it first (model.to(torch.{dtype})) or leave dtype out")
     if spec.max_positions < _PAST + _SEQ:
-        raise ExportError(
-            f"the model has {spec.max_positions} positions; export traces {_PAST + _SEQ} positions, so it needs at least that many"
-        )
+        why = (f"its sliding attention window is {spec.sliding_window} positions" if spec.max_positions == spec.sliding_window
+               else f"its longrope rotary switches factors at {spec.rope_limit} positions" if spec.max_positions == spec.rope_limit
+               else f"the model has {spec.max_positions} positions")  # fmt: skip
+        raise ExportError(f"{why}; export traces {_PAST + _SEQ} positions, so it needs at least that many")
 
     example = (
         torch.zeros(_BATCH, _SEQ, dtype=torch.int64),
@@ -319,6 +321,8 @@ def export_model(
         say("naming dimensions " + ", ".join(DIM_NAMES))
         renames = fix_dim_names(graph, io_shapes(num_layers, num_kv_heads, head_dim, vocab))
         log.debug("renamed dimensions %s", renames)
+        # The context the model takes (capped by a sliding window or a longrope switch): compiles of this file read it.
+        graph.metadata[MAX_POSITIONS_KEY] = str(spec.max_positions)
         external = graph.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
         say(f"saving {out}" + (f" (weights in {out.name}.data)" if external else ""))
         graph.save(out, external=external)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 RETAINED_SUFFIX = "_RetainedState"
+#: Metadata key of a ``qgraph export``: the context the model takes (its positions, capped by a sliding window or a
+#: longrope switch), which compiles of the file read where the graph has no position table.
+MAX_POSITIONS_KEY = "qgraph.max_positions"
 
 #: One step: feeds in, outputs out (by name).
 StepFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from qgraph.errors import RewriteError
+from qgraph.ir.contract import MAX_POSITIONS_KEY
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import is_custom_domain
 from qgraph.pipeline.facts import KV_RETAINED, observe
@@ -22,8 +23,8 @@ from qgraph.pipeline.registry import build_passes
 
 
 def graph_max_positions(graph: Graph) -> int | None:
-    """The model's maximum positions read off an exported graph (where there is no config):
-    the rows of the position table that ``position_ids`` indexes, or None."""
+    """The model's maximum positions read off an exported graph (where there is no config): the rows of the
+    position table that ``position_ids`` indexes, else what ``qgraph export`` recorded (``MAX_POSITIONS_KEY``), or None."""
     for t in graph.inputs:
         if t.name != "position_ids":
             continue
@@ -32,7 +33,8 @@ def graph_max_positions(graph: Graph) -> int | None:
                 shape = node.inputs[0].shape
                 if shape:
                     return int(shape[0])
-    return None
+    recorded = graph.metadata.get(MAX_POSITIONS_KEY, "")
+    return int(recorded) if recorded.isdigit() and int(recorded) > 0 else None
 
 
 def run_passes(graph: Graph, passes: Sequence[str | Pass] | None, opts: Options, *, check: bool = False,

@@ -30,6 +30,7 @@ def spec(family: str, config: Any, generation_config: Any = None) -> ModelSpec:
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
     positions = int(config.max_position_embeddings)
     window = sliding_window(config)
+    limit = rope_limit(config)
     return ModelSpec(
         family=family,
         num_layers=int(config.num_hidden_layers),
@@ -38,9 +39,10 @@ def spec(family: str, config: Any, generation_config: Any = None) -> ModelSpec:
         head_dim=int(head_dim),
         hidden_size=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
-        max_positions=positions if window is None else min(positions, window),
+        max_positions=min([positions] + [n for n in (window, limit) if n is not None]),
         eos_token_ids=eos_token_ids(config, generation_config),
         sliding_window=window,
+        rope_limit=limit,
     )
 
 
@@ -51,6 +53,20 @@ def sliding_window(config: Any) -> int | None:
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return None
     return int(window)
+
+
+def rope_limit(config: Any) -> int | None:
+    """Where a longrope rotary (Phi-3's long-context configs) switches from its short factors to its long ones, or None.
+
+    Hugging Face picks the factors from the sequence's length at every forward (the long ones once it passes
+    ``original_max_position_embeddings``), so one exported table is that model only below the switch. (``dynamic``
+    NTK scaling changes only past ``max_position_embeddings``, which already caps the context.)
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type")) != "longrope":
+        return None
+    switch = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    return int(switch) if switch else None
 
 
 def save_random(config_class: str, model_class: str, shape: dict[str, Any], folder: Path, *, seed: int = 0) -> Path:

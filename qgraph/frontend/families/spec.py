@@ -24,6 +24,11 @@ class ModelSpec:
     #: The attention window of a model that only looks back so far (Mistral's ``sliding_window``), or None. qgraph's
     #: cache keeps every position, so it honours a window only while ctx_len is within it: ``max_positions`` is capped.
     sliding_window: int | None = None
+    #: The length past which the model's rotary frequencies change with the sequence's own length (longrope's
+    #: ``original_max_position_embeddings``: short factors up to it, long factors for every position past it), or None.
+    #: A compiled graph keeps one table, so it matches Hugging Face only while ctx_len is within it: ``max_positions``
+    #: is capped.
+    rope_limit: int | None = None
 
 
 def eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:
