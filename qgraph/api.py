@@ -233,10 +233,12 @@ class AutoModelForCausalLM:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def export(self, *, exporter: str = "dynamo", opset: int | None = None, out: str | Path | None = None) -> Path:
-        """Export the plain model to ONNX (cached); returns the file."""
+    def export(self, *, exporter: str | None = None, opset: int | None = None, out: str | Path | None = None) -> Path:
+        """Export the plain model to ONNX (cached); returns the file. ``exporter``: dynamo or torchscript (None: the
+        model's, ``ModelSpec.exporter``)."""
         from qgraph.frontend.export import export_model
 
+        exporter = exporter or self.spec.exporter
         if out is not None:
             self.onnx_path = export_model(self.source, out, exporter=exporter, opset=opset, dtype=self.dtype, progress=self.progress).path
             return self.onnx_path

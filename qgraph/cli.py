@@ -304,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="export a Hugging Face GPT-2 to plain ONNX (no rewriting)")
     p.add_argument("model", nargs="?", default="tiny-gpt2", help=MODEL_HELP)
     p.add_argument("-o", "--output", type=Path, default=Path("model.onnx"), help="output ONNX file (default model.onnx)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    p.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default=None,
+        help="default: dynamo, or torchscript for a model torch.export cannot trace (dynamic NTK rope scaling)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     p.set_defaults(func=cmd_export)

@@ -5,7 +5,8 @@ only where that table is Hugging Face's, and refuses a longer context instead of
   factors for every position once it passes it. Exact up to the switch; a ctx_len past it is refused (the
   family's ``rope_limit`` caps ``max_positions``, and ``qgraph export`` records that cap for compiles of the file).
 * ``dynamic`` NTK scaling: the base frequencies until the sequence passes ``max_position_embeddings``, which caps
-  the context already. torch.export cannot trace its length check; the TorchScript export can, and is exact.
+  the context already. torch.export cannot trace its length check; the TorchScript export can, and is exact; it is such a
+  model's default exporter (``ModelSpec.exporter``), so ``qgraph generate`` takes it as it is.
 * ``yarn`` (static: one table, scaled, whatever the length) is exact past its ``original_max_position_embeddings``.
 
 The configs are tiny random models with varied greedy output (initializer_range 0.3).
@@ -37,8 +38,11 @@ BASE: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=2, intermediate_si
 LONGROPE = dict(num_key_value_heads=4, pad_token_id=0, max_position_embeddings=128, original_max_position_embeddings=SWITCH,
                 rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                               "long_factor": [2.0 + 0.2 * i for i in range(8)]})  # fmt: skip
-YARN = dict(num_key_value_heads=2, max_position_embeddings=128,
-            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": SWITCH})
+YARN = dict(
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": SWITCH},
+)
 DYNAMIC = dict(num_key_value_heads=2, max_position_embeddings=SWITCH, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
 
 
@@ -82,10 +86,15 @@ def test_a_ctx_len_past_the_longrope_switch_is_refused(longrope: tuple[Path, Pat
 
 def test_dynamic_ntk_through_torchscript_is_hugging_face_within_max_positions(tmp_path: Path) -> None:
     folder = FAMILIES["llama"].save_random({**BASE, **DYNAMIC}, tmp_path / "hf", seed=1)
-    raw = export_model(str(folder), folder / "raw.onnx", exporter="torchscript").path
+    assert QModel(str(folder)).spec.exporter == "torchscript"
+    result = export_model(str(folder), folder / "raw.onnx")  # no exporter named: the model's
+    assert result.exporter == "torchscript"
+    raw = result.path
     prompt = [5, 17, 42, 9, 9, 1]
     new = SWITCH - len(prompt)
     assert _generate(raw, tmp_path / "art", None, prompt, new) == hf_greedy(_hf(folder), prompt, new, distinct=4)
+    # The API (qgraph generate's path) exports it the same way; dynamo would fail on the length check.
+    assert QModel(str(folder)).export(out=tmp_path / "api.onnx").is_file()
 
 
 def test_yarn_is_hugging_face_past_its_original_length(tmp_path: Path) -> None:

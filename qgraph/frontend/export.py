@@ -232,11 +232,20 @@ def fix_dim_names(graph: Graph, expected: dict[str, list[int | str]]) -> dict[st
     return {old: new for old, new in renames.items() if old != new}
 
 
+def _check_exporter(exporter: str, opset: int | None) -> None:
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(
+            f"the dynamo exporter starts at opset {DYNAMO_MIN_OPSET} (asked for {opset}); use --exporter torchscript for older opsets"
+        )
+
+
 def export_model(
     model: str | ModelSource | torch.nn.Module,
     out: str | Path,
     *,
-    exporter: str = "dynamo",
+    exporter: str | None = None,
     opset: int | None = None,
     dtype: str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -244,7 +253,8 @@ def export_model(
     """Export ``model`` (a model name, see :func:`qgraph.hf.resolve_model`, or a
     loaded causal LM of a known family) to the ONNX file ``out``, unchanged.
 
-    ``exporter`` is ``dynamo`` (opset 18 and newer) or ``torchscript``; ``opset``
+    ``exporter`` is ``dynamo`` (opset 18 and newer) or ``torchscript`` (None: the model's, ``ModelSpec.exporter``:
+    dynamo unless torch.export cannot trace it); ``opset``
     defaults to the exporter's own default. ``dtype`` (one of :data:`DTYPES`) is
     what a named model is loaded in (default float32); a loaded model is exported
     in its own dtype, which ``dtype`` must then match. Weights over 64 MB go to
@@ -257,12 +267,8 @@ def export_model(
         if progress is not None:
             progress(line)
 
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
-    if exporter == "dynamo" and opset is not None and opset < DYNAMO_MIN_OPSET:
-        raise ExportError(
-            f"the dynamo exporter starts at opset {DYNAMO_MIN_OPSET} (asked for {opset}); use --exporter torchscript for older opsets"
-        )
+    if exporter is not None:
+        _check_exporter(exporter, opset)
     if dtype is not None:
         check_dtype(dtype)
     torch, _ = require_hf()
@@ -271,6 +277,9 @@ def export_model(
         say(f"loading model {model}" + (f" in {dtype}" if dtype else ""))
         model = load_model(model, dtype or DEFAULT_DTYPE)
     spec = spec_of(getattr(model, "config", None), f"the {type(model).__name__}")
+    if exporter is None:
+        exporter = spec.exporter
+        _check_exporter(exporter, opset)
     num_layers, num_kv_heads, head_dim, vocab = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size
     weight_dtype = next(model.parameters()).dtype
     have = str(weight_dtype).removeprefix("torch.")

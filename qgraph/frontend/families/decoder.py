@@ -43,6 +43,7 @@ def spec(family: str, config: Any, generation_config: Any = None) -> ModelSpec:
         eos_token_ids=eos_token_ids(config, generation_config),
         sliding_window=window,
         rope_limit=limit,
+        exporter="torchscript" if _rope_type(config) == "dynamic" else "dynamo",
     )
 
 
@@ -62,11 +63,22 @@ def rope_limit(config: Any) -> int | None:
     ``original_max_position_embeddings``), so one exported table is that model only below the switch. (``dynamic``
     NTK scaling changes only past ``max_position_embeddings``, which already caps the context.)
     """
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type")) != "longrope":
+    if _rope_type(config) != "longrope":
         return None
-    switch = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    switch = _rope(config).get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     return int(switch) if switch else None
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    """The config's rotary parameters (``rope_parameters`` in newer transformers, ``rope_scaling`` before), or {}."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return rope if isinstance(rope, dict) else {}
+
+
+def _rope_type(config: Any) -> str | None:
+    rope = _rope(config)
+    kind = rope.get("rope_type") or rope.get("type")
+    return str(kind) if kind else None
 
 
 def save_random(config_class: str, model_class: str, shape: dict[str, Any], folder: Path, *, seed: int = 0) -> Path:

@@ -29,6 +29,9 @@ class ModelSpec:
     #: A compiled graph keeps one table, so it matches Hugging Face only while ctx_len is within it: ``max_positions``
     #: is capped.
     rope_limit: int | None = None
+    #: The exporter that traces the model by default: dynamo, or torchscript where torch.export cannot (a ``dynamic``
+    #: NTK rotary's check of the sequence's length, which TorchScript's trace takes below ``max_position_embeddings``).
+    exporter: str = "dynamo"
 
 
 def eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:
