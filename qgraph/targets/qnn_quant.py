@@ -92,6 +92,17 @@ def calibration_steps(model_path: Path, rows: Sequence[Sequence[int]]) -> Iterat
             cache = dict(zip(names, sess.run(outputs, feeds), strict=True))
 
 
+def _drop_metadata(path: Path) -> None:
+    """Remove the model's metadata_props (``qgraph export``'s ``qgraph.max_positions``) from ``path``'s header in place:
+    ONNX Runtime 1.32's ``qnn_preprocess_model`` merges them into a dict as if they were pairs and raises TypeError."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if model.metadata_props:
+        del model.metadata_props[:]
+        onnx.save(model, str(path))
+
+
 def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
     """Write the QDQ model of the float model ``src`` to ``out`` (weights in ``out``'s external data); returns the samples."""
     import onnx
@@ -99,6 +110,7 @@ def quantize_w8a16(src: Path, out: Path, rows: Sequence[Sequence[int]]) -> int:
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     pre = out.with_name(out.stem + ".pre.onnx")
+    _drop_metadata(src)
     made = qnn_preprocess_model(
         str(src), str(pre), save_as_external_data=True, all_tensors_to_one_file=True, external_data_location=pre.name + ".data"
     )
