@@ -30,7 +30,7 @@ import numpy as np
 
 from passes.folding import fold_constants
 from passes.matching import bypass
-from passes.shapes import is_static
+from passes.shapes import RESHAPE_LIKE, read_through, static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.manager import Pass, PassResult
@@ -40,13 +40,12 @@ log = logging.getLogger(__name__)
 _REDUCE = ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean", "ReduceProd")
 #: A comparison of a value with itself.
 _SELF_COMPARE = {"Equal": True, "LessOrEqual": True, "GreaterOrEqual": True, "Less": False, "Greater": False}
-_RESHAPE_LIKE = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
 #: Sweeps before giving up on a fixed point (each sweep plus folding settles a chain; two suffice for retain-kv-cache's).
 _MAX_SWEEPS = 4
 
 
 def _shape(t: Tensor) -> list[int] | None:
-    return [int(d) for d in t.shape] if is_static(t.shape) else None
+    return static_dims(t.shape)
 
 
 class FoldIdentities(Pass):
@@ -91,8 +90,7 @@ class FoldIdentities(Pass):
             shape = _shape(out)
             if shape is None or graph.is_graph_output(out):
                 return None
-            graph.replace_uses(out, graph.constant(self.name, np.full(shape, _SELF_COMPARE[node.op], bool)))
-            graph.remove_nodes([node])
+            bypass(graph, node, graph.constant(self.name, np.full(shape, _SELF_COMPARE[node.op], bool)))
             return "self_compare"
         if is_onnx_op(node, "Where") and len(node.inputs) == 3 and node.inputs[1] is node.inputs[2]:
             x = node.inputs[1]
@@ -100,14 +98,8 @@ class FoldIdentities(Pass):
                 return "where_same" if bypass(graph, node, x) else None
         if is_onnx_op(node, "MatMul") and (x := self._unit_product(graph, node)) is not None:
             return "matmul_by_one" if bypass(graph, node, x) else None
-        if is_onnx_op(node, "Reshape") and len(node.inputs) == 2:
-            inner = graph.producer(node.inputs[0])
-            shape = _shape(out)
-            if is_onnx_op(inner, *_RESHAPE_LIKE) and inner.inputs and shape is not None:
-                node.inputs[0] = inner.inputs[0]
-                node.inputs[1] = graph.constant(self.name, np.array(shape, np.int64))
-                node.attrs.pop("allowzero", None)
-                return "reshape_merged"
+        if is_onnx_op(node, "Reshape") and len(node.inputs) == 2 and read_through(graph, node, self.name, RESHAPE_LIKE):
+            return "reshape_merged"
         return None
 
     @staticmethod
@@ -122,8 +114,7 @@ class FoldIdentities(Pass):
         a = node.inputs[0]
         if len(node.inputs) != 2 or node.inputs[1] is not a or a.dtype is None:
             return False
-        kind = np.dtype(a.dtype).kind
-        return kind in "iub"
+        return np.dtype(a.dtype).kind in "iub"
 
     @staticmethod
     def _unit_product(graph: Graph, node: Node) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Shapes as the passes read them: static or not, rank, last dimension."""
+"""Shapes as the passes read them: static or not, rank, last dimension; a Reshape read through the reshapes before it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from qgraph.ir.graph import Tensor
+from qgraph.ir.graph import Graph, Node, Tensor
+from qgraph.ir.validate import is_onnx_op
+
+#: Ops that change a tensor's shape and keep its elements in order.
+RESHAPE_LIKE = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
 
 
 def is_static(shape: Sequence[Any] | None) -> bool:
@@ -35,3 +39,16 @@ def rank_of(tensor: Tensor) -> int | None:
 def last_dim(tensor: Tensor) -> int | None:
     shape = tensor.shape
     return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def read_through(graph: Graph, reshape: Node, prefix: str, inner_ops: Sequence[str] = ("Reshape",)) -> bool:
+    """``Reshape(inner(x))`` -> ``Reshape(x, its static output shape)`` when ``inner`` is one of ``inner_ops`` (ops
+    that keep the elements in order); True if ``reshape`` was rewired (``inner`` stays for its other readers)."""
+    shape = static_dims(reshape.outputs[0].shape)
+    inner = graph.producer(reshape.inputs[0])
+    if shape is None or not is_onnx_op(inner, *inner_ops) or not inner.inputs:
+        return False
+    reshape.inputs[0] = inner.inputs[0]
+    reshape.inputs[1] = graph.constant(prefix, np.array(shape, np.int64))
+    reshape.attrs.pop("allowzero", None)
+    return True

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from passes.matching import bypass
-from passes.shapes import static_dims
+from passes.shapes import read_through, static_dims
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.manager import Pass, PassResult
@@ -188,12 +188,7 @@ class SimplifyShapes(Pass):
         shape = _static(node.outputs[0])
         if shape is None:
             return
-        inner = graph.producer(node.inputs[0])
-        if is_onnx_op(inner, "Reshape"):
-            node.inputs[0] = inner.inputs[0]
-            node.inputs[1] = graph.constant(self.name, np.array(shape, np.int64))
-            if "allowzero" in node.attrs:
-                del node.attrs["allowzero"]
+        if read_through(graph, node, self.name):
             count("reshape_merged")
         if shape == _static(node.inputs[0]) and bypass(graph, node, node.inputs[0]):
             count("reshape_removed")
