@@ -1,5 +1,5 @@
-"""Fold the rotary embeddings of a decode step's q and k into its ``GroupQueryAttention`` (``do_rotary=1``; the
-``cpu`` target's final slot, after fuse-decode-attention).
+"""Fold the rotary embeddings of q and k into their ``GroupQueryAttention`` (``do_rotary=1``), at a decode step and
+in a prompt chunk (the ``cpu`` target's final slot, after fuse-decode-attention).
 
 Before (fuse-rotary's and fuse-decode-attention's output; one token per row, q/k/v often one packed product):
 
@@ -22,10 +22,15 @@ position input is the same position (through ``Max(p, 0)``, which fuse-rotary wr
 rotated at its harmless slot instead of at 0: only its own output and that slot change, which nothing reads
 before a token writes it (fuse-decode-attention's docstring).
 
-Decode only: for a prompt chunk GroupQueryAttention derives the positions from ``seqlens_k`` as well, which the
-prefill graph's right padding makes a different claim (not measured to pay there; declined with that reason).
-Declined, with a reason: a chunk, a head size that is not a multiple of 16 (the CPU kernel's rotary refuses it at
-run time), an attention that rotates already or has no packed input, a Concat or rotary
+A prompt chunk (one row of S tokens, fuse-decode-attention's prefill form) rotates the same way, with the
+rotary's own positions given to the attention as its ``position_ids`` input: by itself GroupQueryAttention would
+derive a chunk's positions from ``seqlens_k``, which a right-padded last chunk makes wrong (the padding's slots
+count), while ``position_ids`` rotates token i at exactly the position the two RotaryEmbedding nodes used
+(``Max(p, 0)``, padding included), so the chunk's outputs and cache writes do not change at all. Per layer of a
+prefill the same three to four kernels fewer.
+
+Declined, with a reason: a chunk in several rows, a head size that is not a multiple of 16 (the CPU kernel's
+rotary refuses it at run time), an attention that rotates already or has no packed input, a Concat or rotary
 read elsewhere, rotary embeddings that are not opset-23 ``RotaryEmbedding`` on the whole head, not rotate-half,
 with different tables or positions for q and k, tables that are not constant ``[P, H / 2]``, head counts that
 differ from the attention's, and positions not shown to be the slot's.
@@ -39,7 +44,7 @@ import numpy as np
 
 from passes.constants import MS_DOMAIN
 from passes.positions import equal_when_valid
-from passes.shapes import static_dims
+from passes.shapes import static_dims, unit_transpose
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.fusion import FusionPass, Match, only_consumer
@@ -62,10 +67,11 @@ class AttentionRotaryMatch(Match):
     v: Tensor
     cos: Tensor
     sin: Tensor
+    positions: Tensor | None  # a chunk: the rotary's positions, the attention's position_ids input
 
 
 class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
-    """RotaryEmbedding(q), RotaryEmbedding(k) -> GroupQueryAttention's own rotary (``do_rotary``), one token per row."""
+    """RotaryEmbedding(q), RotaryEmbedding(k) -> GroupQueryAttention's own rotary (``do_rotary``)."""
 
     name = "fuse-attention-rotary"
     requires = ("decode_attention_fused", "rotary_fused")
@@ -92,8 +98,9 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
         dims = static_dims(ins[0].shape, 3)
         if dims is None or heads <= 0 or kv <= 0 or dims[2] % (heads + 2 * kv):
             return f"the packed q/k/v has no static shape [B, S, (N + 2 KV) H] ({ins[0].shape})"
-        if dims[1] != 1:
-            return f"a chunk of {dims[1]} tokens: GroupQueryAttention's rotary takes its positions from seqlens_k (decode only)"
+        chunk = dims[1] != 1
+        if chunk and dims[0] != 1:
+            return f"a chunk of {dims[1]} tokens in {dims[0]} rows (GroupQueryAttention takes a chunk in one row only)"
         h = dims[2] // (heads + 2 * kv)
         if h % ROTARY_HEAD_MULTIPLE:
             return f"the head size {h} is not a multiple of {ROTARY_HEAD_MULTIPLE}, which GroupQueryAttention's rotary needs"
@@ -102,27 +109,32 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
             return "the packed q/k/v is not a Concat of q, k and v on the last axis"
         if not only_consumer(ins[0], anchor) or graph.is_graph_output(ins[0]):
             return "the packed q/k/v is read elsewhere"
-        rq, rk = (graph.producer(t) for t in concat.inputs[:2])
-        for role, rot, n in (("q", rq, heads), ("k", rk, kv)):
-            why = _rotary_problem(graph, rot, concat, n, h)
+        (rq, q_views), (rk, k_views) = (_through_views(graph, t, concat) for t in concat.inputs[:2])
+        for role, rot, views, n in (("q", rq, q_views, heads), ("k", rk, k_views, kv)):
+            why = _rotary_problem(graph, rot, views[-1] if views else concat, [dims[0], dims[1], n * h], n, h)
             if why is not None:
                 return f"{role}: {why}"
         if any(a is not b for a, b in zip(rq.inputs[1:], rk.inputs[1:])):
             return "q and k are rotated with different tables or positions"
         cos, sin, positions = rq.inputs[1:4]
         b = dims[0]
-        if not equal_when_valid(graph, _seqlens_slot(graph, ins[5]), _unclamped(graph, positions), b, b):
+        # One token rotates at its slot (seqlens_k); a chunk at the positions it is given (position_ids).
+        if not chunk and not equal_when_valid(graph, _seqlens_slot(graph, ins[5]), _unclamped(graph, positions), b, b):
             return "the rotary's positions are not shown to be the slot GroupQueryAttention writes (seqlens_k)"
+        if chunk and static_dims(positions.shape) != [1, dims[1]]:  # int64: RotaryEmbedding's position_ids are
+            return f"the chunk's positions are not [1, {dims[1]}] ({positions.shape})"
         q, k, v = rq.inputs[0], rk.inputs[0], concat.inputs[2]
         split = graph.producer(q)
         packed = None
-        nodes = [concat, rq, rk]
+        nodes = [concat, rq, rk, *q_views, *k_views]
         if (is_onnx_op(split, "Split") and [id(t) for t in split.outputs] == [id(q), id(k), id(v)]
                 and int(split.attrs.get("axis", 0)) in (-1, 2) and static_dims(split.inputs[0].shape) == dims
                 and all(only_consumer(t, user) for t, user in ((q, rq), (k, rk), (v, concat)))):  # fmt: skip
             packed = split.inputs[0]
             nodes.append(split)
-        return AttentionRotaryMatch(nodes=nodes, attention=anchor, packed=packed, q=q, k=k, v=v, cos=cos, sin=sin)
+        return AttentionRotaryMatch(
+            nodes=nodes, attention=anchor, packed=packed, q=q, k=k, v=v, cos=cos, sin=sin, positions=positions if chunk else None
+        )
 
     def rewrite(self, graph: Graph, m: AttentionRotaryMatch) -> None:
         gqa = m.attention
@@ -130,7 +142,7 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
             qkv = m.packed
         else:
             qkv = graph.add_node("Concat", [m.q, m.k, m.v], 1, {"axis": -1}, prefix=self.name, before=gqa).outputs[0]
-        inputs = [qkv, *gqa.inputs[1:_GQA_INPUTS], m.cos, m.sin]
+        inputs = [qkv, *gqa.inputs[1:_GQA_INPUTS], m.cos, m.sin, *([m.positions] if m.positions is not None else [])]
         attrs = {**gqa.attrs, "do_rotary": 1, "rotary_interleaved": 0}
         outs = list(gqa.outputs)
         gqa.outputs.clear()  # the outputs get the new node as their one producer
@@ -138,12 +150,29 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
         graph.remove_nodes([*m.nodes, gqa])
 
 
-def _rotary_problem(graph: Graph, rot: Node | None, concat: Node, heads: int, h: int) -> str | None:
-    """Why ``rot`` is not a whole-head, rotate-half RotaryEmbedding of [B, 1, heads * h] read by ``concat`` alone."""
+def _through_views(graph: Graph, t: Tensor, concat: Node) -> tuple[Node | None, list[Node]]:
+    """The node that makes ``t`` seen through views that move no element (Reshape, a Transpose of size-1 axes), each
+    read by the next alone, and those views (the Concat's side first). fuse-decode-attention writes a chunk's single
+    KV head as Reshape, Transpose, Reshape back to the rotary's own layout."""
+    views: list[Node] = []
+    node, reader = graph.producer(t), concat
+    while (is_onnx_op(node, "Reshape") or unit_transpose(node)) and only_consumer(node.outputs[0], reader):
+        if graph.is_graph_output(node.outputs[0]):
+            break
+        views.append(node)
+        node, reader = graph.producer(node.inputs[0]), node
+    return node, views
+
+
+def _rotary_problem(graph: Graph, rot: Node | None, reader: Node, dims: list[int], heads: int, h: int) -> str | None:
+    """Why ``rot`` is not a whole-head, rotate-half RotaryEmbedding of ``dims`` ([B, S, heads * h]) read by ``reader``
+    alone."""
     if not is_onnx_op(rot, "RotaryEmbedding") or len(rot.inputs) != 4:
         return "not rotated by an opset-23 RotaryEmbedding with positions"
-    if not only_consumer(rot.outputs[0], concat) or graph.is_graph_output(rot.outputs[0]):
+    if not only_consumer(rot.outputs[0], reader) or graph.is_graph_output(rot.outputs[0]):
         return "the rotated tensor is read elsewhere"
+    if static_dims(rot.inputs[0].shape) != dims:
+        return f"the rotated tensor is not {dims} ({rot.inputs[0].shape})"
     if int(rot.attrs.get("interleaved", 0)):
         return "an interleaved rotary (GroupQueryAttention folds rotate-half here)"
     if int(rot.attrs.get("rotary_embedding_dim", 0)) not in (0, h):

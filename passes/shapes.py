@@ -1,4 +1,5 @@
-"""Shapes as the passes read them: static or not, rank, last dimension; a Reshape read through the reshapes before it."""
+"""Shapes as the passes read them: static or not, rank, last dimension; views that move nothing; a Reshape read through
+the reshapes before it."""
 
 from __future__ import annotations
 
@@ -52,3 +53,15 @@ def read_through(graph: Graph, reshape: Node, prefix: str, inner_ops: Sequence[s
     reshape.inputs[1] = graph.constant(prefix, np.array(shape, np.int64))
     reshape.attrs.pop("allowzero", None)
     return True
+
+
+def unit_transpose(node: Node) -> bool:
+    """True if ``node`` is a Transpose of a static shape that only moves size-1 axes (the elements stay in order: a
+    reshape)."""
+    shape = static_dims(node.inputs[0].shape) if is_onnx_op(node, "Transpose") and node.inputs else None
+    if shape is None or static_dims(node.outputs[0].shape) is None:
+        return False
+    perm: Any = node.attrs.get("perm")
+    perm = list(range(len(shape)))[::-1] if perm is None else [int(p) for p in perm]
+    moved = [p for p in perm if shape[p] != 1]
+    return len(perm) == len(shape) and moved == sorted(moved)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from passes.matching import bypass
-from passes.shapes import read_through, static_dims
+from passes.shapes import read_through, static_dims, unit_transpose
 from qgraph.ir.graph import Graph, Node, Tensor
 from qgraph.ir.validate import is_onnx_op
 from qgraph.pipeline.manager import Pass, PassResult
@@ -60,12 +60,6 @@ _BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 
 def _static(t: Tensor) -> list[int] | None:
     return static_dims(t.shape)
-
-
-def _keeps_order(perm: list[int], shape: list[int]) -> bool:
-    """True if transposing ``shape`` by ``perm`` keeps the non-unit axes in order (a reshape)."""
-    moved = [p for p in perm if shape[p] != 1]
-    return moved == sorted(moved)
 
 
 class SimplifyShapes(Pass):
@@ -94,7 +88,7 @@ class SimplifyShapes(Pass):
             elif is_onnx_op(node, "GatherElements") and (line := self._line_indices(graph, node)) is not None:
                 self._to_gather(graph, node, line, lines)
                 count("gather_elements_to_gather")
-            elif is_onnx_op(node, "Transpose") and self._unit_transpose(node):
+            elif unit_transpose(node):
                 shape = _static(out)
                 assert shape is not None
                 node.op = "Reshape"
@@ -173,15 +167,6 @@ class SimplifyShapes(Pass):
             flat = lines[id(line)] = reshape.outputs[0]
         node.op = "Gather"
         node.inputs[1] = flat
-
-    @staticmethod
-    def _unit_transpose(node: Node) -> bool:
-        shape = _static(node.inputs[0])
-        if shape is None or _static(node.outputs[0]) is None:
-            return False
-        perm: Any = node.attrs.get("perm")
-        perm = list(range(len(shape)))[::-1] if perm is None else [int(p) for p in perm]
-        return len(perm) == len(shape) and _keeps_order(perm, shape)
 
     def _merge_reshape(self, graph: Graph, node: Node, count: Any) -> None:
         """Reshape(Reshape(x)) -> Reshape(x, static shape); a Reshape to its own input's shape is removed."""

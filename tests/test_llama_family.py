@@ -90,9 +90,9 @@ def test_generate_matches_hf_tokens_and_logits_at_every_step(model: tuple[str, A
         # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 8 and a chunk in one row only
         fused = spec.head_dim % 8 == 0 and (graph == "decode" or batch == 1)
         assert ops.count("GroupQueryAttention" if fused else "MultiHeadAttention") == spec.num_layers, (name, graph, ops)
-        # A decode step's q and k rotate inside GroupQueryAttention (do_rotary; its CPU kernel wants head sizes that are
-        # multiples of 16), elsewhere one RotaryEmbedding per attention input.
-        inside = graph == "decode" and fused and spec.head_dim % 16 == 0
+        # q and k rotate inside GroupQueryAttention (do_rotary; its CPU kernel wants head sizes that are multiples of
+        # 16), elsewhere one RotaryEmbedding per attention input.
+        inside = fused and spec.head_dim % 16 == 0
         assert ops.count("RotaryEmbedding") == (0 if inside else 2 * spec.num_layers), (name, graph, ops)
     rt = Runtime(art)
     prompts = PROMPTS if batch > 1 else PROMPTS[:2]

@@ -1,5 +1,5 @@
-"""fuse-attention-rotary: a decode step's rotated q and k packed for GroupQueryAttention, as fuse-rotary and
-fuse-decode-attention leave it, perturbed."""
+"""fuse-attention-rotary: a decode step's or a prompt chunk's rotated q and k packed for GroupQueryAttention, as
+fuse-rotary and fuse-decode-attention leave it, perturbed."""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ from fuzz.builder import F32, I64, Builder, Case, perturbation
 
 @st.composite
 def attention_rotary_cases(draw: Any) -> Case:
-    """One token per row over a retained cache; valid positions only (a padding row's own output changes by design)."""
+    """One token per row, or a chunk of 2 to 4 tokens in one row, over a retained cache. Decode: valid positions only
+    (a padding row's own output changes by design); a chunk: consecutive positions, right-padded with -1 when the
+    rotary reads Max(p, 0) (a chunk's outputs do not change at all)."""
     from passes import FuseAttentionRotary
 
     b = Builder(23, const_nodes=draw(st.booleans()))
     b.domains["com.microsoft"] = 1
-    bad = perturbation(draw, ["partial", "interleaved", "other_positions", "slot_unproven", "rotated_read", "head8", "two_tokens"])
+    bad = perturbation(draw, ["partial", "interleaved", "other_positions", "slot_unproven", "rotated_read", "head8", "chunk_rows"])
     bsz, heads, ctx = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4])), draw(st.integers(4, 9))
     kv = draw(st.sampled_from([k for k in (1, 2, heads) if heads % k == 0]))
     h = 8 if bad == "head8" else draw(st.sampled_from([16, 32]))
-    s_len = 2 if bad == "two_tokens" else 1
+    s_len = 2 if bad == "chunk_rows" else draw(st.sampled_from([1, 1, 2, 4]))
     if s_len > 1:
-        bsz, ctx = 1, 2 * draw(st.integers(2, 4))
+        bsz, ctx = 2 if bad == "chunk_rows" else 1, s_len * draw(st.integers(2, 4))
     tags = [f"B={bsz} N={heads} KV={kv} H={h} C={ctx} S={s_len}", f"bad={bad}"]
     pos = b.input("position_ids", I64, [bsz, s_len])
     zero = b.const(np.int64(0), np.int64)
@@ -43,7 +45,8 @@ def attention_rotary_cases(draw: Any) -> Case:
         slot = b.op("Add", [b.op("Gather", [slot, b.const([0], np.int64)], axis=1), b.const([s_len - 1], np.int64)])
     seqlens = b.op("Cast", [b.op("Reshape", [slot, b.const([bsz], np.int64)])], to=6)
     # The rotary's positions: fuse-rotary's Max(p, 0), or p itself.
-    rot_pos = b.op("Max", [pos, zero]) if draw(st.booleans()) else pos
+    clamped = draw(st.booleans())
+    rot_pos = b.op("Max", [pos, zero]) if clamped else pos
     k_pos = b.op("Max", [b.input("other_positions", I64, [bsz, s_len]), zero]) if bad == "other_positions" else rot_pos
     rot = 4 if bad == "partial" else h  # the rotated channels
     angles = np.arange(ctx)[:, None] * draw(st.sampled_from([10000.0, 500.0])) ** (-np.arange(0, rot, 2) / rot)[None]
@@ -75,7 +78,13 @@ def attention_rotary_cases(draw: Any) -> Case:
     for o in outs[1:]:
         b.output(o, F32, [bsz, kv, ctx, h])
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    positions = rng.integers(0, ctx, (bsz, 1)) if s_len == 1 else (2 * rng.integers(0, ctx // 2) + np.arange(2)).reshape(1, 2)
+    if s_len == 1:
+        positions = rng.integers(0, ctx, (bsz, 1))
+    else:  # the runtime's chunks: from a multiple of S, consecutive, then padding
+        positions = s_len * rng.integers(0, ctx // s_len, (bsz, 1)) + np.arange(s_len)
+        if clamped and draw(st.booleans()):
+            positions[:, rng.integers(1, s_len) :] = -1
+            tags.append("right-padded")
     feeds = {"position_ids": positions.astype(np.int64)}
     if bad == "other_positions":
         feeds["other_positions"] = rng.integers(0, ctx, (bsz, s_len)).astype(np.int64)
