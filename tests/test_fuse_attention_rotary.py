@@ -15,18 +15,36 @@ from qgraph.ir.graph import Graph
 CASES = GOLDEN_DIR / "fuse-attention-rotary"
 
 
+HEADER = """<
+   ir_version: 10,
+   opset_import: ["" : 23, "com.microsoft" : 1]
+>
+"""
+
+
+#: Both cases' q, k and v: split from one product, q and k rotated, packed again for the attention (``seqlens`` made before).
+ATTEND = """   q, k, v = Split <axis: int = -1> (qkv, widths)
+   pos = Max (position_ids, zero)
+   qr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 4> (q, cos, sin, pos)
+   kr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 2> (k, cos, sin, pos)
+   packed = Concat <axis: int = -1> (qr, kr, v)
+   y, "past_key.0_RetainedState", "past_value.0_RetainedState" = com.microsoft.GroupQueryAttention <kv_num_heads: int = 2, num_heads: int = 4, scale: float = 0.25> (packed, "", "", "past_key.0", "past_value.0", seqlens, total)
+"""
+
+
+def _tables(h: int) -> tuple[str, str]:
+    """The cos and sin tables of 8 positions for heads of ``h`` channels, as ONNX text."""
+    angles = np.arange(8)[:, None] * 10000.0 ** (-np.arange(0, h, 2) / h)[None]
+    return tuple(",".join(f"{x:.6g}" for x in f(angles).reshape(-1)) for f in (np.cos, np.sin))  # type: ignore[return-value]
+
+
 def decode_step(h: int) -> str:
     """Two rows' decode step of 4 query and 2 KV heads of ``h`` channels over an 8-slot cache, as fuse-rotary and
     fuse-decode-attention leave it: q, k and v split from one product, q and k rotated, packed again for the attention;
     the slot is retain-kv-cache's padding chain around the positions (the golden case is ``decode_step(16)``)."""
-    angles = np.arange(8)[:, None] * 10000.0 ** (-np.arange(0, h, 2) / h)[None]
-    cos, sin = (",".join(f"{x:.6g}" for x in f(angles).reshape(-1)) for f in (np.cos, np.sin))
+    cos, sin = _tables(h)
     q, kv = 4 * h, 2 * h
-    return f"""<
-   ir_version: 10,
-   opset_import: ["" : 23, "com.microsoft" : 1]
->
-packed_decode (float[2,1,{q + 2 * kv}] qkv, int64[2,1] position_ids, float[2,2,8,{h}] "past_key.0", float[2,2,8,{h}] "past_value.0") => (float[2,1,{q}] y, float[2,2,8,{h}] "past_key.0_RetainedState", float[2,2,8,{h}] "past_value.0_RetainedState")
+    return f"""{HEADER}packed_decode (float[2,1,{q + 2 * kv}] qkv, int64[2,1] position_ids, float[2,2,8,{h}] "past_key.0", float[2,2,8,{h}] "past_value.0") => (float[2,1,{q}] y, float[2,2,8,{h}] "past_key.0_RetainedState", float[2,2,8,{h}] "past_value.0_RetainedState")
    <int64 zero = {{0}}, int64[1] one = {{1}}, int64 last = {{7}}, int64[1] rows = {{2}}, int32 total = {{8}}, int64[3] widths = {{{q},{kv},{kv}}}, float[8,{h // 2}] cos = {{{cos}}}, float[8,{h // 2}] sin = {{{sin}}}>
 {{
    valid = GreaterOrEqual (position_ids, zero)
@@ -36,13 +54,7 @@ packed_decode (float[2,1,{q + 2 * kv}] qkv, int64[2,1] position_ids, float[2,2,8
    slot = Where (pad, last, p)
    rowslot = Reshape (slot, rows)
    seqlens = Cast <to: int = 6> (rowslot)
-   q, k, v = Split <axis: int = -1> (qkv, widths)
-   pos = Max (position_ids, zero)
-   qr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 4> (q, cos, sin, pos)
-   kr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 2> (k, cos, sin, pos)
-   packed = Concat <axis: int = -1> (qr, kr, v)
-   y, "past_key.0_RetainedState", "past_value.0_RetainedState" = com.microsoft.GroupQueryAttention <kv_num_heads: int = 2, num_heads: int = 4, scale: float = 0.25> (packed, "", "", "past_key.0", "past_value.0", seqlens, total)
-}}
+{ATTEND}}}
 """
 
 
@@ -50,27 +62,16 @@ def prompt_chunk(h: int) -> str:
     """One row's prompt chunk of 4 tokens, 4 query and 2 KV heads of ``h`` channels over an 8-slot cache, as fuse-rotary
     and fuse-decode-attention leave it: seqlens_k is the chunk's first position + 3 (the last slot it writes), the
     rotary's positions Max(position_ids, 0) (the golden case is ``prompt_chunk(16)``)."""
-    angles = np.arange(8)[:, None] * 10000.0 ** (-np.arange(0, h, 2) / h)[None]
-    cos, sin = (",".join(f"{x:.6g}" for x in f(angles).reshape(-1)) for f in (np.cos, np.sin))
+    cos, sin = _tables(h)
     q, kv = 4 * h, 2 * h
-    return f"""<
-   ir_version: 10,
-   opset_import: ["" : 23, "com.microsoft" : 1]
->
-packed_chunk (float[1,4,{q + 2 * kv}] qkv, int64[1,4] position_ids, float[1,2,8,{h}] "past_key.0", float[1,2,8,{h}] "past_value.0") => (float[1,4,{q}] y, float[1,2,8,{h}] "past_key.0_RetainedState", float[1,2,8,{h}] "past_value.0_RetainedState")
+    return f"""{HEADER}packed_chunk (float[1,4,{q + 2 * kv}] qkv, int64[1,4] position_ids, float[1,2,8,{h}] "past_key.0", float[1,2,8,{h}] "past_value.0") => (float[1,4,{q}] y, float[1,2,8,{h}] "past_key.0_RetainedState", float[1,2,8,{h}] "past_value.0_RetainedState")
    <int64 zero = {{0}}, int64[1] first = {{0}}, int64[1] three = {{3}}, int64[1] rows = {{1}}, int32 total = {{8}}, int64[3] widths = {{{q},{kv},{kv}}}, float[8,{h // 2}] cos = {{{cos}}}, float[8,{h // 2}] sin = {{{sin}}}>
 {{
    p0 = Gather <axis: int = 1> (position_ids, first)
    last = Add (p0, three)
    rowlast = Reshape (last, rows)
    seqlens = Cast <to: int = 6> (rowlast)
-   q, k, v = Split <axis: int = -1> (qkv, widths)
-   pos = Max (position_ids, zero)
-   qr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 4> (q, cos, sin, pos)
-   kr = RotaryEmbedding <interleaved: int = 0, num_heads: int = 2> (k, cos, sin, pos)
-   packed = Concat <axis: int = -1> (qr, kr, v)
-   y, "past_key.0_RetainedState", "past_value.0_RetainedState" = com.microsoft.GroupQueryAttention <kv_num_heads: int = 2, num_heads: int = 4, scale: float = 0.25> (packed, "", "", "past_key.0", "past_value.0", seqlens, total)
-}}
+{ATTEND}}}
 """
 
 
@@ -165,8 +166,7 @@ def test_a_prompt_chunk_rotates_inside_the_attention_at_its_positions(positions:
 def _single_kv_head_chunk(view_shape: str) -> str:
     """CHUNK with one KV head of 32 channels whose rotated k reaches the Concat as fuse-decode-attention writes a
     chunk's heads: Reshape to ``view_shape``, Transpose(0, 2, 1, 3), Reshape back to [1, 4, 32]."""
-    angles = np.arange(8)[:, None] * 10000.0 ** (-np.arange(0, 32, 2) / 32)[None]
-    tables = [",".join(f"{x:.6g}" for x in f(angles).reshape(-1)) for f in (np.cos, np.sin)]
+    tables = _tables(32)
     text = prompt_chunk(16).replace("kv_num_heads: int = 2, num_heads: int = 4", "kv_num_heads: int = 1, num_heads: int = 2")
     text = (
         text.split("float[8,8] cos = {")[0]
