@@ -173,6 +173,32 @@ def test_genai_contender_is_refused_in_one_line_where_it_cannot_run(tmp_path: Pa
     assert rows == [] and len(notes) == 1 and ("tokenizer.json" in notes[0] or "not installed" in notes[0])
 
 
+def test_a_model_genai_refuses_is_a_note_and_the_bench_goes_on(tmp_path: Path) -> None:
+    """genai's generator refuses an EOS id outside the vocabulary (a config without one: its builder writes
+    vocab_size); its builder refuses a Phi-3 whose context differs from original_max_position_embeddings (it takes
+    that for longrope). Each is one note naming it, and the other precision still runs."""
+    pytest.importorskip("onnxruntime_genai")
+    from qgraph.devtools.bench.genai import write_word_tokenizer
+    from qgraph.devtools.bench.run import genai_contenders
+    from qgraph.frontend.families import FAMILIES
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                 vocab_size=256, max_position_embeddings=64)  # fmt: skip
+    qwen = FAMILIES["qwen2"].save_random(shape, tmp_path / "qwen2")  # Qwen2Config's eos_token_id is None
+    write_word_tokenizer(qwen, 256)
+    rows, notes = genai_contenders(str(qwen), "qwen2", tmp_path / "w1", ["fp32"], 1, 32, PROMPT, 4, lambda _: None)
+    assert rows == [] and len(notes) == 1 and notes[0].startswith("onnxruntime-genai: ") and "eos_token_id" in notes[0], notes
+    phi3 = FAMILIES["phi3"].save_random({**shape, "pad_token_id": 0}, tmp_path / "phi3")  # 64 positions, originally 4096
+    write_word_tokenizer(phi3, 256)
+    rows, notes = genai_contenders(str(phi3), "phi3", tmp_path / "w2", ["fp32"], 1, 32, PROMPT, 4, lambda _: None)
+    assert rows == [] and len(notes) == 1 and "builder failed" in notes[0] and "\n" not in notes[0], notes
+    # One precision refused, another run: the contender that runs keeps its own name.
+    llama = FAMILIES["llama"].save_random(shape, tmp_path / "llama")
+    write_word_tokenizer(llama, 256)
+    rows, notes = genai_contenders(str(llama), "llama", tmp_path / "w3", ["fp32", "int5"], 1, 32, PROMPT, 4, lambda _: None)
+    assert [name for name, _ in rows] == ["onnxruntime-genai"] and len(notes) == 1 and "int5" in notes[0], notes
+
+
 def test_genai_builds_and_decodes_hugging_face_greedy_tokens(tiny_llama: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime_genai")
     from qgraph.devtools.bench.genai import GenaiRunner, build

@@ -70,7 +70,8 @@ Timed = Callable[[], tuple[float, float, list[int]]]
 
 def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str], threads: int, block_size: int,
                       prompt: list[int], new_tokens: int, say: Callable[[str], None]) -> tuple[list[tuple[str, Timed]], list[str]]:  # fmt: skip
-    """onnxruntime-genai at each of ``precisions`` (fp32, int4, int8), or a note saying why it is not run."""
+    """onnxruntime-genai at each of ``precisions`` (fp32, int4, int8), each as a contender or a note saying why it is
+    not run: a model its builder or its generator refuses leaves the rest of the bench running."""
     from qgraph.devtools.bench.genai import build
 
     why = genai_missing()
@@ -82,14 +83,20 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
         why = f"onnxruntime-genai: its builder needs a tokenizer.json in {folder}"
     if why is not None:
         return [], [why]
-    out = []
+    out, notes = [], []
     for precision in precisions:
         say(f"building onnxruntime-genai's {precision} model")
         built = tmp / ("genai-fp32" if precision == "fp32" else f"genai-{precision}-block{block_size}")  # reused when there
-        runner = GenaiRunner(build(folder, built, precision, block_size=block_size), threads)
         name = "onnxruntime-genai" + ("" if precision == "fp32" else f"-{precision}")
+        try:
+            runner = GenaiRunner(build(folder, built, precision, block_size=block_size), threads)
+            runner.run(prompt[:2], 2)  # its generator checks the config (an EOS id outside the vocabulary, ...) here
+        except Exception as e:  # the builder's and the generator's own errors: one line, the bench goes on
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            notes.append(first if first.startswith("onnxruntime-genai") else f"{name}: {first}")
+            continue
         out.append((name, lambda r=runner: r.run(prompt, new_tokens)))
-    return out, []
+    return out, notes
 
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
@@ -153,7 +160,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         ("huggingface-eager", hf_run), ("onnxruntime-plain-export", ort_run), ("qgraph-cpu", qgraph_run)]  # fmt: skip
     genai, notes = genai_contenders(folder, spec.family, tmp, ["fp32", *([quantize] if quantize else [])], threads, block_size,
                                      prompt, new_tokens, say)  # fmt: skip
-    contenders += genai[:1]
+    contenders += [c for c in genai if c[0] == "onnxruntime-genai"]
     quantized_weight_bytes = 0
     if quantize:
         # The vocabulary in its own mode (int4-rescore under int4 by default); when that differs from the rest, the artifact with it in the
@@ -173,7 +180,8 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         contenders += [(f"qgraph-cpu-{quantize}", lambda: qgraph_run(runtimes[vocab]))]
         if vocab != quantize:
             contenders += [(f"qgraph-cpu-{quantize}-vocab-{quantize}", lambda: qgraph_run(runtimes[quantize]))]
-        contenders += [(f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens)), *genai[1:]]
+        contenders += [(f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens))]
+        contenders += [c for c in genai if c[0] != "onnxruntime-genai"]
         products = weight_products(onnx.load(str(decode_path), load_external_data=False))
         # Every weight product quantized (the vocabulary projection in ``vocab``), everything else (norms, biases) read as before.
         fp32_products = sum(p.k * p.n * 4 for p in products)
