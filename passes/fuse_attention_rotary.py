@@ -121,7 +121,7 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
         # One token rotates at its slot (seqlens_k); a chunk at the positions it is given (position_ids).
         if not chunk and not equal_when_valid(graph, _seqlens_slot(graph, ins[5]), _unclamped(graph, positions), b, b):
             return "the rotary's positions are not shown to be the slot GroupQueryAttention writes (seqlens_k)"
-        if chunk and static_dims(positions.shape) != [1, dims[1]]:  # int64: RotaryEmbedding's position_ids are
+        if chunk and static_dims(positions.shape) != [1, dims[1]]:  # int64, as RotaryEmbedding takes them
             return f"the chunk's positions are not [1, {dims[1]}] ({positions.shape})"
         q, k, v = rq.inputs[0], rk.inputs[0], concat.inputs[2]
         split = graph.producer(q)
