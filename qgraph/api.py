@@ -274,19 +274,17 @@ class AutoModelForCausalLM:
         from qgraph.targets import get_target
 
         impl = get_target(target)
-        window = self.spec.sliding_window
-        if ctx_len is not None and window is not None and ctx_len > window:
-            raise OptionError(
-                f"ctx_len {ctx_len} is longer than the model's sliding attention window {window}: qgraph's cache keeps every position, "
-                f"so it cannot drop the ones that fall out of the window; use --ctx-len {window} or less"
-            )
-        limit = self.spec.rope_limit
-        if ctx_len is not None and limit is not None and ctx_len > limit:
-            raise OptionError(
-                f"ctx_len {ctx_len} is longer than {limit}, where the model's longrope rotary switches to its long factors "
-                f"(original_max_position_embeddings): Hugging Face then recomputes every position's angle, a compiled graph keeps "
-                f"one table; use --ctx-len {limit} or less"
-            )
+        # What caps the context below the model's positions (ModelSpec.max_positions), each said in its own words.
+        caps = (
+            (self.spec.sliding_window, "the model's sliding attention window {n}: qgraph's cache keeps every position, so it "
+                                       "cannot drop the ones that fall out of the window"),
+            (self.spec.rope_limit, "{n}, where the model's longrope rotary switches to its long factors "
+                                   "(original_max_position_embeddings): Hugging Face then recomputes every position's angle, "
+                                   "a compiled graph keeps one table"),
+        )  # fmt: skip
+        for n, why in caps:
+            if ctx_len is not None and n is not None and ctx_len > n:
+                raise OptionError(f"ctx_len {ctx_len} is longer than {why.format(n=n)}; use --ctx-len {n} or less")
         calibration = target_options.get("calibration")
         if calibration is not None and (target, quantize) != ("qnn", "w8a16"):
             raise OptionError("calibration prompts are for --target qnn --quantize w8a16 (the other modes need none); drop them")
