@@ -67,6 +67,9 @@ BITS = {"int8": 8, "int4": 4}
 VOCAB_MODES: dict[str, tuple[int, int | None]] = {"int8": (8, None), "int4": (4, None), "int4-rescore": (4, 8)}
 #: Candidates per row that ``int4-rescore`` rescores (the int4 logits' top k).
 RESCORE_K = 8
+#: The least block size of ``int4-rescore``'s int4 candidate projection (the pass's block size when larger). Its
+#: logits only pick the candidates; the chosen ones are recomputed in the pass's own blocks.
+CANDIDATE_BLOCK = 128
 #: The opset the rescoring's ops take their axes as inputs from (Unsqueeze, ReduceSum).
 RESCORE_MIN_OPSET = 13
 #: MatMulNBits' accuracy level on CPU: activations in int8 blocks, the fast kernels (level 0 took a slow path for int8).
@@ -96,6 +99,8 @@ class Blocks:
     alpha: float = 1.0
     #: Bits per weight (4 or 8).
     bits: int = 4
+    #: Weights per block along K.
+    block_size: int = 32
     #: ``data`` as GatherBlockQuantized reads it, [N, K * bits / 8] (the same bytes), once made.
     rows: Tensor | None = None
 
@@ -109,7 +114,7 @@ class Blocks:
 @dataclass
 class _Run:
     stats: dict[str, int] = field(default_factory=dict)
-    done: dict[tuple[int, bool, float, int], Blocks] = field(default_factory=dict)
+    done: dict[tuple[int, bool, float, int, int], Blocks] = field(default_factory=dict)
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -217,7 +222,8 @@ class QuantizeWeights(Pass):
             run.count("rescore_declined")
             rescore = False
         bits = (self.rescore_bits if why_not else self.vocab_bits) if vocab else self.bits
-        blocks = self._blocks(graph, source, transposed, alpha, run, bits)  # type: ignore[arg-type]
+        block_size = self._candidate_block(dtype_and_shape(graph, source)[1][1 if transposed else 0]) if rescore else self.block_size
+        blocks = self._blocks(graph, source, transposed, alpha, run, bits, block_size)  # type: ignore[arg-type]
         if isinstance(blocks, str):
             return blocks
         fine = self._blocks(graph, source, transposed, alpha, run, self.rescore_bits) if rescore else None  # type: ignore[arg-type]
@@ -264,7 +270,7 @@ class QuantizeWeights(Pass):
         graph.add_node("TopK", [coarse, k], [graph.variable(p, out.dtype), idx], {"axis": -1, "largest": 1, "sorted": 0},
                        prefix=p, before=node)  # fmt: skip
         inputs = [fine.gather_data(graph, p), idx, fine.scales] + ([fine.zero_points] if fine.zero_points is not None else [])
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": fine.bits}
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": fine.block_size, "bits": fine.bits}
         rows = graph.add_node("GatherBlockQuantized", inputs, 1, attrs, prefix=p, domain=MS_DOMAIN, before=node).outputs[0]
         last = graph.constant(p, np.array([-1], np.int64))
         col = graph.add_node("Unsqueeze", [x, graph.constant(p, np.array([-2], np.int64))], 1, prefix=p, before=node).outputs[0]
@@ -289,9 +295,20 @@ class QuantizeWeights(Pass):
             return f"the weight '{w.name}' has shape {shape}, not 2-D"
         return None
 
-    def _blocks(self, graph: Graph, source: Tensor, transposed: bool, alpha: float, run: _Run, bits: int) -> Blocks | str:
+    def _candidate_block(self, k: int) -> int:
+        """The block size of a rescored vocabulary's int4 candidate projection over K = ``k`` inputs: CANDIDATE_BLOCK, halved
+        until it divides K, never finer than the pass's own (coarser blocks run faster; the candidates they pick are
+        recomputed in the pass's blocks)."""
+        size = max(self.block_size, CANDIDATE_BLOCK)
+        while size > self.block_size and k % size:
+            size //= 2
+        return size
+
+    def _blocks(self, graph: Graph, source: Tensor, transposed: bool, alpha: float, run: _Run, bits: int,
+                block_size: int | None = None) -> Blocks | str:  # fmt: skip
         """The ``bits``-bit blocks of W = (source or its transpose) * alpha, made once per weight."""
-        key = (id(source), transposed, alpha, bits)
+        block_size = block_size or self.block_size
+        key = (id(source), transposed, alpha, bits, block_size)
         if key in run.done:
             return run.done[key]
         values = graph.const_value(source)
@@ -301,20 +318,21 @@ class QuantizeWeights(Pass):
         if alpha != 1.0:
             w = w * np.float32(alpha)
         k, n = (int(d) for d in w.shape)
-        data, scales, zero_points = self._quantize(np.ascontiguousarray(w, np.float32), bits)
+        data, scales, zero_points = self._quantize(np.ascontiguousarray(w, np.float32), bits, block_size)
         zp = graph.constant(self.name, zero_points) if zero_points is not None else None
-        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), zp, k, n, source, transposed, alpha, bits)
+        blocks = Blocks(graph.constant(self.name, data), graph.constant(self.name, scales), zp, k, n, source, transposed, alpha, bits,
+                        block_size)  # fmt: skip
         run.done[key] = blocks
         run.count("bytes_before", int(values.nbytes))
         run.count("bytes_after", int(data.nbytes + scales.nbytes + (zero_points.nbytes if zero_points is not None else 0)))
         return blocks
 
-    def _quantize(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _quantize(self, w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(data [N, K_blocks, blob] uint8, scales [N, K_blocks] float32, zero points or None when symmetric) of W [K, N]
         in ``bits``-bit blocks, by ONNX Runtime's block quantizer."""
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric, bits=bits)
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=self.symmetric, bits=bits)
         data, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
         return data, scales, None if self.symmetric else zero_points
 
@@ -331,7 +349,7 @@ class QuantizeWeights(Pass):
                 add = graph.constant(self.name, bias)
         while inputs[-1].is_empty():
             inputs.pop()
-        attrs = {"K": b.k, "N": b.n, "bits": b.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+        attrs = {"K": b.k, "N": b.n, "bits": b.bits, "block_size": b.block_size, "accuracy_level": self.accuracy_level}
         target = graph.variable(self.name, out.dtype, out.shape) if add is not None else out
         graph.remove_nodes([node])  # detached first: ``out`` gets one producer; the new nodes take its place in the order
         graph.add_node("MatMulNBits", inputs, [target], attrs, prefix=self.name, domain=MS_DOMAIN, before=node)
@@ -362,7 +380,7 @@ class QuantizeWeights(Pass):
             run.count("tied_embedding")
             run.count("bytes_before", blocks.k * blocks.n * 4)  # the fp32 table goes; its blocks are the projection's
         data = blocks.gather_data(graph, self.name)  # [V, H * bits / 8]: the same bytes as the projection's blocks
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": blocks.bits}
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": blocks.block_size, "bits": blocks.bits}
         out = node.outputs[0]
         ids = node.inputs[1]
         graph.remove_nodes([node])
@@ -375,11 +393,12 @@ class QuantizeWeights(Pass):
         """The blocks of a projection whose weight is this table's transpose (tied), if one was quantized."""
         order = (self.embedding_bits, self.vocab_bits, self.bits)
         for bits in order:
-            found = run.done.get((id(table), True, 1.0, bits))
+            found = run.done.get((id(table), True, 1.0, bits, self.block_size))
             if found is not None:
                 return found
         shape = dtype_and_shape(graph, table)[1]
-        candidates = sorted((b for b in run.done.values() if b.alpha == 1.0 and [b.n, b.k] == shape), key=lambda b: order.index(b.bits))
+        candidates = sorted((b for b in run.done.values() if b.alpha == 1.0 and b.block_size == self.block_size and [b.n, b.k] == shape),
+                            key=lambda b: order.index(b.bits))  # fmt: skip
         if not candidates:
             return None
         values = graph.const_value(table)  # E [V, H]; a tied projection's W [H, V] is E^T (an exporter's copy of it)

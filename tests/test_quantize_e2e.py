@@ -102,7 +102,11 @@ def test_cli_quantize_flags(tiny: dict[str, Any], tmp_path: Path, capsys: pytest
     report = json.loads(capsys.readouterr().out)
     stats = next(p["stats"] for p in report["passes"] if p["name"] == "quantize-weights")
     assert stats["gemm"] == 16 and stats["embedding"] == 1
-    assert {n.attrs["block_size"] for n in Graph.load(out).nodes_by_op("MatMulNBits")} == {64}
+    graph = Graph.load(out)
+    blocks = {n.outputs[0].name: n.attrs["block_size"] for n in graph.nodes_by_op("MatMulNBits")}
+    (topk,) = graph.nodes_by_op("TopK")  # the vocabulary's int4 candidates take coarser blocks (the hidden size, 128)
+    assert blocks.pop(topk.inputs[0].name) == 128 and set(blocks.values()) == {64} and len(blocks) == 16
+    assert {n.attrs["block_size"] for n in graph.nodes_by_op("GatherBlockQuantized")} == {64}
     assert main(["compile", str(raw), "--target", "qnn", "-o", str(tmp_path / "a"), "--quantize", "int4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "qgraph compile: error: --quantize int4 is for optimize or cpu, not --target qnn; use --quantize w8a16 there"

@@ -103,9 +103,10 @@ def test_the_vocabulary_is_rescored_in_int8_under_int4_by_default(golden: Any) -
     out = check_case(lambda: QuantizeWeights("int4", 16), "vocab_rescore", golden, expect_modified=True, expect_stats=stats,
                      atol=INT4_ATOL, feeds=feeds)  # fmt: skip
     (mm,) = out.nodes_by_op("MatMulNBits")
-    assert mm.attrs["bits"] == 4
+    assert mm.attrs["bits"] == 4 and mm.attrs["block_size"] == 32  # the candidates' blocks: coarser, the whole K here
     embed, rows = sorted(out.nodes_by_op("GatherBlockQuantized"), key=lambda n: n.inputs[1].name != "input_ids")
     assert embed.attrs["bits"] == rows.attrs["bits"] == 8 and embed.inputs[2] is rows.inputs[2]  # one set of int8 scales
+    assert embed.attrs["block_size"] == rows.attrs["block_size"] == 16  # the pass's own block size
     (topk,) = out.nodes_by_op("TopK")
     assert topk.inputs[0] is mm.outputs[0] and out.const_value(topk.inputs[1]).tolist() == [8]
     (want,) = session(Graph.parse((GOLDEN_DIR / "quantize-weights" / "vocab_rescore.before.onnxtxt").read_text())).run(None, feeds)
@@ -116,6 +117,14 @@ def test_the_vocabulary_is_rescored_in_int8_under_int4_by_default(golden: Any) -
     assert np.array_equal(got[~picked], rough[~picked])
     err, rough_err = np.abs(got - want)[picked], np.abs(rough - want)[picked]
     assert err.max() < INT8_ATOL and rough_err.mean() > 3 * err.mean(), (err.max(), rough_err.mean(), err.mean())
+
+
+@pytest.mark.parametrize(("k", "block", "want"), [(768, 32, 128), (96, 32, 32), (80, 16, 16), (4096, 256, 256), (1536, 64, 128)])
+def test_the_candidate_projection_takes_the_coarsest_block_that_divides_its_width(k: int, block: int, want: int) -> None:
+    """The int4 candidates only pick which logits to recompute, so their blocks are coarser (faster: MatMulNBits on
+    768 x 32000 took 289 us in blocks of 128 against 386 in blocks of 32): CANDIDATE_BLOCK, halved until it divides K,
+    never finer than the pass's own block size."""
+    assert QuantizeWeights("int4", block)._candidate_block(k) == want
 
 
 def test_the_vocabulary_modes(golden: Any) -> None:
