@@ -27,12 +27,15 @@ What it rewrites (fp32 constant weights only):
 
 The vocabulary (the projection to the logits, found as the weight product whose
 output reaches a graph output through shape-only ops, and the token embedding)
-takes its own mode, ``vocab_mode``: int8 by default, also under int4. On the
-bundled models the int4 vocabulary costs most of int4's teacher-forced top-1
-agreement with fp32 (tiny-gpt2: 92.8% with it in int4, 98.1% in int8; tiny-llama:
-93.1% and 96.2%), and no int4 scheme tried (clip search, asymmetric, HQQ, block
-16) brought it past 94.5% (docs/quantization.md). ``vocab_mode="int4"``
-reads fewer bytes per step for that accuracy.
+takes its own mode, ``vocab_mode``: int8 under int8, ``int4-rescore`` under
+int4. Plain int4 there costs most of int4's teacher-forced top-1 agreement with
+fp32 (tiny-gpt2: 92.8% against 98.1% in int8; tiny-llama: 93.1% and 96.2%), and
+no int4 scheme tried (clip search, asymmetric, HQQ, block 16) brought it past
+94.5% (docs/quantization.md). ``int4-rescore`` keeps int4's bytes and int8's
+accuracy: the int4 logits pick each token's RESCORE_K candidates, which are
+recomputed from int8 rows (``_rescore``); since those int4 logits only pick,
+their blocks are coarser (CANDIDATE_BLOCK: faster, the rest of the tail a
+little rougher).
 
 Symmetric blocks by default (no zero points; ``symmetric=False`` writes a zero point per block). ``accuracy_level`` 4 (the
 activations rounded to int8 blocks in the kernel) is the fast path on CPU;
