@@ -274,24 +274,14 @@ class AutoModelForCausalLM:
         from qgraph.targets import get_target
 
         impl = get_target(target)
-        # What caps the context below the model's positions (ModelSpec.max_positions), each said in its own words.
-        caps = (
-            (self.spec.sliding_window, "the model's sliding attention window {n}: qgraph's cache keeps every position, so it "
-                                       "cannot drop the ones that fall out of the window"),
-            (self.spec.rope_limit, "{n}, where the model's longrope rotary switches to its long factors "
-                                   "(original_max_position_embeddings): Hugging Face then recomputes every position's angle, "
-                                   "a compiled graph keeps one table"),
-        )  # fmt: skip
-        for n, why in caps:
-            if ctx_len is not None and n is not None and ctx_len > n:
-                raise OptionError(f"ctx_len {ctx_len} is longer than {why.format(n=n)}; use --ctx-len {n} or less")
         calibration = target_options.get("calibration")
         if calibration is not None and (target, quantize) != ("qnn", "w8a16"):
             raise OptionError("calibration prompts are for --target qnn --quantize w8a16 (the other modes need none); drop them")
         if (target, quantize) == ("qnn", "w8a16"):
             target_options = {**target_options, "calibration": self._calibration_ids(calibration)}
         return Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=target_options,
-                               target=impl, max_positions=self.spec.max_positions, quantize=quantize,
+                               target=impl, max_positions=self.spec.max_positions, max_positions_why=self.spec.max_positions_why(),
+                               quantize=quantize,
                                quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
 
     def _calibration_ids(self, calibration: Sequence[Any] | None) -> list[list[int]]:

@@ -45,7 +45,7 @@ from qgraph.errors import CompileError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
-from qgraph.pipeline.optimize import graph_max_positions, run_passes
+from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why, run_passes
 from qgraph.pipeline.options import Options
 from qgraph.pipeline.registry import check_order
 from qgraph.pipeline.stages import compile_pipeline
@@ -116,7 +116,8 @@ def compile_model(
     impl.check_dry_run(dry_run)  # before the graph is read
     graph = source if isinstance(source, Graph) else Graph.load(source)
     opts = Options.resolve(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len, batch_size=batch_size, target_options=options, target=impl,
-                           max_positions=graph_max_positions(graph), cache_len=retained_cache_len(graph), quantize=quantize,
+                           max_positions=graph_max_positions(graph), max_positions_why=graph_max_positions_why(graph),
+                           cache_len=retained_cache_len(graph), quantize=quantize,
                            quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
     return compile_artifact(graph, target, out_dir, opts, dry_run=dry_run, progress=progress)
 

@@ -44,9 +44,16 @@ def test_a_sliding_window_caps_the_positions() -> None:
     assert spec_of(config("mistral", sliding_window=64)).max_positions == 64
     assert spec_of(config("mistral", sliding_window=64)).sliding_window == 64
     assert spec_of(config("mistral", sliding_window=500)).max_positions == 200
-    # Qwen2 applies its window only when use_sliding_window is set
-    assert spec_of(config("qwen2", sliding_window=64, use_sliding_window=False)).sliding_window is None
-    assert spec_of(config("qwen2", sliding_window=64, use_sliding_window=True)).max_positions == 64
+    # Qwen2 applies its window only when use_sliding_window is set, and then only to layers from max_window_layers on
+    assert spec_of(config("qwen2", sliding_window=64, use_sliding_window=False, max_window_layers=1)).sliding_window is None
+    assert spec_of(config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=2)).max_positions == 64
+    for full in (3, 28):  # every layer full (28: Qwen2Config's default)
+        assert spec_of(config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=full)).sliding_window is None
+    cfg = config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=1)
+    cfg.layer_types = None  # transformers without layer_types: max_window_layers alone
+    assert spec_of(cfg).sliding_window == 64
+    cfg.max_window_layers = 3
+    assert spec_of(cfg).sliding_window is None
 
 
 def test_a_ctx_len_longer_than_the_window_is_refused_in_one_line(tmp_path) -> None:

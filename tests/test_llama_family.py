@@ -44,7 +44,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                         rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "llama-gqa4-llama3-head_dim": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=10, tie_word_embeddings=True,
                                                  rope_scaling=LLAMA3)),
-    "qwen2-gqa4-tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    # use_sliding_window with every layer below max_window_layers: no layer slides, so ctx_len 40 > the window runs
+    "qwen2-gqa4-tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                      use_sliding_window=True, sliding_window=16, max_window_layers=2)),
     "phi3-mha-untied": ("phi3", dict(num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, tie_word_embeddings=False)),
     "gemma-gqa2-head_dim": ("gemma", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
 }  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 from helpers import ENV, cli_command, generate_recording_logits, hf_greedy, hf_logits_along, ort_run
 
 from qgraph.compile import compile_model
+from qgraph.errors import OptionError
 from qgraph.frontend.export import export_model, io_names
 from qgraph.frontend.families import FAMILIES
 from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
@@ -87,3 +88,10 @@ def test_a_ctx_len_past_the_window_is_refused_in_one_line(mistral: Path, tmp_pat
     assert res.returncode != 0 and len(lines) == 1, res.stderr
     assert f"sliding attention window {WINDOW}" in lines[0] and f"--ctx-len {WINDOW} or less" in lines[0], lines[0]
     assert not home.exists(), "the refused ctx_len got as far as the export"
+
+
+def test_compiling_the_export_past_the_window_says_why(exported: Any, tmp_path: Path) -> None:
+    """The raw file alone (no config at hand): the export recorded the window and its reason."""
+    with pytest.raises(OptionError, match=f"ctx_len {2 * WINDOW} is longer than the model's sliding attention window {WINDOW}: ") as e:
+        compile_model(exported.path, "cpu", tmp_path / "art", prefill_seq_len=4, ctx_len=2 * WINDOW)
+    assert "\n" not in str(e.value) and str(e.value).endswith(f"use --ctx-len {WINDOW} or less")

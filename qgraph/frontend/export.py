@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from qgraph.errors import ExportError, InvalidModelError
 from qgraph.frontend.families import ModelSpec, spec_of
 from qgraph.frontend.hf import ModelSource, load_model, require_hf
-from qgraph.ir.contract import MAX_POSITIONS_KEY
+from qgraph.ir.contract import MAX_POSITIONS_KEY, MAX_POSITIONS_WHY_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -332,6 +332,8 @@ def export_model(
         log.debug("renamed dimensions %s", renames)
         # The context the model takes (capped by a sliding window or a longrope switch): compiles of this file read it.
         graph.metadata[MAX_POSITIONS_KEY] = str(spec.max_positions)
+        if spec.max_positions_why() is not None:
+            graph.metadata[MAX_POSITIONS_WHY_KEY] = spec.max_positions_why()
         external = graph.weights_nbytes() > EXTERNAL_DATA_THRESHOLD
         say(f"saving {out}" + (f" (weights in {out.name}.data)" if external else ""))
         graph.save(out, external=external)

@@ -17,6 +17,8 @@ RETAINED_SUFFIX = "_RetainedState"
 #: Metadata key of a ``qgraph export``: the context the model takes (its positions, capped by a sliding window or a
 #: longrope switch), which compiles of the file read where the graph has no position table.
 MAX_POSITIONS_KEY = "qgraph.max_positions"
+#: ... and, where a sliding window or a longrope switch set it, why (ModelSpec.max_positions_why), for the refusal.
+MAX_POSITIONS_WHY_KEY = "qgraph.max_positions_why"
 
 #: One step: feeds in, outputs out (by name).
 StepFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

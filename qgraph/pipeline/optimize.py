@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from qgraph.errors import RewriteError
-from qgraph.ir.contract import MAX_POSITIONS_KEY
+from qgraph.ir.contract import MAX_POSITIONS_KEY, MAX_POSITIONS_WHY_KEY
 from qgraph.ir.graph import Graph
 from qgraph.ir.validate import is_custom_domain
 from qgraph.pipeline.facts import KV_RETAINED, observe
@@ -35,6 +35,15 @@ def graph_max_positions(graph: Graph) -> int | None:
                     return int(shape[0])
     recorded = graph.metadata.get(MAX_POSITIONS_KEY, "")
     return int(recorded) if recorded.isdigit() and int(recorded) > 0 else None
+
+
+def graph_max_positions_why(graph: Graph) -> str | None:
+    """Why :func:`graph_max_positions` is what it is, where ``qgraph export`` recorded a reason for it (a sliding window,
+    a longrope switch), else None."""
+    n = graph_max_positions(graph)
+    if n is None or graph.metadata.get(MAX_POSITIONS_KEY) != str(n):
+        return None
+    return graph.metadata.get(MAX_POSITIONS_WHY_KEY) or None
 
 
 def run_passes(graph: Graph, passes: Sequence[str | Pass] | None, opts: Options, *, check: bool = False,
@@ -87,7 +96,7 @@ def optimize(
     cannot become the retained-state contract (no growing KV cache).
     """
     opts = Options.resolve(ctx_len=ctx_len, batch_size=batch_size, seq_len=seq_len, max_positions=graph_max_positions(graph),
-                           quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
+                           max_positions_why=graph_max_positions_why(graph), quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
     # The default pipeline promises the contract; passes named by the caller may leave a partial graph (the report says why).

@@ -189,6 +189,7 @@ class Options:
         target_options: Mapping[str, Any] | None = None,
         target: ChecksOptions | None = None,
         max_positions: int | None = None,
+        max_positions_why: str | None = None,
         cache_len: int | None = None,
         quantize: str | None = None,
         quant_block_size: int | None = None,
@@ -198,7 +199,8 @@ class Options:
 
         ``max_positions``: the model's maximum positions (None: unknown); it caps
         the default ctx_len and refuses a larger one (a default is capped where
-        an asked value would be refused: the prefill length by ctx_len too).
+        an asked value would be refused: the prefill length by ctx_len too);
+        ``max_positions_why`` says why in the refusal where a window or a rotary switch set it.
         ``cache_len``: the cache length of a graph that is already retained,
         the default ctx_len.
         ``target``: checks ``target_options`` and fills the target's defaults; ``quantize`` is checked against it.
@@ -216,20 +218,19 @@ class Options:
             quant_block_size=DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size,
             quant_vocab=default_quant_vocab(quantize) if quant_vocab is None else quant_vocab,
         )
-        opts.validate(max_positions=max_positions)
+        opts.validate(max_positions=max_positions, max_positions_why=max_positions_why)
         check_quantize(opts.quantize, opts.quant_block_size, target.name if target is not None else None, opts.quant_vocab)
         if target is not None:
             opts = replace(opts, target_options=target.check_options(dict(opts.target_options)))
         return opts
 
-    def validate(self, *, max_positions: int | None = None) -> None:
+    def validate(self, *, max_positions: int | None = None, max_positions_why: str | None = None) -> None:
         """Every rule on the numbers, each with its one message (:meth:`resolve` calls it)."""
         for name in ("ctx_len", "prefill_seq_len", "batch_size", "seq_len"):
             check_at_least_one(name, getattr(self, name))
         if max_positions is not None and self.ctx_len > max_positions:
-            raise OptionError(
-                f"ctx_len {self.ctx_len} is larger than the model's maximum length {max_positions}; use --ctx-len {max_positions} or less"
-            )
+            why = f"longer than {max_positions_why}" if max_positions_why else f"larger than the model's maximum length {max_positions}"
+            raise OptionError(f"ctx_len {self.ctx_len} is {why}; use --ctx-len {max_positions} or less")
         if self.prefill_seq_len > self.ctx_len:
             raise OptionError(
                 f"the prefill length {self.prefill_seq_len} is larger than ctx_len {self.ctx_len}; "

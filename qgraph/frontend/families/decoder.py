@@ -49,9 +49,16 @@ def spec(family: str, config: Any, generation_config: Any = None) -> ModelSpec:
 
 def sliding_window(config: Any) -> int | None:
     """The window the config's attention looks back over, or None: Mistral's and Phi-3's ``sliding_window``, Qwen2's
-    where ``use_sliding_window`` is set."""
+    where ``use_sliding_window`` is set and some layer slides (Hugging Face slides only the layers from
+    ``max_window_layers`` on; its ``layer_types`` lists them)."""
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and kinds:
+        return int(window) if "sliding_attention" in kinds else None
+    full = getattr(config, "max_window_layers", None)  # transformers without layer_types: the same rule
+    if full is not None and int(full) >= int(config.num_hidden_layers):
         return None
     return int(window)
 

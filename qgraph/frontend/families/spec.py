@@ -33,6 +33,18 @@ class ModelSpec:
     #: NTK rotary's check of the sequence's length, which TorchScript's trace takes below ``max_position_embeddings``).
     exporter: str = "dynamo"
 
+    def max_positions_why(self) -> str | None:
+        """What caps the context at ``max_positions``, in words that follow "ctx_len N is longer than", or None where
+        it is the model's own positions."""
+        n = self.max_positions
+        if n == self.sliding_window:
+            return (f"the model's sliding attention window {n}: qgraph's cache keeps every position, so it cannot drop the "
+                    "ones that fall out of the window")  # fmt: skip
+        if n == self.rope_limit:
+            return (f"{n}, where the model's longrope rotary switches to its long factors (original_max_position_embeddings): "
+                    "Hugging Face then recomputes every position's angle, a compiled graph keeps one table")  # fmt: skip
+        return None
+
 
 def eos_token_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:
     """The EOS ids Hugging Face's generate stops at: generation_config.json's where the model has one (even
