@@ -155,7 +155,9 @@ class BenchReport:
 
     def _vocab_row_reads(self) -> str:
         """What the ``-vocab-<mode>`` row reads against the default row's vocabulary mode."""
-        return "the same bytes without the rescoring" if self.quant_vocab == f"{self.quantize}-rescore" else "fewer bytes"
+        if self.quant_vocab == f"{self.quantize}-rescore":
+            return "about the same bytes, in blocks of the asked size, without the rescoring"
+        return "fewer bytes"
 
     def table(self) -> str:
         lines = [
