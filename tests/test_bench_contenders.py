@@ -243,7 +243,8 @@ def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path
     pytest.importorskip("onnxruntime_genai")
     from qgraph.devtools.bench import run_bench
 
-    report = run_bench(str(tiny_llama), prompt_len=8, new_tokens=4, rounds=1, threads=1, workdir=tmp_path, ttft_pairs=1, quantize="int4")
+    report = run_bench(str(tiny_llama), prompt_len=8, new_tokens=4, rounds=1, threads=1, workdir=tmp_path, ttft_pairs=1, genai_pairs=2,
+                       quantize="int4")  # fmt: skip
     names = [r.name for r in report.results]
     assert names[3:] == ["onnxruntime-genai", "qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",
                          "onnxruntime-genai-int4"]  # fmt: skip
@@ -259,3 +260,24 @@ def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path
     )
     assert set(report.quantized_tokens_agree) == {"qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",
                                                   "onnxruntime-genai-int4"}  # fmt: skip
+    # Both precisions against genai, paired in time: beside the rounds' figure in the targets, and a line of the table.
+    keys = ["qgraph decode / onnxruntime-genai decode", "qgraph int4 decode / onnxruntime-genai int4 decode"]
+    assert report.in_time["genai alternations"] == 2 and all(report.in_time[k] > 0 for k in keys)
+    targets = {t["ratio"]: t for t in report.targets()}
+    assert all(targets[k]["in_time"] == report.in_time[k] for k in keys)
+    assert "decode against onnxruntime-genai paired in time (2 alternations of whole generations, 0.5 s apart): " in report.table()
+
+
+def test_genai_in_time_is_genais_decode_over_qgraphs_per_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole generations taken in turn: the median over turns of genai's decode seconds over qgraph's, per precision
+    where both ran (here int4 has no genai row)."""
+    from qgraph.devtools.bench import run
+
+    monkeypatch.setattr(run, "GENERATION_PAUSE_S", 0.0)
+    seconds = {"qgraph-cpu": iter([2.0, 2.0, 4.0]), "onnxruntime-genai": iter([3.0, 2.0, 6.0]), "qgraph-cpu-int4": iter([1.0] * 3)}
+    contenders = {name: (lambda it=it: (0.1, next(it), [])) for name, it in seconds.items()}
+    said: list[str] = []
+    got = run.genai_in_time(contenders, "int4", 3, said.append)
+    assert got == {"qgraph decode / onnxruntime-genai decode": 1.5, "genai alternations": 3.0}
+    assert said == ["alternating 3 whole generations of qgraph and onnxruntime-genai (fp32)"]
+    assert run.genai_in_time(contenders, None, 0, said.append) == {}

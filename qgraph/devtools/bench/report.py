@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qgraph.devtools.bench.timing import PAIRS, TTFT_PAUSE_S
+from qgraph.devtools.bench.timing import GENERATION_PAUSE_S, PAIRS, TTFT_PAUSE_S
 from qgraph.errors import QGraphError
 
 #: The project's performance targets (issue 6; onnxruntime-genai: issue 18; quantized: issue 19): (what, ratio key,
@@ -192,6 +192,11 @@ class BenchReport:
                 f"bound {t['bound ms per token']:.2f} ms/token, qgraph decode / bound {t['qgraph decode / bandwidth bound']:.2f}, "
                 f"kernel ceiling / bound {t['kernel ceiling / bandwidth bound']:.2f}"
             )
+            genai = {k: v for k, v in t.items() if "onnxruntime-genai" in k}
+            if genai:
+                figures = ", ".join(f"{k} {v:.2f}" for k, v in genai.items())
+                lines.append(f"decode against onnxruntime-genai paired in time ({t['genai alternations']:.0f} alternations of whole "
+                             f"generations, {GENERATION_PAUSE_S} s apart): {figures}")  # fmt: skip
             if "qgraph TTFT / onnxruntime TTFT" in t:
                 lines.append(f"TTFT paired in time ({t['ttft alternations']:.0f} alternations of the two prefills, {TTFT_PAUSE_S} s apart): "
                              f"qgraph / onnxruntime {t['qgraph TTFT / onnxruntime TTFT']:.2f}")  # fmt: skip

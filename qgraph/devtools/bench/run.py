@@ -24,7 +24,15 @@ from qgraph.devtools.bench.contenders import leading_agreement, model_folder, st
 from qgraph.devtools.bench.genai import GENAI_FAMILIES, GenaiRunner, genai_missing
 from qgraph.devtools.bench.ort_quant import BITS, quantize_plain_export
 from qgraph.devtools.bench.report import BenchReport, Result, ratio_pairs
-from qgraph.devtools.bench.timing import PAIRS, TTFT_PAIRS, TTFT_PAUSE_S, in_turn, paired_in_time
+from qgraph.devtools.bench.timing import (
+    GENAI_PAIRS,
+    GENERATION_PAUSE_S,
+    PAIRS,
+    TTFT_PAIRS,
+    TTFT_PAUSE_S,
+    in_turn,
+    paired_in_time,
+)
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import spec_of
 from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize, default_quant_vocab
@@ -42,6 +50,7 @@ def run_bench(
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     ttft_pairs: int = TTFT_PAIRS,
+    genai_pairs: int = GENAI_PAIRS,
     quantize: str | None = None,
     quant_block_size: int | None = None,
     quant_vocab: str | None = None,
@@ -59,7 +68,8 @@ def run_bench(
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, quantize, block_size, vocab)
+        pairs = (ttft_pairs, genai_pairs)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, pairs, quantize, block_size, vocab)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -100,10 +110,11 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
 
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
-               say: Callable[[str], None], ttft_pairs: int, quantize: str | None, block_size: int, vocab: str) -> BenchReport:  # fmt: skip
+               say: Callable[[str], None], pairs: tuple[int, int], quantize: str | None, block_size: int, vocab: str) -> BenchReport:  # fmt: skip
     import onnx
     import onnxruntime as ort
 
+    ttft_pairs, genai_pairs = pairs
     from qgraph.compile import compile_model
     from qgraph.frontend.export import export_model
     from qgraph.frontend.hf import load_model
@@ -211,7 +222,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         bandwidths.append(max(engines[-1].values()))
         for name, fn in contenders:
             # Let the previous contender's spinning worker threads go idle first.
-            time.sleep(0.5)
+            time.sleep(GENERATION_PAUSE_S)
             ttft, decode, toks = fn()
             runs[name].append({"ttft_s": ttft, "decode_s": decode})
             tokens[name] = toks
@@ -245,6 +256,7 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         "qgraph TTFT / onnxruntime TTFT": statistics.median(q / o for q, o in zip(q_ttft, o_ttft)),
         "ttft alternations": float(ttft_pairs),
     }
+    in_time.update(genai_in_time(dict(contenders), quantize, genai_pairs, say))
     bw = max(bandwidths)
     bound_ms = weight_bytes / bw * 1e3
     results = []
@@ -291,3 +303,22 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
                        quantize=quantize, quant_block_size=block_size if quantize else None, quant_vocab=vocab if quantize else None,
                        quantized_weight_bytes=int(quantized_weight_bytes), quantized_bound_ms_per_token=quantized_bound_ms,
                        quantized_tokens_agree=quantized_agree, notes=notes)  # fmt: skip
+
+
+def genai_in_time(contenders: dict[str, Timed], quantize: str | None, count: int, say: Callable[[str], None]) -> dict[str, float]:
+    """qgraph's decode against onnxruntime-genai's at each precision both ran at, whole generations taken in turn
+    ``count`` times (:func:`in_turn`, GENERATION_PAUSE_S before each): the median of genai's decode seconds over qgraph's,
+    under the rounds' ratio key; {} where genai did not run."""
+    out: dict[str, float] = {}
+    for precision in ["fp32", *([quantize] if quantize else [])]:
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        ours, theirs = contenders.get(f"qgraph-cpu{suffix}"), contenders.get(f"onnxruntime-genai{suffix}")
+        if ours is None or theirs is None or count < 1:
+            continue
+        say(f"alternating {count} whole generations of qgraph and onnxruntime-genai ({precision})")
+        q, g = in_turn([lambda fn=ours: fn()[1], lambda fn=theirs: fn()[1]], count, pause_s=GENERATION_PAUSE_S)
+        label = "" if precision == "fp32" else f" {precision}"
+        out[f"qgraph{label} decode / onnxruntime-genai{label} decode"] = statistics.median(b / a for a, b in zip(q, g))
+    if out:
+        out["genai alternations"] = float(count)
+    return out

@@ -16,6 +16,10 @@ PAIRS = 120
 #: before each (the plain session spins its idle workers for a while after a run, as ONNX Runtime does by default).
 TTFT_PAIRS = 40
 TTFT_PAUSE_S = 0.2
+#: Alternations of a whole qgraph generation and a whole onnxruntime-genai one at the same precision, each after
+#: GENERATION_PAUSE_S (as in the rounds): the ratio against genai paired in time, beside the rounds' few samples.
+GENAI_PAIRS = 8
+GENERATION_PAUSE_S = 0.5
 
 
 def timed(fn: Callable[[], Any]) -> Callable[[], float]:
