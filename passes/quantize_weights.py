@@ -85,6 +85,16 @@ QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized", "MatMulInteger
 _ID_PASSTHROUGH = frozenset({"Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
+def candidate_block_size(k: int, block_size: int) -> int:
+    """The block size of a rescored vocabulary's int4 candidate projection over K = ``k`` inputs: CANDIDATE_BLOCK, halved
+    until it divides K, never finer than ``block_size``, the pass's own (coarser blocks run faster; the candidates they
+    pick are recomputed in the pass's blocks)."""
+    size = max(block_size, CANDIDATE_BLOCK)
+    while size > block_size and k % size:
+        size //= 2
+    return size
+
+
 @dataclass
 class Blocks:
     """A weight W [K, N] in blocks along K: ``data`` [N, K_blocks, blob] (uint8), ``scales`` [N, K_blocks]."""
@@ -225,7 +235,8 @@ class QuantizeWeights(Pass):
             run.count("rescore_declined")
             rescore = False
         bits = (self.rescore_bits if why_not else self.vocab_bits) if vocab else self.bits
-        block_size = self._candidate_block(dtype_and_shape(graph, source)[1][1 if transposed else 0]) if rescore else self.block_size
+        k = dtype_and_shape(graph, source)[1][1 if transposed else 0]
+        block_size = candidate_block_size(k, self.block_size) if rescore else self.block_size
         blocks = self._blocks(graph, source, transposed, alpha, run, bits, block_size)  # type: ignore[arg-type]
         if isinstance(blocks, str):
             return blocks
@@ -297,15 +308,6 @@ class QuantizeWeights(Pass):
         if len(shape) != 2:
             return f"the weight '{w.name}' has shape {shape}, not 2-D"
         return None
-
-    def _candidate_block(self, k: int) -> int:
-        """The block size of a rescored vocabulary's int4 candidate projection over K = ``k`` inputs: CANDIDATE_BLOCK, halved
-        until it divides K, never finer than the pass's own (coarser blocks run faster; the candidates they pick are
-        recomputed in the pass's blocks)."""
-        size = max(self.block_size, CANDIDATE_BLOCK)
-        while size > self.block_size and k % size:
-            size //= 2
-        return size
 
     def _blocks(self, graph: Graph, source: Tensor, transposed: bool, alpha: float, run: _Run, bits: int,
                 block_size: int | None = None) -> Blocks | str:  # fmt: skip

@@ -284,8 +284,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, modes: Sequence[str] = QUA
                    help=f"weights per quantization block (default {DEFAULT_QUANT_BLOCK_SIZE}; a power of two, 16 or more)")  # fmt: skip
     p.add_argument("--quant-vocab", choices=QUANT_VOCAB_MODES, default=None,
                    help="int8/int4: the vocabulary's mode, its projection and the token embedding (default: int8 under int8, "
-                        "int4-rescore under int4: int4 blocks (of 128: they only pick) whose top candidates per token are rescored "
-                        "from int8 ones of the block size, as "
+                        "int4-rescore under int4: int4 blocks (coarser, 128 where the width allows: they only pick) whose top "
+                        "candidates per token are rescored from int8 ones of the block size, as "
                         "accurate as int8 there at int4's bytes per step; plain int4 costs most of int4's accuracy)")  # fmt: skip
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from helpers import random_gpt2  # noqa: E402
 
-from qgraph.devtools.bench.bound import WeightProduct, quantized_bytes, weight_products  # noqa: E402
+from qgraph.devtools.bench.bound import WeightProduct, quantized_bytes, quantized_step_bytes, weight_products  # noqa: E402
 from qgraph.devtools.bench.contenders import leading_agreement, streamed_weight_bytes, time_hf, time_ort_raw  # noqa: E402
 from qgraph.devtools.bench.ort_quant import constant_weight_matmuls, quantize_plain_export  # noqa: E402
 from qgraph.frontend.families import llama, spec_of  # noqa: E402
@@ -143,6 +143,20 @@ def test_quantized_bytes_are_what_matmulnbits_stores(tmp_path: Path, bits: int, 
     assert weight_products(helper.make_model(hidden, opset_imports=[helper.make_opsetid("", 17)]))[0].vocab is False
 
 
+def test_a_rescored_vocabulary_is_priced_at_its_candidates_blocks() -> None:
+    """The quantized step's bytes: gpt2-small's vocabulary under int4-rescore reads int4 blocks of 128 (20.5 MB, against
+    24.1 MB in blocks of 32), the layers int4 blocks of 32, the rest (here 1 MB of norms) as it was."""
+    layers, vocab = [WeightProduct(768, 2304, False, False)], WeightProduct(768, 50257, False, True, vocab=True)
+    rest = 1_000_000
+    fp32 = rest + (768 * 2304 + 768 * 50257) * 4
+    layer_bytes = 2304 * 24 * (16 + 4)
+    rescored = quantized_step_bytes([*layers, vocab], fp32, 4, 32, 4, rescored=True)
+    assert rescored == rest + layer_bytes + 50257 * 6 * (64 + 4)  # 768 / 128 = 6 blocks of 64 bytes and a scale
+    assert quantized_step_bytes([*layers, vocab], fp32, 4, 32, 4, rescored=False) == rest + layer_bytes + 50257 * 24 * (16 + 4)
+    assert quantized_step_bytes([*layers, vocab], fp32, 4, 32, 8, rescored=False) == rest + layer_bytes + 50257 * 24 * (32 + 4)
+    assert round((rescored - rest - layer_bytes) / 1e6, 1) == 20.5
+
+
 def test_streamed_bytes_leave_out_an_untied_input_embedding(tiny_llama: Path) -> None:
     from qgraph.frontend.hf import load_model
 
@@ -255,7 +269,7 @@ def test_int4_bench_runs_the_vocabulary_in_both_modes(tiny_llama: Path, tmp_path
     )
     assert report.quant_vocab == "int4-rescore"
     assert (
-        "(the -vocab-int4 row: the vocabulary plainly int4, about the same bytes, in blocks of the asked size, without the rescoring)"
+        "(the -vocab-int4 row: the vocabulary plainly int4, its blocks all of the asked size (a few more bytes), without the rescoring)"
         in report.table()
     )
     assert set(report.quantized_tokens_agree) == {"qgraph-cpu-int4", "qgraph-cpu-int4-vocab-int4", "onnxruntime-matmulnbits-int4",

@@ -9,6 +9,7 @@ import pytest
 from helpers import GOLDEN_DIR, check_case, run_pass, session
 
 from passes import QuantizeWeights
+from passes.quantize_weights import candidate_block_size
 from qgraph.ir.graph import Graph
 
 #: Outputs of the golden graphs are sums of 32 products of values in [-1, 1] and N(0, 1) inputs (about +-3): int8
@@ -124,7 +125,7 @@ def test_the_candidate_projection_takes_the_coarsest_block_that_divides_its_widt
     """The int4 candidates only pick which logits to recompute, so their blocks are coarser (faster: MatMulNBits on
     768 x 32000 took 289 us in blocks of 128 against 386 in blocks of 32): CANDIDATE_BLOCK, halved until it divides K,
     never finer than the pass's own block size."""
-    assert QuantizeWeights("int4", block)._candidate_block(k) == want
+    assert candidate_block_size(k, block) == want
 
 
 def test_the_vocabulary_modes(golden: Any) -> None:

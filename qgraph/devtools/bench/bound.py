@@ -105,6 +105,22 @@ def quantized_bytes(products: list[WeightProduct], bits: int, block_size: int) -
     return total
 
 
+def quantized_step_bytes(products: list[WeightProduct], weight_bytes: int, bits: int, block_size: int, vocab_bits: int,
+                         rescored: bool) -> int:  # fmt: skip
+    """Bytes a quantized decode step reads: ``weight_bytes`` with every weight product in ``bits``-bit blocks, the
+    vocabulary projection in ``vocab_bits``; a ``rescored`` vocabulary's candidates read quantize-weights' coarser
+    blocks (its int8 rows, a few per token, are left out); everything else (norms, biases) as before."""
+    from passes.quantize_weights import candidate_block_size
+
+    total = weight_bytes - sum(p.k * p.n * 4 for p in products)
+    for p in products:
+        if p.vocab:
+            total += quantized_bytes([p], vocab_bits, candidate_block_size(p.k, block_size) if rescored else block_size)
+        else:
+            total += quantized_bytes([p], bits, block_size)
+    return total
+
+
 def write_products_only(decode_path: str | Path, out_path: str | Path, seed: int = 0) -> tuple[dict[str, np.ndarray], int, int]:
     """Write the decode graph's weight products alone to ``out_path``; returns (feeds, products, weight bytes).
 

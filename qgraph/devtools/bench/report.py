@@ -156,7 +156,7 @@ class BenchReport:
     def _vocab_row_reads(self) -> str:
         """What the ``-vocab-<mode>`` row reads against the default row's vocabulary mode."""
         if self.quant_vocab == f"{self.quantize}-rescore":
-            return "about the same bytes, in blocks of the asked size, without the rescoring"
+            return "its blocks all of the asked size (a few more bytes), without the rescoring"
         return "fewer bytes"
 
     def table(self) -> str:

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from passes.quantize_weights import VOCAB_MODES
-from qgraph.devtools.bench.bound import bandwidth_by_engine, bound_product, quantized_bytes, weight_products, write_products_only
+from qgraph.devtools.bench.bound import (
+    bandwidth_by_engine,
+    bound_product,
+    quantized_step_bytes,
+    weight_products,
+    write_products_only,
+)
 from qgraph.devtools.bench.contenders import leading_agreement, model_folder, streamed_weight_bytes, time_hf, time_ort_raw
 from qgraph.devtools.bench.genai import GENAI_FAMILIES, GenaiRunner, genai_missing
 from qgraph.devtools.bench.ort_quant import BITS, quantize_plain_export
@@ -194,14 +200,9 @@ def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: 
         contenders += [(f"onnxruntime-matmulnbits-{quantize}", lambda: time_ort_raw(nbits_sess, spec, prompt, new_tokens))]
         contenders += [c for c in genai if c[0] != "onnxruntime-genai"]
         products = weight_products(onnx.load(str(decode_path), load_external_data=False))
-        # Every weight product quantized (the vocabulary projection in ``vocab``), everything else (norms, biases) read as before.
-        fp32_products = sum(p.k * p.n * 4 for p in products)
-        quantized_weight_bytes = (
-            weight_bytes
-            - fp32_products
-            + quantized_bytes([p for p in products if not p.vocab], BITS[quantize], block_size)
-            + quantized_bytes([p for p in products if p.vocab], VOCAB_MODES[vocab][0], block_size)  # rescored rows: a few
-        )
+        vocab_bits, rescore_bits = VOCAB_MODES[vocab]
+        quantized_weight_bytes = quantized_step_bytes(products, weight_bytes, BITS[quantize], block_size, vocab_bits,
+                                                      rescored=rescore_bits is not None)  # fmt: skip
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[int]] = {}
     bandwidths, engines, ceiling = [], [], []
