@@ -169,6 +169,17 @@ def test_quantized_and_genai_targets_are_judged_against_their_own_figures() -> N
     rows = {line.split()[0]: line.split()[-1] for line in table.splitlines() if line.split() and line.split()[0] in ms}
     assert rows["qgraph-cpu-int4"] == "0.83" and rows["qgraph-cpu"] == "1.33"
     assert "int4 decode vs onnxruntime-genai int4, at least 1x: 0.67 missed; needs 4.00 ms/token, 1.25x the bound's speed" in table
+    assert "decode vs onnxruntime-genai fp32, at least 1x: 1.00 met" in table  # exactly at the threshold
+
+
+def test_a_ratio_that_rounds_to_its_threshold_shows_the_digit_that_decides() -> None:
+    """0.9993 against at least 1x: "1.00 missed" would contradict itself, so the table prints 0.999."""
+    from qgraph.devtools.bench import Result
+
+    results = [Result(n, 0.05, 1000 / v, v) for n, v in {"qgraph-cpu": 15.01, "onnxruntime-genai": 15.0}.items()]
+    for ratio, shown in [(15.0 / 15.01, "0.999 missed"), (1.004, "1.004 met"), (0.99, "0.99 missed"), (1.0, "1.00 met")]:
+        r = BenchReport("m", 32, 64, 2, 400_000_000, 20.0, 20.0, results, {"qgraph decode / onnxruntime-genai decode": ratio}, True)
+        assert f"decode vs onnxruntime-genai fp32, at least 1x: {shown}" in r.table(), (ratio, r.table().splitlines()[-1])
 
 
 def test_kernel_ceiling_runs_the_decode_graphs_products(bench: tuple[BenchReport, Path]) -> None:

@@ -221,13 +221,22 @@ class BenchReport:
         for t in self.targets():
             sense, value = ("at least", t["at_least"]) if "at_least" in t else ("at most", t["at_most"])
             extra = ", ".join(f"{k.replace('_', ' ')} {t[k]:.2f}" for k in ("per_round", "in_time") if t[k] is not None)
-            line = f"  {t['target']}, {sense} {value:g}x: {t['table']:.2f}" + (f" ({extra})" if extra else "")
+            line = f"  {t['target']}, {sense} {value:g}x: {_beside(t['table'], value)}" + (f" ({extra})" if extra else "")
             line += " met" if t["met"] else " missed"
             if not t["met"] and "needs_ms_per_token" in t:
                 line += f"; needs {t['needs_ms_per_token']:.2f} ms/token"
                 line += f", {t['needs_x_bound']:.2f}x the bound's speed" if "needs_x_bound" in t else ""
             lines.append(line)
         return "\n".join(lines)
+
+
+def _beside(ratio: float, threshold: float) -> str:
+    """``ratio`` to two decimals, or as many more (up to five) as it takes not to print the threshold itself: "1.00
+    missed" would read as a contradiction where 0.998 says why."""
+    digits = 2
+    while digits < 5 and ratio != threshold and f"{ratio:.{digits}f}" == f"{threshold:.{digits}f}":
+        digits += 1
+    return f"{ratio:.{digits}f}"
 
 
 def save_plot(report: BenchReport, path: str | Path) -> None:
