@@ -328,6 +328,8 @@ class AutoModelForCausalLM:
         opts = options or self.options(target, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, batch_size=batch_size,
                                        quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab,
                                        **target_options)  # fmt: skip
+        if options is not None:  # made by hand, perhaps: the rules on its numbers against this model still hold
+            options.validate(max_positions=self.spec.max_positions, max_positions_why=self.spec.max_positions_why())
         impl = get_target(target)
         impl.check_dry_run(dry_run)
         rewrite, specialize = compile_pipeline(impl, rewrite=True, quantize=opts.weight_only)

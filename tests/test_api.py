@@ -6,6 +6,7 @@ greedy output varies (the default 0.02 repeats one token and hides a cache bug).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from helpers import hf_greedy, random_gpt2
 
 import qgraph.api as api
 from qgraph import AutoModelForCausalLM
+from qgraph.errors import OptionError
 
 torch = pytest.importorskip("torch")
 
@@ -87,6 +89,9 @@ def test_options_are_resolved_against_the_config_before_anything_slow(tmp_path: 
     assert model.options(ctx_len=16).prefill_seq_len == 16
     with pytest.raises(TypeError, match="not both"):
         model.compile(options=opts, ctx_len=16)
+    # Options made by hand are held to the model's positions too.
+    with pytest.raises(OptionError, match="ctx_len 64 is larger than the model's maximum length 48; use --ctx-len 48 or less"):
+        model.compile(options=replace(opts, ctx_len=64))
     # The order of every pass of the compile is checked before the export.
     monkeypatch.setattr(CpuTarget, "slots", {"legalize": ("fuse-decode-attention", "fuse-attention")})
     with pytest.raises(PassOrderError, match="'fuse-decode-attention' requires 'attention_fused'"):
