@@ -74,8 +74,7 @@ def run_bench(
     own_tmp = workdir is None
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qgraph-bench-"))
     try:
-        pairs = (ttft_pairs, genai_pairs)
-        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, pairs, quantize, block_size, vocab)
+        return _run_bench(model, tmp, prompt_len, new_tokens, rounds, threads, say, ttft_pairs, genai_pairs, quantize, block_size, vocab)
     finally:
         if own_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,11 +115,11 @@ def genai_contenders(folder: str, family: str, tmp: Path, precisions: list[str],
 
 
 def _run_bench(model: str, tmp: Path, prompt_len: int, new_tokens: int, rounds: int, threads: int,
-               say: Callable[[str], None], pairs: tuple[int, int], quantize: str | None, block_size: int, vocab: str) -> BenchReport:  # fmt: skip
+               say: Callable[[str], None], ttft_pairs: int, genai_pairs: int, quantize: str | None, block_size: int,
+               vocab: str) -> BenchReport:  # fmt: skip
     import onnx
     import onnxruntime as ort
 
-    ttft_pairs, genai_pairs = pairs
     from qgraph.compile import compile_model
     from qgraph.frontend.export import export_model
     from qgraph.frontend.hf import load_model
@@ -311,15 +310,16 @@ def genai_in_time(contenders: dict[str, Timed], quantize: str | None, count: int
     ``count`` times (:func:`in_turn`, GENERATION_PAUSE_S before each): the median of genai's decode seconds over qgraph's,
     under the rounds' ratio key; {} where genai did not run."""
     out: dict[str, float] = {}
-    for precision in ["fp32", *([quantize] if quantize else [])]:
-        suffix = "" if precision == "fp32" else f"-{precision}"
-        ours, theirs = contenders.get(f"qgraph-cpu{suffix}"), contenders.get(f"onnxruntime-genai{suffix}")
-        if ours is None or theirs is None or count < 1:
+    defaults = ("qgraph-cpu", f"qgraph-cpu-{quantize}")  # the artifacts in the default vocabulary mode
+    for key, ours, theirs, kind in ratio_pairs(quantize):
+        if kind != "decode" or ours not in defaults or not theirs.startswith("onnxruntime-genai"):
             continue
+        if ours not in contenders or theirs not in contenders or count < 1:
+            continue
+        precision = theirs.removeprefix("onnxruntime-genai").removeprefix("-") or "fp32"
         say(f"alternating {count} whole generations of qgraph and onnxruntime-genai ({precision})")
-        q, g = in_turn([lambda fn=ours: fn()[1], lambda fn=theirs: fn()[1]], count, pause_s=GENERATION_PAUSE_S)
-        label = "" if precision == "fp32" else f" {precision}"
-        out[f"qgraph{label} decode / onnxruntime-genai{label} decode"] = statistics.median(b / a for a, b in zip(q, g))
+        q, g = in_turn([lambda fn=contenders[ours]: fn()[1], lambda fn=contenders[theirs]: fn()[1]], count, pause_s=GENERATION_PAUSE_S)
+        out[key] = statistics.median(b / a for a, b in zip(q, g))
     if out:
         out["genai alternations"] = float(count)
     return out
