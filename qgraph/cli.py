@@ -32,6 +32,8 @@ from qgraph.pipeline.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_SEQ_LEN,
     DEFAULT_QUANT_BLOCK_SIZE,
+    MAX_QUANT_BLOCK_SIZE,
+    MIN_QUANT_BLOCK_SIZE,
     QUANT_VOCAB_MODES,
     QUANTIZE_MODES,
     WEIGHT_ONLY_MODES,
@@ -281,7 +283,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, modes: Sequence[str] = QUA
     p.add_argument("--quantize", choices=modes, default=None,
                    help="weight-only quantization: int8 or int4 (cpu: MatMulNBits, symmetric blocks), w8a16 (qnn: QDQ)")  # fmt: skip
     p.add_argument("--quant-block-size", type=int, default=None,
-                   help=f"weights per quantization block (default {DEFAULT_QUANT_BLOCK_SIZE}; a power of two, 16 or more)")  # fmt: skip
+                   help=f"weights per quantization block (default {DEFAULT_QUANT_BLOCK_SIZE}; a power of two from {MIN_QUANT_BLOCK_SIZE} to {MAX_QUANT_BLOCK_SIZE})")  # fmt: skip
     p.add_argument("--quant-vocab", choices=QUANT_VOCAB_MODES, default=None,
                    help="int8/int4: the vocabulary's mode, its projection and the token embedding (default: int8 under int8, "
                         "int4-rescore under int4: int4 blocks (coarser, 128 where the width allows: they only pick) whose top "

@@ -163,3 +163,32 @@ def test_shape_inference_fills_shapes() -> None:
     g = Graph.parse(TEXT).infer_shapes()
     a = g.nodes_by_op("Mul")[0].outputs[0]
     assert list(a.shape) == [2, 3]
+
+
+def test_shape_inference_goes_through_quantized_ops() -> None:
+    """ONNX's inference stops at a contrib op; stand-ins for MatMulNBits and GatherBlockQuantized carry the shapes
+    past them (a graph quantized by ``qgraph optimize --quantize`` is then pinned by compile), and leave the nodes."""
+    from passes.quantize_weights import QuantizeWeights
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["E", "input_ids"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Shape", ["r"], ["s"])],
+        "q", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("s", TensorProto.INT64, None)],
+        [numpy_helper.from_array(rng.standard_normal((50, 64)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W")],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    for mode in ("int8", "int4"):
+        graph = Graph.from_proto(model)
+        QuantizeWeights(mode).run(graph)
+        ops = [n.op for n in graph]
+        assert ops == ["GatherBlockQuantized", "MatMulNBits", "Relu", "Shape"], ops
+        graph.infer_shapes()
+        assert [n.op for n in graph] == ops
+        (relu,) = graph.nodes_by_op("Relu")
+        assert list(relu.inputs[0].shape) == ["batch", "seq", 32] and relu.inputs[0].dtype == np.float32, mode
+        assert list(graph.nodes_by_op("MatMulNBits")[0].inputs[0].shape) == ["batch", "seq", 64], mode
+        assert list(graph.outputs[0].shape) == [3], mode

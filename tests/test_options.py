@@ -105,8 +105,9 @@ def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
         (dict(quantize="int4"), "qnn", "--quantize int4 is for optimize or cpu, not --target qnn; use --quantize w8a16 there"),
         (dict(quantize="int8"), "qaic", "--quantize int8 is for optimize or cpu, not --target qaic; drop --quantize (qaic quantizes "
                                         "with --mxfp6-matmul)"),
-        (dict(quantize="int4", quant_block_size=48), "cpu", "the quantization block size must be a power of two, at least 16, got 48"),
-        (dict(quant_block_size=8), None, "the quantization block size must be a power of two, at least 16, got 8"),
+        (dict(quantize="int4", quant_block_size=48), "cpu", "the quantization block size must be a power of two from 16 to 256, got 48"),
+        (dict(quant_block_size=8), None, "the quantization block size must be a power of two from 16 to 256, got 8"),
+        (dict(quantize="int4", quant_block_size=512), "cpu", "the quantization block size must be a power of two from 16 to 256, got 512"),
     ],
 )  # fmt: skip
 def test_quantize_is_checked_against_the_target(asked: dict[str, object], target: str | None, message: str) -> None:

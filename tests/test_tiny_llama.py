@@ -95,6 +95,23 @@ def test_qgraph_generate_hi_there_with_tiny_llama_prints_english(tiny_home: Path
     assert len(found) >= 6 and set(found) <= _corpus_words(), first
 
 
+def test_a_graph_quantized_by_optimize_compiles_as_compile_quantizes(tiny_home: Path, tmp_path: Path) -> None:
+    """``qgraph optimize --quantize int8``, then ``qgraph compile`` of its output: compile pins the shapes through the
+    quantized contrib ops (it could not: their outputs kept no shape) and runs the same numbers as ``compile
+    --quantize int8`` of the export (the blocks are per column, so packing q/k/v or not changes nothing)."""
+    from qgraph.cli import main
+    from qgraph.runtime import Runtime
+
+    model = AutoModelForCausalLM.from_pretrained("tiny-llama")
+    model.compile("cpu", prefill_seq_len=8, ctx_len=64, quantize="int8")
+    prompts = [load_tokenizer("tiny-llama")(t)["input_ids"] for t in TEXTS]
+    want = model.generate(input_ids=prompts, max_new_tokens=16).tokens
+    q, art = tmp_path / "q.onnx", tmp_path / "art"
+    assert main(["optimize", str(model.onnx_path), "-o", str(q), "--ctx-len", "64", "--quantize", "int8"]) == 0
+    assert main(["compile", str(q), "--target", "cpu", "-o", str(art), "--prefill-seq-len", "8", "--ctx-len", "64"]) == 0
+    assert Runtime(art).generate(prompts, max_new_tokens=16).tokens == want
+
+
 @pytest.mark.skipif(not qnn.qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'qgraph[qnn]')")
 def test_tiny_llama_gives_hugging_faces_tokens_on_qnn(tiny_home: Path) -> None:
     """The HTP simulator with every node on QNN (the target refuses CPU fallback): Hugging Face's greedy tokens."""

@@ -38,6 +38,8 @@ WEIGHT_ONLY_MODES = ("int8", "int4")
 QUANTIZE_TARGETS: dict[str, tuple[str | None, ...]] = {"int8": (None, "cpu"), "int4": (None, "cpu"), "w8a16": ("qnn",)}
 #: Weights per quantization block along the reduction axis when not asked (``--quant-block-size``).
 DEFAULT_QUANT_BLOCK_SIZE = 32
+#: The block sizes ONNX Runtime's block quantizer (MLAS) and MatMulNBits take: powers of two in this range.
+MIN_QUANT_BLOCK_SIZE, MAX_QUANT_BLOCK_SIZE = 16, 256
 #: The vocabulary's modes (``--quant-vocab``; its projection and the token embedding): int8 or int4 blocks, or
 #: ``int4-rescore``: int4 blocks, the top candidates of each row of logits recomputed from int8 blocks, and the
 #: embedding in int8 (passes/quantize_weights.py).
@@ -86,7 +88,7 @@ def check_pin(batch_size: int | None, seq_len: int | None) -> None:
 
 def check_quantize(quantize: str | None, block_size: int, target: str | None, vocab: str | None = None) -> None:
     """Rules: ``quantize`` is a known mode that ``target`` (None: a target-free optimize) takes; the block size is a
-    power of two, at least 16 (ONNX Runtime's MatMulNBits and GatherBlockQuantized take no other); the vocabulary's
+    power of two from 16 to 256 (ONNX Runtime's block quantizer and MatMulNBits take no other); the vocabulary's
     mode (None: the default) is one of :data:`QUANT_VOCAB_MODES`."""
     if vocab is not None and vocab not in QUANT_VOCAB_MODES:
         raise OptionError(f"unknown --quant-vocab {vocab!r}; use one of {', '.join(QUANT_VOCAB_MODES)}")
@@ -99,8 +101,8 @@ def check_quantize(quantize: str | None, block_size: int, target: str | None, vo
             fits = [m for m, ts in QUANTIZE_TARGETS.items() if target in ts]
             instead = f"use --quantize {' or '.join(fits)} there" if fits else "drop --quantize (qaic quantizes with --mxfp6-matmul)"
             raise OptionError(f"--quantize {quantize} is for {' or '.join(t or 'optimize' for t in takes)}, not {where}; {instead}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise OptionError(f"the quantization block size must be a power of two, at least 16, got {block_size}; "
+    if not MIN_QUANT_BLOCK_SIZE <= block_size <= MAX_QUANT_BLOCK_SIZE or block_size & (block_size - 1):
+        raise OptionError(f"the quantization block size must be a power of two from {MIN_QUANT_BLOCK_SIZE} to {MAX_QUANT_BLOCK_SIZE}, got {block_size}; "
                           f"pass --quant-block-size {DEFAULT_QUANT_BLOCK_SIZE} (the default) or 64, 128")  # fmt: skip
 
 
