@@ -85,6 +85,21 @@ QUANTIZED_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized", "MatMulInteger
 _ID_PASSTHROUGH = frozenset({"Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
+def unquantizable(graph: Graph) -> str | None:
+    """Why weight-only quantization cannot act on ``graph`` at all (None: it can): it already holds quantized ops, or
+    its linear layers have constant weights and none is float32 (a float16 export). The pass would decline every
+    site; a command that asked for ``--quantize`` says so instead of writing an unquantized artifact labelled as one."""
+    quantized = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+    if quantized:
+        return f"the graph is already quantized (it holds {', '.join(quantized)}); use it without --quantize"
+    dtypes = {dtype_and_shape(graph, n.inputs[1])[0] for n in graph.nodes
+              if is_onnx_op(n, "MatMul", "Gemm") and len(n.inputs) > 1 and graph.is_constant(n.inputs[1])}  # fmt: skip
+    if dtypes and np.dtype(np.float32) not in dtypes:
+        return (f"its linear layers' weights are {', '.join(sorted(d.name for d in dtypes))}; weight-only quantization "
+                "takes a float32 model (export it in float32: drop --dtype float16)")  # fmt: skip
+    return None
+
+
 def candidate_block_size(k: int, block_size: int) -> int:
     """The block size of a rescored vocabulary's int4 candidate projection over K = ``k`` inputs: CANDIDATE_BLOCK, halved
     until it divides K, never finer than ``block_size``, the pass's own (coarser blocks run faster; the candidates they

@@ -41,7 +41,7 @@ from qgraph.artifact.verify import STAMP, hash_tree, read_small_file, verify_art
 from qgraph.errors import OptionError, QGraphError
 from qgraph.frontend.export import DEFAULT_DTYPE, check_dtype
 from qgraph.frontend.families import ModelSpec, spec_of
-from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, Options, check_at_least_one, check_prompts, check_token_ids
+from qgraph.pipeline.options import DEFAULT_MAX_NEW_TOKENS, WEIGHT_ONLY_MODES, Options, check_at_least_one, check_prompts, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,8 @@ class AutoModelForCausalLM:
         from qgraph.targets import get_target
 
         impl = get_target(target)
+        if quantize in WEIGHT_ONLY_MODES and self.dtype != "float32":  # before the export: the pass takes float32 weights
+            raise OptionError(f"--quantize {quantize} quantizes float32 weights; drop --dtype {self.dtype} (the export is then float32)")
         calibration = target_options.get("calibration")
         if calibration is not None and (target, quantize) != ("qnn", "w8a16"):
             raise OptionError("calibration prompts are for --target qnn --quantize w8a16 (the other modes need none); drop them")

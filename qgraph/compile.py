@@ -47,7 +47,7 @@ from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
 from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why, run_passes
 from qgraph.pipeline.options import Options
-from qgraph.pipeline.registry import check_order
+from qgraph.pipeline.registry import check_order, check_quantizable
 from qgraph.pipeline.stages import compile_pipeline
 from qgraph.targets import get_target
 from qgraph.version import __version__
@@ -130,6 +130,7 @@ def compile_artifact(
     impl.check_dry_run(dry_run)
     start = time.perf_counter()
     graph = source if isinstance(source, Graph) else Graph.load(source)
+    check_quantizable(graph, opts)
     facts = observe(graph)
     cache_len = retained_cache_len(graph)
     if cache_len is not None:

@@ -106,8 +106,11 @@ def test_the_manifest_form_round_trips_without_the_pin_width() -> None:
         (dict(quantize="int8"), "qaic", "--quantize int8 is for optimize or cpu, not --target qaic; drop --quantize (qaic quantizes "
                                         "with --mxfp6-matmul)"),
         (dict(quantize="int4", quant_block_size=48), "cpu", "the quantization block size must be a power of two from 16 to 256, got 48"),
-        (dict(quant_block_size=8), None, "the quantization block size must be a power of two from 16 to 256, got 8"),
+        (dict(quantize="int8", quant_block_size=8), None, "the quantization block size must be a power of two from 16 to 256, got 8"),
         (dict(quantize="int4", quant_block_size=512), "cpu", "the quantization block size must be a power of two from 16 to 256, got 512"),
+        (dict(quant_block_size=64), "cpu", "--quant-block-size goes with --quantize; add --quantize int8 or int4, or drop it"),
+        (dict(quant_block_size=64, quant_vocab="int4"), None, "--quant-block-size and --quant-vocab go with --quantize; add "
+                                                              "--quantize int8 or int4, or drop them"),
     ],
 )  # fmt: skip
 def test_quantize_is_checked_against_the_target(asked: dict[str, object], target: str | None, message: str) -> None:

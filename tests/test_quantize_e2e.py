@@ -113,3 +113,16 @@ def test_cli_quantize_flags(tiny: dict[str, Any], tmp_path: Path, capsys: pytest
     assert main(["generate", "--input-ids", "1,2", "--quantize", "int8", "--quant-block-size", "24"]) == 2
     assert "the quantization block size must be a power of two from 16 to 256, got 24" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    # What --quantize cannot act on is refused before the work: an already quantized graph, a float16 export, and the
+    # quantization's details without a --quantize to read them.
+    assert main(["compile", str(out), "--target", "cpu", "-o", str(tmp_path / "b"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("qgraph compile: error: --quantize int8: the graph is already quantized (it holds GatherBlockQuantized, "
+                   "MatMulNBits); use it without --quantize")  # fmt: skip
+    assert main(["generate", "--input-ids", "1,2", "--dtype", "float16", "--quantize", "int4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "qgraph generate: error: --quantize int4 quantizes float32 weights; drop --dtype float16 (the export is then float32)"
+    assert main(["compile", str(raw), "--target", "cpu", "-o", str(tmp_path / "c"), "--quant-vocab", "int4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "qgraph compile: error: --quant-vocab goes with --quantize; add --quantize int8 or int4, or drop it"
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -9,7 +9,7 @@ import pytest
 from helpers import GOLDEN_DIR, check_case, run_pass, session
 
 from passes import QuantizeWeights
-from passes.quantize_weights import candidate_block_size
+from passes.quantize_weights import candidate_block_size, unquantizable
 from qgraph.ir.graph import Graph
 
 #: Outputs of the golden graphs are sums of 32 products of values in [-1, 1] and N(0, 1) inputs (about +-3): int8
@@ -263,3 +263,24 @@ def test_asymmetric_blocks_carry_zero_points(mode: str) -> None:
         (y,) = session(out).run(None, {"input_ids": ids})
         errors[symmetric] = np.abs(y - table[ids] @ w).max()
     assert errors[False] < errors[True] and errors[False] < (INT8_ATOL if mode == "int8" else INT4_ATOL)
+
+
+def test_a_graph_it_cannot_act_on_is_named_before_the_work() -> None:
+    """What ``--quantize`` refuses up front (compile, optimize): an already quantized graph, float16 linear weights
+    (a ``--dtype float16`` export: the pass would decline every weight and the artifact would be fp16 labelled int4)."""
+
+    def before(case: str) -> Graph:
+        return Graph.parse((GOLDEN_DIR / "quantize-weights" / f"{case}.before.onnxtxt").read_text())
+
+    assert unquantizable(before("already_quantized")) == "the graph is already quantized (it holds MatMulNBits); use it without --quantize"
+    assert unquantizable(before("weight_is_input")) is None  # the pass's own near miss
+    fp16 = """
+    <ir_version: 10, opset_import: ["" : 17]>
+    g (float16[2, 4] x) => (float16[2, 3] y) {
+        w = Constant <value = float16[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+        y = MatMul (x, w)
+    }
+    """
+    assert unquantizable(Graph.parse(fp16)) == ("its linear layers' weights are float16; weight-only quantization takes a "
+                                                "float32 model (export it in float32: drop --dtype float16)")  # fmt: skip
+    assert unquantizable(Graph.parse(fp16.replace("float16", "float"))) is None

@@ -19,7 +19,7 @@ from qgraph.ir.validate import is_custom_domain
 from qgraph.pipeline.facts import KV_RETAINED, observe
 from qgraph.pipeline.manager import Pass, PassManager, Report
 from qgraph.pipeline.options import Options
-from qgraph.pipeline.registry import build_passes
+from qgraph.pipeline.registry import build_passes, check_quantizable
 
 
 def graph_max_positions(graph: Graph) -> int | None:
@@ -99,5 +99,6 @@ def optimize(
                            max_positions_why=graph_max_positions_why(graph), quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
+    check_quantizable(graph, opts)
     # The default pipeline promises the contract; passes named by the caller may leave a partial graph (the report says why).
     return run_passes(graph, passes, opts, check=check, require_retained=passes is None)

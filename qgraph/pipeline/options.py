@@ -106,6 +106,18 @@ def check_quantize(quantize: str | None, block_size: int, target: str | None, vo
                           f"pass --quant-block-size {DEFAULT_QUANT_BLOCK_SIZE} (the default) or 64, 128")  # fmt: skip
 
 
+def check_quant_details(quantize: str | None, quant_block_size: int | None, quant_vocab: str | None) -> None:
+    """Rule: ``--quant-block-size`` and ``--quant-vocab`` (None: not asked) come with a ``--quantize`` (else nothing would
+    read them, and the artifact would still record them). The defaults are no request (a manifest records them)."""
+    if quantize is None:
+        given = (("--quant-block-size", None if quant_block_size == DEFAULT_QUANT_BLOCK_SIZE else quant_block_size),
+                 ("--quant-vocab", None if quant_vocab == default_quant_vocab(None) else quant_vocab))  # fmt: skip
+        asked = [flag for flag, value in given if value is not None]
+        if asked:
+            raise OptionError(f"{' and '.join(asked)} {'go' if len(asked) > 1 else 'goes'} with --quantize; "
+                              f"add --quantize {' or '.join(WEIGHT_ONLY_MODES)}, or drop {'them' if len(asked) > 1 else 'it'}")  # fmt: skip
+
+
 def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
     """Rules: no prompt is empty, and each leaves room to generate in ``ctx_len`` (when given).
 
@@ -208,6 +220,7 @@ class Options:
         ``target``: checks ``target_options`` and fills the target's defaults; ``quantize`` is checked against it.
         Raises :class:`~qgraph.errors.OptionError` (or the target's error).
         """
+        check_quant_details(quantize, quant_block_size, quant_vocab)
         if ctx_len is None:
             ctx_len = cache_len if cache_len is not None else min(DEFAULT_CTX_LEN, max_positions or DEFAULT_CTX_LEN)
         opts = cls(

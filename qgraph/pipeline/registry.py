@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from qgraph.errors import UnknownPassError
+from qgraph.errors import OptionError, UnknownPassError
+from qgraph.ir.graph import Graph
 from qgraph.pipeline.manager import Pass, validate_order
 from qgraph.pipeline.options import WEIGHT_ONLY_MODES, Options
 from qgraph.pipeline.stages import default_pipeline
@@ -55,6 +56,15 @@ def _factories(opts: Options) -> dict[str, Callable[[], Pass]]:
         "fuse-rotary": lambda: FuseRotary(positions=opts.ctx_len),
         "quantize-weights": quantize,
     }
+
+
+def check_quantizable(graph: Graph, opts: Options) -> None:
+    """Rule: a weight-only ``--quantize`` is asked of a graph it can act on (:func:`passes.quantize_weights.unquantizable`)."""
+    if opts.weight_only:
+        from passes.quantize_weights import unquantizable
+
+        if (why := unquantizable(graph)) is not None:
+            raise OptionError(f"--quantize {opts.quantize}: {why}")
 
 
 def build_passes(names: Sequence[str] | None, opts: Options) -> list[Pass]:

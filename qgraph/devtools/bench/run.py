@@ -41,7 +41,7 @@ from qgraph.devtools.bench.timing import (
 )
 from qgraph.errors import QGraphError
 from qgraph.frontend.families import spec_of
-from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quantize, default_quant_vocab
+from qgraph.pipeline.options import DEFAULT_CTX_LEN, DEFAULT_QUANT_BLOCK_SIZE, check_quant_details, check_quantize, default_quant_vocab
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def run_bench(
     fp32 ones."""
     import torch
 
+    check_quant_details(quantize, quant_block_size, quant_vocab)
     block_size = DEFAULT_QUANT_BLOCK_SIZE if quant_block_size is None else quant_block_size
     vocab = default_quant_vocab(quantize) if quant_vocab is None else quant_vocab
     check_quantize(quantize, block_size, "cpu", vocab)  # before any work: the rule of every command
