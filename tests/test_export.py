@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import ort_run, random_gpt2
+from helpers import ENV, cli_command, ort_run, random_gpt2
 
 import qgraph.ir.graph
 from qgraph.errors import ExportError, ModelSourceError
@@ -175,3 +175,25 @@ def test_modules_import_without_torch() -> None:
     code = "import sys, qgraph.frontend.hf, qgraph.frontend.export; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_an_exporter_that_cannot_trace_the_model_says_why_in_one_line(tmp_path: Path) -> None:
+    """``qgraph export`` of a Llama with dynamic NTK rope (its angles depend on the length: torch.export cannot trace
+    that) with the dynamo exporter: the error names the expression from torch's innermost exception (torch.onnx's own
+    first line is 'Failed to export ...', in colour codes), and the hundreds of lines torch prints from C++ and its
+    loggers about the failed trace stay out of the console (in the debug log). A process of its own: torch's log
+    handlers write to the streams they were made with, which under pytest are pytest's."""
+    from qgraph.frontend.families import FAMILIES
+
+    fields = dict(hidden_size=64, num_hidden_layers=1, intermediate_size=96, vocab_size=211, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+    folder = FAMILIES["llama"].save_random(fields, tmp_path / "hf", seed=1)
+    res = subprocess.run(cli_command("export", str(folder), "-o", str(tmp_path / "d.onnx"), "--exporter", "dynamo"),
+                         capture_output=True, text=True, env=ENV, timeout=600)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    (message,) = [line for line in res.stderr.splitlines() if "error" in line]
+    assert message.startswith("qgraph export: error: the dynamo exporter failed ("), message
+    assert message.endswith("); try --exporter torchscript"), message
+    assert "\x1b" not in message and "Failed to export" not in message, message
+    assert "data-dependent" in message, message  # torch's reason: a guard on a value known only at run time
+    assert len((res.stdout + res.stderr).splitlines()) < 10, (res.stdout + res.stderr)[-3000:]

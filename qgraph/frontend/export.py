@@ -29,6 +29,8 @@ import contextlib
 import io
 import logging
 import os
+import re
+import sys
 import tempfile
 import time
 import warnings
@@ -148,7 +150,7 @@ def _quiet() -> Iterator[None]:
     old_levels = {lg: lg.level for lg in loggers}
     old_verbosity = transformers.logging.get_verbosity()
     stdout = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout), _captured_fds() as native:
         warnings.simplefilter("always")
         for lg, level in loggers.items():
             lg.setLevel(max(level, lg.getEffectiveLevel()))
@@ -161,8 +163,57 @@ def _quiet() -> Iterator[None]:
             transformers.logging.set_verbosity(old_verbosity)
     for w in caught:
         log.debug("exporter warning: %s: %s", w.category.__name__, str(w.message).splitlines()[0])
-    for line in stdout.getvalue().splitlines():
+    for line in [*stdout.getvalue().splitlines(), *native()]:
         log.debug("exporter: %s", line)
+
+
+@contextlib.contextmanager
+def _captured_fds() -> Iterator[Callable[[], list[str]]]:
+    """Send what is written to file descriptors 1 and 2 meanwhile to a file: torch prints from C++ and through its own
+    handlers (a failed trace dumps its whole graph: hundreds of lines). Yields the function that returns the lines
+    once the block is done. Where the descriptors cannot be redirected, nothing is captured."""
+    lines: list[str] = []
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:
+        yield lambda: lines
+        return
+    with tempfile.TemporaryFile() as capture:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                stream.flush()  # type: ignore[union-attr]
+        os.dup2(capture.fileno(), 1)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lambda: lines
+        finally:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    stream.flush()  # type: ignore[union-attr]
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())
+
+
+#: ANSI colour codes (torch.onnx colours its messages).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _failure_reason(e: BaseException) -> str:
+    """One line on why an exporter failed: the first line of the innermost exception it raised from (torch.export's
+    own message is a generic 'Failed to export'; its cause names the expression it could not trace)."""
+    root, seen = e, {id(e)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    lines = [_ANSI.sub("", line).strip() for line in str(root).splitlines()]
+    first = next((line for line in lines if line), "")
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(root).__name__}: {first}" if first else type(root).__name__
 
 
 def _run_exporter(
@@ -311,9 +362,8 @@ def export_model(
             with _quiet(), torch.no_grad():
                 _run_exporter(_flat_cache_wrapper(model.eval(), num_layers), example, raw, exporter, opset, num_layers)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise ExportError(f"the {exporter} exporter failed ({type(e).__name__}: {first}); try --exporter {other}") from e
+            raise ExportError(f"the {exporter} exporter failed ({_failure_reason(e)}); try --exporter {other}") from e
         finally:
             model.train(was_training)
 
