@@ -318,7 +318,7 @@ class AutoModelForCausalLM:
         ``quantize``: weight-only "int8" or "int4" on cpu (see :meth:`options`); part of the cache key.
         ``options``: already resolved by :meth:`options` (then give no numbers or target options here).
         """
-        from qgraph.compile import compile_artifact
+        from qgraph.compile import check_output_dir, compile_artifact
         from qgraph.pipeline.registry import check_order
         from qgraph.pipeline.stages import compile_pipeline
         from qgraph.targets import get_target
@@ -336,6 +336,8 @@ class AutoModelForCausalLM:
         impl.check_dry_run(dry_run)
         rewrite, specialize = compile_pipeline(impl, rewrite=True, quantize=opts.weight_only)
         check_order([*rewrite, *specialize], replace(opts, seq_len=opts.prefill_seq_len))
+        if artifacts is not None:
+            check_output_dir(artifacts)  # before the export
         onnx_path = self.onnx_path or self.export()
         if artifacts is not None:
             out = Path(artifacts)

@@ -41,7 +41,7 @@ import numpy as np
 from qgraph.artifact.atomic import building
 from qgraph.artifact.manifest import MANIFEST, Manifest, Specialization, model_info, specializations
 from qgraph.artifact.verify import hash_tree
-from qgraph.errors import CompileError
+from qgraph.errors import CompileError, OptionError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
@@ -122,12 +122,28 @@ def compile_model(
     return compile_artifact(graph, target, out_dir, opts, dry_run=dry_run, progress=progress)
 
 
+def check_output_dir(out_dir: str | Path) -> Path:
+    """The folder an artifact will be written to, absolute; refuses one that it would wrongly replace. The artifact
+    replaces what is there whole, so that must be nothing, an empty folder or an artifact (it has a manifest):
+    anything else (a file, a folder of the user's) is refused, not deleted."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OptionError(f"{out_dir} is not a folder; give a new folder for the artifact (it is written whole)")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise OptionError(f"{out_dir} holds files and is not a qgraph artifact (no {MANIFEST}); give a new or empty folder "
+                          "(an artifact replaces the folder it is written to)")  # fmt: skip
+    if out == Path(out.anchor) or out == Path.home() or Path.cwd().is_relative_to(out):
+        raise OptionError(f"{out_dir} holds the working folder or is the home or root folder; give a folder of its own")
+    return out
+
+
 def compile_artifact(
     source: str | Path | Graph, target: str, out_dir: str | Path, opts: Options, *, dry_run: bool = False, progress: Progress | None = None
 ) -> Path:
     """Compile ``source`` for ``target`` into ``out_dir`` with ``opts`` resolved for this model; returns the directory."""
     impl = get_target(target)
     impl.check_dry_run(dry_run)
+    out_dir = check_output_dir(out_dir)
     start = time.perf_counter()
     graph = source if isinstance(source, Graph) else Graph.load(source)
     check_quantizable(graph, opts)

@@ -95,3 +95,35 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
     assert all(sha256_file(art / name) == digest for name, digest in manifest["hashes"].items())
     exports = Path(ra["onnx"]).parent
     assert sorted(p.name for p in exports.iterdir()) == ["export.json", "model.onnx"]  # the export and its hashes
+
+
+def test_an_artifact_replaces_only_an_artifact_or_an_empty_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An artifact is written whole over its folder: a folder of the user's files, a file, the working folder or an
+    ancestor of it is refused in one line (it was replaced without a word: --artifacts ~ would have gone), before the
+    work; an earlier artifact is replaced, and an empty folder is filled."""
+    from qgraph.cli import main
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me too")
+    compile_ = ["compile", str(OPTIMUM), "--target", "cpu", "--prefill-seq-len", "4", "--ctx-len", "16", "-o"]
+    monkeypatch.chdir(user)
+    for out, why in [(user, "holds files and is not a qgraph artifact (no manifest.json)"), (a_file, "is not a folder"),
+                     (Path("."), "holds files and is not a qgraph artifact"), (tmp_path, "holds files and is not")]:  # fmt: skip
+        assert main([*compile_, str(out)]) == 2
+        assert f"qgraph compile: error: {out} {why}" in capsys.readouterr().err
+    assert (user / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine"]  # no temporary folder left either
+    empty = user / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main([*compile_, "."]) == 2  # empty, but the working folder
+    assert "qgraph compile: error: . holds the working folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main([*compile_, str(empty)]) == 0 and (empty / "manifest.json").is_file()
+    assert main([*compile_, str(empty)]) == 0  # an artifact is replaced by the next one
+    assert (user / "notes.txt").read_text() == "keep me"
