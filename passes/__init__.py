@@ -28,6 +28,7 @@ from passes.fuse_rotary import FuseRotary
 from passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from passes.fuse_skip_rms_norm import FuseSkipRmsNorm
 from passes.legalize_qnn import LegalizeQnn
+from passes.legalize_qnn_layout import LegalizeQnnLayout
 from passes.pack_matmuls import PackMatmuls
 from passes.pin_static_shapes import PinStaticShapes
 from passes.quantize_weights import QuantizeWeights
@@ -48,6 +49,7 @@ ALL_PASSES: dict[str, type[Pass]] = {
         ClipFp16,
         RetainKvCache,
         LegalizeQnn,
+        LegalizeQnnLayout,
         FuseAttention,
         SimplifyShapes,
         FoldIdentities,
@@ -77,6 +79,7 @@ __all__ = [
     "FuseSkipLayerNorm",
     "FuseSkipRmsNorm",
     "LegalizeQnn",
+    "LegalizeQnnLayout",
     "PackMatmuls",
     "PinStaticShapes",
     "QuantizeWeights",

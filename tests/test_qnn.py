@@ -357,6 +357,50 @@ def test_legalized_graphs_compile_whole(tmp_path: Path) -> None:
 
 
 @needs_qnn
+def test_a_head_merge_at_batch_equal_to_heads_is_right_on_the_htp_once_legalized(tmp_path: Path) -> None:
+    """The HTP computes ``MatMul(Reshape(x[2, 2, 1, 4], [2, 1, 8]), W)`` wrongly (about the outputs' own size off);
+    legalize-qnn-layout gives the merge its Transpose back, and the HTP then matches ONNX Runtime's CPU."""
+    from helpers import GOLDEN_DIR
+
+    from passes import LegalizeQnnLayout
+
+    text = (GOLDEN_DIR / "legalize-qnn-layout" / "square_head_merge.before.onnxtxt").read_text()
+    before, after = Graph.parse(text), Graph.parse(text)
+    assert LegalizeQnnLayout().run(after).modified
+    rng = np.random.default_rng(0)
+    feeds = {"attn": rng.standard_normal((2, 2, 1, 4)).astype(np.float32), "residual": np.zeros((2, 1, 6), np.float32)}
+    want = _cpu(before).run(None, feeds)[0]
+    errors = []
+    for name, graph in (("before", before), ("after", after)):
+        report = qnn.compile_context(graph.save(tmp_path / f"{name}.onnx"), tmp_path / f"{name}_ctx.onnx")
+        errors.append(float(np.abs(qnn.create_session(report.out_path).run(None, feeds)[0] - want).max()))
+    assert errors[1] < ATOL, errors
+    assert errors[0] > 0.3, f"the HTP computes the merged form right now ({errors}): legalize-qnn-layout may go"
+
+
+@needs_qnn
+def test_a_llama_with_as_many_heads_as_rows_gives_cpus_tokens_on_qnn(tmp_path: Path) -> None:
+    """2 attention heads at batch size 2: every decode step's head merge is the one the HTP miscomputed (tokens
+    differed from cpu's from the first decode step until legalize-qnn-layout)."""
+    pytest.importorskip("torch")
+    from qgraph.compile import compile_model
+    from qgraph.frontend.export import export_model
+    from qgraph.frontend.families import FAMILIES
+    from qgraph.frontend.families.decoder import RANDOM_INIT_RANGE
+    from qgraph.runtime import Runtime
+
+    fields = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=211, max_position_embeddings=128,
+                  initializer_range=RANDOM_INIT_RANGE, num_attention_heads=2, num_key_value_heads=2, head_dim=32)  # fmt: skip
+    folder = FAMILIES["llama"].save_random(fields, tmp_path / "hf", seed=3)  # every greedy step's top-2 gap > 0.1 (fp16 HTP)
+    raw = export_model(str(folder), tmp_path / "raw.onnx", exporter="torchscript").path
+    prompts = [[5, 17, 42, 9, 100, 3], [7, 8, 9]]
+    tokens = {t: Runtime(compile_model(raw, t, tmp_path / t, prefill_seq_len=4, ctx_len=32, batch_size=2)).generate(prompts, max_new_tokens=8).tokens
+              for t in ("cpu", "qnn")}  # fmt: skip
+    assert tokens["qnn"] == tokens["cpu"]
+    assert all(len(set(row)) > 3 for row in tokens["cpu"])  # greedy output that varies
+
+
+@needs_qnn
 def test_dynamic_shapes_are_refused(tmp_path: Path) -> None:
     g = Graph.parse('<ir_version: 10, opset_import: ["" : 18]> g (float[N,8] x) => (float[N,8] y) { y = Relu(x) }')
     with pytest.raises(StaticShapeError, match="static shapes"):

@@ -36,7 +36,7 @@ from qgraph.ir.files import (
     reattach_file_values,
     write_model,
 )
-from qgraph.ir.stand_ins import with_stand_ins
+from qgraph.ir.stand_ins import infer_shapes_through_quantized_ops
 from qgraph.ir.structure import live_nodes, onnx_checks, structure_problems, toposorted
 from qgraph.ir.validate import external_refs, validate_model
 
@@ -457,14 +457,10 @@ class Graph:
         model = self.to_proto()
         # Without the inputs' defaults: inference would propagate them as if they were the inputs' values.
         remove_defaults(model, self.input_defaults)
-        # ONNX's inference stops at a quantized contrib op: standard stand-ins carry the shapes through it.
-        restore = with_stand_ins(model)
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        try:  # ONNX's, with standard stand-ins carrying the shapes through quantized contrib ops
+            inferred = infer_shapes_through_quantized_ops(model)
         except Exception as e:
             raise GraphCheckError(f"shape inference: {str(e).strip().splitlines()[0]}") from None
-        if restore is not None:
-            inferred = restore(inferred)
         g = Graph.from_proto(inferred, base_dir=self.base_dir, validate=False)
         self.adopt(g)
         return self

@@ -97,3 +97,10 @@ def with_stand_ins(model: onnx.ModelProto) -> Callable[[onnx.ModelProto], onnx.M
         return inferred
 
     return restore
+
+
+def infer_shapes_through_quantized_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's shape inference (``data_prop``) of ``model`` (changed meanwhile), its quantized ops stood in for."""
+    restore = with_stand_ins(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return restore(inferred) if restore is not None else inferred

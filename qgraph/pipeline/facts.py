@@ -66,6 +66,8 @@ SKIP_RMS_NORM_FUSED = "skip_rms_norm_fused"
 FP16_CLIPPED = "fp16_clipped"
 #: The ops QNN HTP was measured to reject are rewritten into ones it takes (legalize-qnn).
 QNN_LEGAL = "qnn_legal"
+#: The head merges at one token that QNN HTP miscomputes (batch size = head count) have their Transpose (legalize-qnn-layout).
+QNN_HEAD_MERGES_LEGAL = "qnn_head_merges_legal"
 
 # -- reported at run time (PassResult.facts) --------------------------------------------------------------
 #: A prompt chunk of several tokens was rewritten to GroupQueryAttention (fuse-decode-attention): the graph
@@ -77,7 +79,7 @@ PREFILL_CHUNKS_CONSECUTIVE = "prefill_chunks_consecutive"
 FACTS: frozenset[str] = frozenset({
     TOPOSORTED, NO_DEAD_NODES, CONSTANTS_FOLDED, LAYER_NORM_FUSED, RMS_NORM_FUSED, GELU_FUSED, KV_RETAINED, WEIGHTS_QUANTIZED,
     STATIC_SHAPES, SHAPES_SIMPLIFIED, ROTARY_FUSED, ATTENTION_FUSED, DECODE_ATTENTION_FUSED, SKIP_LAYER_NORM_FUSED, FP16_CLIPPED,
-    QNN_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED, ATTENTION_ROTARY_FUSED,
+    QNN_LEGAL, QNN_HEAD_MERGES_LEGAL, MATMULS_PACKED, SKIP_RMS_NORM_FUSED, ATTENTION_ROTARY_FUSED,
     IDENTITIES_FOLDED,
     PREFILL_CHUNKS_CONSECUTIVE,
 })  # fmt: skip

@@ -31,6 +31,7 @@ from fuzz.fold_identities import fold_identities_cases
 from fuzz.gelu import gelu_cases
 from fuzz.layer_norm import layer_norm_cases
 from fuzz.legalize_qnn import legalize_qnn_cases
+from fuzz.legalize_qnn_layout import legalize_qnn_layout_cases
 from fuzz.pack_matmuls import pack_matmuls_cases
 from fuzz.pin_static_shapes import pin_static_shapes_cases
 from fuzz.quantize_weights import quantize_weights_cases
@@ -51,6 +52,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Case]] = {
     "clip-fp16": clip_fp16_cases(),
     "retain-kv-cache": retain_kv_cache_cases(),
     "legalize-qnn": legalize_qnn_cases(),
+    "legalize-qnn-layout": legalize_qnn_layout_cases(),
     "cleanup": cleanup_cases(),
     "fuse-attention": attention_cases(),
     "simplify-shapes": simplify_shapes_cases(),
