@@ -365,7 +365,7 @@ class AutoModelForCausalLM:
 
     def generate(
         self,
-        prompts: Sequence[str] | None = None,
+        prompts: str | Sequence[str] | None = None,
         tokenizer: Any = None,
         *,
         input_ids: Sequence[Sequence[int]] | None = None,
@@ -374,7 +374,7 @@ class AutoModelForCausalLM:
         chat: bool = False,
         **sampling: Any,
     ) -> GenerateResult:
-        """Generate from text ``prompts`` (with ``tokenizer``) or token ``input_ids``.
+        """Generate from text ``prompts`` (with ``tokenizer``; a string is one prompt) or token ``input_ids``.
 
         ``chat``: each prompt is a user message put through the tokenizer's chat template
         (:func:`qgraph.frontend.hf.encode_prompts`); a tokenizer without one is refused.
@@ -387,6 +387,8 @@ class AutoModelForCausalLM:
             raise GenerationError("chat=True puts text prompts through the chat template; give prompts, not input_ids")
         check_at_least_one("max_new_tokens", max_new_tokens)
         Sampling(**sampling).check()
+        if isinstance(prompts, str):
+            prompts = [prompts]  # one prompt (a string is a sequence of one-letter prompts too)
         if prompts is not None:
             check_prompts(prompts, None)
             from qgraph.frontend.hf import encode_prompts, load_tokenizer
@@ -407,5 +409,9 @@ class AutoModelForCausalLM:
         out = self.runtime.generate(
             ids, max_new_tokens=max_new_tokens, eos_token_id=self.spec.eos_token_ids, sampling=Sampling(**sampling), streamer=streamer
         )
-        text = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens] if tokenizer is not None else None
+        text = None
+        if tokenizer is not None:
+            from qgraph.frontend.hf import continuation_text
+
+            text = [continuation_text(tokenizer, p, t) for p, t in zip(ids, out.tokens, strict=True)]
         return GenerateResult(out.tokens, text, out.stats, out.finish_reasons)

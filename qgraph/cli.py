@@ -138,7 +138,20 @@ def _calibration_prompts(path: Path | None) -> list[str] | None:
     return [line for line in read_text(path, "--calibration").splitlines() if line.strip()]
 
 
+#: Each target's own flags (their argparse names and spellings): another target's are refused, not ignored.
+_TARGET_FLAGS = {
+    "cpu": {"threads": "--threads"},
+    "qnn": {"soc_model": "--soc-model", "fp16": "--fp16", "allow_cpu_fallback": "--allow-cpu-fallback", "calibration": "--calibration"},
+    "qaic": {"aic_hw_version": "--aic-hw-version", "num_cores": "--num-cores", "mxfp6_matmul": "--mxfp6-matmul", "kv_dtype": "--kv-dtype"},
+}
+
+
 def _target_options(args: argparse.Namespace) -> dict[str, object]:
+    for target, flags in _TARGET_FLAGS.items():
+        given = [flag for key, flag in flags.items() if target != args.target and getattr(args, key, None) not in (None, False)]
+        if given:
+            raise QGraphError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for --target {target}, "
+                              f"not --target {args.target}; drop {'them' if len(given) > 1 else 'it'}")  # fmt: skip
     opts: dict[str, object] = {}
     if args.target == "qnn":
         opts = {"soc_model": args.soc_model, "fp16": args.fp16 or None, "allow_cpu_fallback": args.allow_cpu_fallback or None,
@@ -202,17 +215,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_rows = len(args.prompt or input_ids or [])
     stdout = args.out
     if tokenizer is not None and n_rows == 1 and not args.json:
-        stdout.write(args.prompt[0] + ("\n" if args.chat else ""))  # a chat reply starts on a line of its own
-        stdout.flush()
-        seen: list[int] = []
-        printed = [0]
+        from qgraph.frontend.hf import TextStream
 
-        def streamer(row: int, tok: int) -> None:
-            seen.append(tok)
-            text = tokenizer.decode(seen, skip_special_tokens=True)
-            stdout.write(text[printed[0] :])
+        def write(text: str) -> None:
+            stdout.write(text)
             stdout.flush()
-            printed[0] = len(text)
+
+        write(args.prompt[0] + ("\n" if args.chat else ""))  # a chat reply starts on a line of its own
+        streamer = TextStream(tokenizer, ids[0], write, strip=args.chat)
 
     out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
                          streamer=streamer, chat=args.chat, **sampling)  # fmt: skip
@@ -221,6 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}), file=stdout)  # fmt: skip
         return 0
     if streamer is not None:
+        streamer.finish()  # what was held back: a character split over the last tokens
         print(file=stdout)
     else:
         for i, row in enumerate(out.text or out.tokens):

@@ -33,6 +33,9 @@ def test_bad_generate_arguments_fail_before_any_work(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**ENV, "QGRAPH_HOME": str(home)}
     long_prompt = " ".join(["hello"] * 40)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
     cases = {
         "no such model folder": (["--model", str(tmp_path / "missing"), "--input-ids", "1,2"], "no model folder"),
         "no such hub model": (["--model", "no-such-org/no-such-model-xyz", "--input-ids", "1,2"], "could not load the config"),
@@ -45,6 +48,13 @@ def test_bad_generate_arguments_fail_before_any_work(tmp_path: Path) -> None:
         "empty prompt": ([""], "prompt 0 is empty"),
         "empty ids": (["--input-ids", ","], "prompt 0 is empty"),
         "bad temperature": (["hi", "--temperature", "-1"], "temperature must be >= 0"),
+        "negative threads": (["hi", "--threads", "-3"], "threads must be an integer of at least 1"),
+        "another target's flags": (
+            ["hi", "--target", "cpu", "--fp16", "--soc-model", "60"],
+            "--soc-model and --fp16 are for --target qnn, not --target cpu; drop them",
+        ),
+        "cpu's flag on qnn": (["hi", "--target", "qnn", "--threads", "2"], "--threads is for --target cpu, not --target qnn; drop it"),
+        "artifacts in a user's folder": (["hi", "--artifacts", str(mine)], "holds files and is not a qgraph artifact"),
     }
     results = run_all([cli_command("generate", *args) for args, _ in cases.values()], env=env, jobs=3)
     for (name, (_, message)), res in zip(cases.items(), results):
@@ -54,6 +64,7 @@ def test_bad_generate_arguments_fail_before_any_work(tmp_path: Path) -> None:
         assert last.startswith("qgraph generate: error: ") and message in last, f"{name}: {last}"
         assert all(line.startswith("[qgraph] ") for line in res.stderr.strip().splitlines()[:-1]), f"{name}:\n{res.stderr}"
     assert not (home / "exports").exists() and not (home / "artifacts").exists(), "a bad argument got as far as the export"
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_api_checks_the_target_and_options_before_exporting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

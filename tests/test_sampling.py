@@ -118,3 +118,13 @@ def test_top_k_over_the_vocabulary_is_clamped() -> None:
 def test_bad_sampling_values_are_refused(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(GenerationError, match=match):
         Sampling(**kwargs).check()  # type: ignore[arg-type]
+
+
+def test_a_tiny_temperature_is_greedy_among_the_tied_best() -> None:
+    """logits / 1e-320 overflow to inf, and inf - inf made the distribution NaN (numpy's 'Probabilities contain NaN');
+    the largest logit is taken out first, so the mass goes to the best tokens, shared among ties."""
+    logits = np.array([1.0, 3.0, 2.0, 3.0], np.float32)
+    for temperature in (1e-320, 1e-30):
+        p = distribution(logits, Sampling(temperature=temperature))
+        np.testing.assert_array_equal(p, [0, 0.5, 0, 0.5])
+        assert choose(logits, Sampling(temperature=temperature), np.random.default_rng(0)) in (1, 3)

@@ -339,7 +339,57 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False
             f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (no chat_template in its tokenizer_config.json "
             "or chat_template.jinja); give the prompt as plain text (without --chat, chat=False)"
         )
-    return [
-        list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True)["input_ids"])
-        for p in prompts
-    ]
+    rows = []
+    for p in prompts:
+        try:
+            rows.append(list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                           return_dict=True)["input_ids"]))  # fmt: skip
+        except Exception as e:  # the template's own error (jinja2's TemplateError: a syntax error, its raise_exception)
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GenerationError(f"the chat template of '{tokenizer.name_or_path}' failed on a single user message ({why}); "
+                                  "give the prompt as plain text (without --chat, chat=False)") from e  # fmt: skip
+    return rows
+
+
+#: Prompt tokens a continuation is decoded after (:func:`continuation_text`).
+CONTEXT_TOKENS = 4
+
+
+def continuation_text(tokenizer: Any, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text that ``tokens`` add after ``prompt`` (ids), as decoding them all would give it. Decoded alone,
+    SentencePiece (Metaspace) and word-level tokenizers drop the first word's leading space ("▁world" alone is
+    "world": prompt and continuation ran together); so they are decoded after the prompt's last few tokens, whose
+    own text is cut off."""
+    context = list(prompt[-CONTEXT_TOKENS:])
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + list(tokens), skip_special_tokens=True)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+class TextStream:
+    """Prints one row's continuation as its tokens come (a ``streamer`` for ``generate``): what each token adds to
+    :func:`continuation_text`, holding back a character whose bytes span tokens (printed once whole, never as
+    "\ufffd"); ``strip``: without the leading whitespace (a chat reply on a line of its own). :meth:`finish` prints
+    what is left."""
+
+    def __init__(self, tokenizer: Any, prompt: Sequence[int], write: Callable[[str], Any], *, strip: bool = False) -> None:
+        self.tokenizer, self.prompt, self.write, self.strip = tokenizer, list(prompt), write, strip
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self._text()
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def finish(self) -> None:
+        self._emit(self._text())
+
+    def _text(self) -> str:
+        text = continuation_text(self.tokenizer, self.prompt, self.tokens)
+        return text.lstrip() if self.strip else text
+
+    def _emit(self, text: str) -> None:
+        self.write(text[self.printed :])
+        self.printed = len(text)

@@ -46,7 +46,9 @@ def distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
     """The probabilities a sampled token is drawn from (temperature > 0): softmax(logits / temperature)
     over the top_k most likely tokens (all of them if top_k is 0 or larger than the vocabulary), then
     over the smallest set of those whose mass reaches top_p; ties with the last kept token are kept."""
-    z = logits.astype(np.float64) / sampling.temperature
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # the largest is 0 first: a tiny temperature makes the rest -inf, not inf - inf
+        z = (z - z.max()) / sampling.temperature
     k = min(sampling.top_k, len(z))  # Hugging Face clamps top_k to the vocabulary too
     if k:
         kth = np.partition(z, -k)[-k]

@@ -41,6 +41,13 @@ class CpuTarget(Target):
         "final": ("fuse-decode-attention", "fuse-attention-rotary", "fuse-skip-rms-norm"),
     }
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        opts = super().check_options(options)
+        threads = opts["threads"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise TargetError(f"threads must be an integer of at least 1 (leave it out for ONNX Runtime's default), not {threads!r}")
+        return opts
+
     def _options(self, threads: int | None) -> ort.SessionOptions:
         import onnxruntime as ort
 
