@@ -38,7 +38,7 @@ differ from the attention's, and positions not shown to be the slot's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -82,9 +82,14 @@ class FuseAttentionRotary(FusionPass[AttentionRotaryMatch]):
 
     def run(self, graph: Graph) -> PassResult:
         # fuse-decode-attention leaves the head splits after each rotary dead; they would read as other readers.
+        before = graph.node_count()
         graph.cleanup()
+        dead = before - graph.node_count()
         graph.infer_shapes_if_missing((n.inputs[0] for n in graph.nodes if n.op == "GroupQueryAttention" and n.inputs), self.name)
-        return super().run(graph)
+        result = super().run(graph)
+        if dead:  # the graph changed even where nothing was fused: the report says so
+            result = replace(result, modified=True, stats={**result.stats, "dead_nodes_removed": dead})
+        return result
 
     def match(self, graph: Graph, anchor: Node) -> AttentionRotaryMatch | str:
         if anchor.domain != MS_DOMAIN:

@@ -45,7 +45,7 @@ from qgraph.errors import CompileError, OptionError
 from qgraph.ir.files import remove_model_files
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import KV_RETAINED, PREFILL_CHUNKS_CONSECUTIVE, observe
-from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why, run_passes
+from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why, retained_cache_len, run_passes
 from qgraph.pipeline.options import Options
 from qgraph.pipeline.registry import check_order, check_quantizable
 from qgraph.pipeline.stages import compile_pipeline
@@ -62,15 +62,6 @@ def io_contract(graph: Graph) -> dict[str, Any]:
         return {"name": t.name, "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None, "shape": list(t.shape or [])}
 
     return {"inputs": [desc(t) for t in graph.inputs], "outputs": [desc(t) for t in graph.outputs]}
-
-
-def retained_cache_len(graph: Graph) -> int | None:
-    """The cache length an already retained graph fixes (its past_key inputs' third dim), else None."""
-    if KV_RETAINED not in observe(graph):
-        return None
-    kv = next((t for t in graph.inputs if t.name.startswith("past_key.")), None)
-    shape = list(kv.shape or []) if kv is not None else []
-    return int(shape[2]) if len(shape) == 4 and isinstance(shape[2], int) else None
 
 
 def check_pinned(graph: Graph, spec: Specialization) -> None:

@@ -20,8 +20,9 @@ from helpers import random_gpt2
 from passes import FoldConstants, FuseLayerNorm
 from qgraph import Graph, Pass, PassResult
 from qgraph.devtools.debug import debug_passes, load_pass_module
-from qgraph.errors import GraphCheckError, UnknownPassError
+from qgraph.errors import GraphCheckError, OptionError, UnknownPassError
 from qgraph.pipeline.fusion import Match
+from qgraph.pipeline.optimize import optimize
 
 pytest.importorskip("torch")
 
@@ -102,6 +103,11 @@ def test_pinned_pipeline_and_a_retained_reference(model: Path, tmp_path: Path) -
     again = debug_passes(path, ["cleanup"], out_dir=None, atol=ATOL, threads=1)
     assert again.reference["signature"] == "retained" and again.inputs["batch"] == 2
     assert again.first_bad_pass is None and again.stages[0].max_abs_diff == 0.0, again.table()
+    # Its cache length is fixed: another ctx_len is refused as compile and optimize refuse it (it ran, unchecked).
+    for run in (lambda: debug_passes(path, ["cleanup"], ctx_len=CTX - 8, out_dir=None, atol=ATOL, threads=1),
+                lambda: optimize(Graph.load(path), ctx_len=CTX - 8)):  # fmt: skip
+        with pytest.raises(OptionError, match=f"the graph's cache holds {CTX} tokens but ctx_len {CTX - 8} was asked"):
+            run()
 
 
 def test_pinned_chunks_stay_inside_a_tight_cache(model: Path) -> None:

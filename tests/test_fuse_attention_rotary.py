@@ -224,3 +224,14 @@ def test_a_rotating_attention_is_left_alone() -> None:
     out = run_pass(FuseAttentionRotary(), Graph.parse(PACKED)).graph
     p = FuseAttentionRotary()
     assert not run_pass(p, out).modified and [m.reason for m in p.near_misses] == ["the attention rotates q and k already"]
+
+
+def test_the_dead_nodes_it_drops_first_count_as_a_change() -> None:
+    """It drops what fuse-decode-attention left dead (else they read as other readers of the rotary): a run that then
+    fuses nothing still changed the graph, and says so (the pass debugger printed 'no' beside 106 -> 68 nodes)."""
+    graph = Graph.parse(decode_step(8))  # declined: a head size the kernel's rotary refuses
+    x = graph.inputs[0]
+    graph.add_node("Neg", [x], 1, prefix="dead")  # read by nothing
+    result = run_pass(FuseAttentionRotary(), graph)
+    assert result.modified and result.stats.get("dead_nodes_removed") == 1 and "attention_rotary" not in result.stats
+    assert not run_pass(FuseAttentionRotary(), result.graph).modified

@@ -73,6 +73,15 @@ def run_passes(graph: Graph, passes: Sequence[str | Pass] | None, opts: Options,
     return report
 
 
+def retained_cache_len(graph: Graph) -> int | None:
+    """The cache length an already retained graph fixes (its past_key inputs' third dim), else None."""
+    if KV_RETAINED not in observe(graph):
+        return None
+    kv = next((t for t in graph.inputs if t.name.startswith("past_key.")), None)
+    shape = list(kv.shape or []) if kv is not None else []
+    return int(shape[2]) if len(shape) == 4 and isinstance(shape[2], int) else None
+
+
 def optimize(
     graph: Graph,
     passes: Sequence[str | Pass] | None = None,
@@ -95,8 +104,12 @@ def optimize(
     raises :class:`~qgraph.errors.RewriteError` with the reason when the graph
     cannot become the retained-state contract (no growing KV cache).
     """
+    cache_len = retained_cache_len(graph)
     opts = Options.resolve(ctx_len=ctx_len, batch_size=batch_size, seq_len=seq_len, max_positions=graph_max_positions(graph),
-                           max_positions_why=graph_max_positions_why(graph), quantize=quantize, quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
+                           max_positions_why=graph_max_positions_why(graph), cache_len=cache_len, quantize=quantize,
+                           quant_block_size=quant_block_size, quant_vocab=quant_vocab)  # fmt: skip
+    if cache_len is not None:
+        opts.check_cache_len(cache_len)
     if batch_size is None:
         opts = replace(opts, seq_len=None)  # pinning needs both: a lone seq_len pins nothing
     check_quantizable(graph, opts)

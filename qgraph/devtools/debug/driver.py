@@ -19,7 +19,7 @@ from qgraph.errors import GraphCheckError, PassError, QGraphError
 from qgraph.ir.graph import Graph
 from qgraph.pipeline.facts import observe
 from qgraph.pipeline.manager import Pass, PassResult, validate_order
-from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why
+from qgraph.pipeline.optimize import graph_max_positions, graph_max_positions_why, retained_cache_len
 from qgraph.pipeline.options import Options, check_pin
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,17 @@ def debug_passes(
     for m in pass_modules:
         load_pass_module(m)
     graph = model if isinstance(model, Graph) else Graph.load(model)
+    cache_len = retained_cache_len(graph)
     opts = Options.resolve(
         ctx_len=ctx_len,
         batch_size=batch_size,
         seq_len=seq_len,
         max_positions=graph_max_positions(graph),
         max_positions_why=graph_max_positions_why(graph),
+        cache_len=cache_len,
     )
+    if cache_len is not None:  # an already retained graph fixes its cache's length
+        opts.check_cache_len(cache_len)
     instances = make_passes(passes, opts)
     validate_order(instances, observe(graph))
 
