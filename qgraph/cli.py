@@ -176,6 +176,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _held_warnings(hold: bool) -> Iterator[list[logging.LogRecord]]:
+    """With ``hold``, qgraph's warnings meanwhile are kept in the list yielded instead of printed (a streamed line is
+    being written); the caller prints them after it."""
+    held: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.name.split(".")[0] == "qgraph":
+            if not any(r is record for r in held):  # each handler asks
+                held.append(record)
+            return False
+        return True
+
+    handlers = logging.getLogger().handlers if hold else []  # a logger's filter does not see its children's records
+    for h in handlers:
+        h.addFilter(keep)
+    try:
+        yield held
+    finally:
+        for h in handlers:
+            h.removeFilter(keep)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from qgraph.api import AutoModelForCausalLM
     from qgraph.runtime import Sampling
@@ -190,6 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_at_least_one("max_new_tokens", args.max_new_tokens)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     Sampling(**sampling).check()
+    if args.temperature == 0 and (args.top_k or args.top_p < 1 or args.seed is not None):
+        _progress("warning: --top-k, --top-p and --seed shape sampling, which --temperature above 0 turns on; this run is greedy")
     input_ids = None
     if args.input_ids:
         try:
@@ -224,15 +249,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write(args.prompt[0] + ("\n" if args.chat else ""))  # a chat reply starts on a line of its own
         streamer = TextStream(tokenizer, ids[0], write, strip=args.chat)
 
-    out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
-                         streamer=streamer, chat=args.chat, **sampling)  # fmt: skip
+    with _held_warnings(streamer is not None) as held:  # a warning would land inside the streamed line
+        out = model.generate(args.prompt or None, tokenizer, input_ids=input_ids, max_new_tokens=args.max_new_tokens,
+                             streamer=streamer, chat=args.chat, **sampling)  # fmt: skip
     if args.json:
         print(json.dumps({"tokens": out.tokens, "text": out.text, "stats": out.stats.to_dict(), "target": args.target,
                           "artifacts": str(model.artifact_dir), "finish_reasons": out.finish_reasons}), file=stdout)  # fmt: skip
         return 0
     if streamer is not None:
         streamer.finish()  # what was held back: a character split over the last tokens
-        print(file=stdout)
+        print(file=stdout, flush=True)
+        for record in held:
+            _progress(f"warning: {record.getMessage()}")
     else:
         for i, row in enumerate(out.text or out.tokens):
             prefix = args.prompt[i] if args.prompt else ""

@@ -142,6 +142,19 @@ def test_top_k_larger_than_the_vocabulary_keeps_every_token(bundled_home: Path) 
     assert runs["5000"]["tokens"] == runs["0"]["tokens"] and runs["0"]["finish_reasons"] == ["length"]
 
 
+def test_a_streamed_line_ends_before_the_warning_that_the_cache_is_full(bundled_home: Path) -> None:
+    """A generation cut short by ctx_len warns after the streamed text's line, as a [qgraph] line of stderr (it came
+    in the middle of the line, in logging's 'WARNING qgraph.runtime.runtime:' form)."""
+    res = qgraph("generate", "Hi there!!", "--ctx-len", "16", "--max-new-tokens", "40", home=bundled_home)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Hi there!!") and "WARNING" not in res.stdout + res.stderr, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("[qgraph] warning: generation stopped at ctx_len 16 for 1 prompt(s); "
+                                                   "compile with a larger --ctx-len for longer outputs")  # fmt: skip
+    # Sampling's knobs without a temperature: greedy, said once (Hugging Face warns too).
+    res = qgraph("generate", "Hi there!!", "--top-k", "5", "--max-new-tokens", "2", home=bundled_home)
+    assert res.returncode == 0 and "[qgraph] warning: --top-k, --top-p and --seed shape sampling" in res.stderr, res.stderr
+
+
 # --------------------------------------------------------------------------- stdout carries the result only (item 11)
 @pytest.mark.skipif(not BUNDLED.is_dir(), reason="the bundled model is missing")
 @pytest.mark.skipif(not importlib.util.find_spec("onnxruntime_qnn"), reason="onnxruntime-qnn is not installed")

@@ -61,6 +61,14 @@ def test_a_folder_without_a_tokenizer_says_so(tmp_path: Path, home: Path) -> Non
     with pytest.raises(ModelSourceError, match="has no tokenizer") as err:
         model.generate(["Hi there"])
     assert "input_ids" in str(err.value) and "tokenizer.json" in str(err.value)
+    # A Llama's config names a tokenizer class that transformers 5 cannot make from nothing: its own error said
+    # "Couldn't instantiate the backend tokenizer from one of: " (an empty list).
+    from qgraph.frontend.families import FAMILIES
+
+    llama = FAMILIES["llama"].save_random(dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               intermediate_size=32, vocab_size=64), tmp_path / "llama", seed=0)  # fmt: skip
+    with pytest.raises(ModelSourceError, match="has no tokenizer .*--input-ids"):
+        AutoModelForCausalLM.from_pretrained(str(llama)).generate(["Hi there"])
     assert not home.exists()
 
 

@@ -306,6 +306,10 @@ def load_model(
     return model.eval()
 
 
+#: Files one of which a local tokenizer is read from (fast, byte-level BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
+
+
 def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or :class:`ModelSourceError` where the model has none."""
     src = _as_source(source)
@@ -314,6 +318,12 @@ def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False
     def load(**kw: Any) -> Any:
         return transformers.AutoTokenizer.from_pretrained(src.ref, trust_remote_code=trust_remote_code, **kw)
 
+    none = ModelSourceError(
+        f"'{src.ref}' has no tokenizer (no tokenizer.json, or vocab.json and merges.txt); copy the model's tokenizer files "
+        "there (tokenizer.save_pretrained(folder)) or give token ids instead (--input-ids 15496,612; input_ids= in the API)"
+    )
+    if src.path is not None and not any((src.path / f).is_file() for f in TOKENIZER_FILES):
+        raise none  # transformers 5 says it cannot instantiate "the backend tokenizer from one of: " (nothing)
     try:
         tokenizer = _from_hub(src, "tokenizer", load)
     except (OSError, ValueError) as e:
@@ -321,10 +331,7 @@ def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False
     # Without tokenizer files transformers builds the config's tokenizer class from nothing: no vocabulary but its
     # special tokens, so every text would become no ids at all.
     if len(tokenizer.get_vocab()) <= len(getattr(tokenizer, "added_tokens_encoder", {})):
-        raise ModelSourceError(
-            f"'{src.ref}' has no tokenizer (no tokenizer.json, or vocab.json and merges.txt); copy the model's tokenizer files "
-            "there (tokenizer.save_pretrained(folder)) or give token ids instead (--input-ids 15496,612; input_ids= in the API)"
-        )
+        raise none
     return tokenizer
 
 
