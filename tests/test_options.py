@@ -77,6 +77,13 @@ def test_prompt_and_generate_rules() -> None:
         check_prompts([[1, 2, 3, 4]], 4)
     with pytest.raises(GenerationError, match="max_new_tokens must be at least 1, got 0"):
         check_at_least_one("max_new_tokens", 0)
+    # The API's wrong types, one line each (they were TypeErrors from deep inside, or 2.5 ran as 3 tokens).
+    for value in (2.5, "3"):
+        with pytest.raises(GenerationError, match=f"max_new_tokens must be an integer, got {value!r}"):
+            check_at_least_one("max_new_tokens", value)  # type: ignore[arg-type]
+    for prompts in ([1, 5, 6], [None]):
+        with pytest.raises(GenerationError, match=r"prompt 0 is .*: a prompt is a text or a list of token ids \(input_ids=\[\[1, 2, 3\]\]"):
+            check_prompts(prompts, None)  # type: ignore[arg-type]
 
 
 def test_the_manifest_form_round_trips_without_the_pin_width() -> None:

@@ -113,6 +113,8 @@ def test_top_k_over_the_vocabulary_is_clamped() -> None:
         (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(seed=-1), "seed must be an integer >= 0, got -1; leave it out"),
+        (dict(temperature="0.7"), r"temperature must be >= 0 and finite \(0 is greedy\), got '0.7'"),
+        (dict(top_p="0.5"), r"top_p must be in \(0, 1\], got '0.5'"),
     ],
 )
 def test_bad_sampling_values_are_refused(kwargs: dict[str, float], match: str) -> None:

@@ -75,8 +75,14 @@ class ChecksOptions(Protocol):
 
 def check_at_least_one(name: str, value: int | None) -> None:
     """Rule: a count (``ctx_len``, ``prefill_seq_len``, ``batch_size``, ``seq_len``, ``max_new_tokens``) is at least 1."""
-    if value is not None and value < 1:
-        what, flag = _NAMED[name]
+    if value is None:
+        return
+    what, flag = _NAMED[name]
+    try:
+        operator.index(value)  # ints and numpy integers; not 2.5, not "3"
+    except TypeError:
+        raise OptionError(f"{what} must be an integer, got {value!r}; pass {flag} 1 or more") from None
+    if isinstance(value, bool) or value < 1:
         raise OptionError(f"{what} must be at least 1, got {value}; pass {flag} 1 or more")
 
 
@@ -124,6 +130,9 @@ def check_prompts(prompts: Sequence[Sized], ctx_len: int | None) -> None:
     ``prompts`` are token ids, or text (only its emptiness is checked then).
     """
     for i, p in enumerate(prompts):
+        if not isinstance(p, Sized):
+            raise GenerationError(f"prompt {i} is {type(p).__name__} {p!r}: a prompt is a text or a list of token ids "
+                                  "(input_ids=[[1, 2, 3]]: one list per prompt)")  # fmt: skip
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty; give some text (or token ids) to continue")
         if ctx_len is not None and len(p) >= ctx_len:

@@ -28,14 +28,19 @@ class Sampling:
 
     def check(self) -> None:
         # nan passes every comparison's negation, so each rule is written as what is allowed.
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise GenerationError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
+        if not (_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature!r}")
         if not (_is_int(self.top_k) and self.top_k >= 0):
             raise GenerationError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (_is_int(self.seed) and self.seed >= 0):
             raise GenerationError(f"seed must be an integer >= 0, got {self.seed}; leave it out for a fresh random seed")
+
+
+def _is_real(x: object) -> bool:
+    """An int or float (numpy's too), not a bool or a string."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _is_int(x: object) -> bool:
